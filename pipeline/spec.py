@@ -1,0 +1,308 @@
+"""The job file: pydantic models, ${ENV} interpolation, --set overrides, secret redaction.
+
+Unknown keys are errors; every error names the file, the key path and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|private|session|^key$)", re.I)
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+REDACTED = "***"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Strict):
+    uri: str = Field(description="file, directory or glob; local path or fsspec URL")
+    format: Literal["parquet", "ipc", "csv", "jsonl"] | None = Field(
+        None, description="default: from the file extension")
+    columns: list[str] | None = Field(None, description="read only these (default: what is used)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelSpec(Strict):
+    uri: str
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbedTaskSpec(Strict):
+    kind: Literal["embed"]
+    text_column: str = "text"
+    output_column: str = "embedding"
+    max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
+    empty_text: Literal["dead_letter", "embed"] = "dead_letter"
+
+
+class ClassifyTaskSpec(Strict):
+    kind: Literal["classify"]
+    text_column: str | None = Field(None, description="for text classifiers")
+    feature_columns: list[str] | None = Field(
+        None, description="input columns in the bundle's feature order (default: its names)")
+    label_column: str = "label"
+    score_column: str = "score"
+    probabilities_column: str | None = "probabilities"
+    max_length: int | None = Field(None, gt=1)
+    empty_text: Literal["dead_letter", "embed"] = "dead_letter"
+
+
+class TensorTaskSpec(Strict):
+    kind: Literal["tensor"]
+    output_prefix: str = ""
+
+
+TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec, Field(discriminator="kind")]
+
+
+class BatchingSpec(Strict):
+    max_tokens: int = Field(16384, gt=0, description="token budget per batch (text tasks)")
+    max_rows: int = Field(256, gt=0, description="rows per batch at most")
+
+
+class ShardingSpec(Strict):
+    rows_per_shard: int = Field(10000, gt=0)
+
+
+class CpuPoolSpec(Strict):
+    replicas: int | Literal["auto"] = "auto"
+    cpus: float = Field(1.0, gt=0)
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: one per CPU")
+
+
+class GpuPoolSpec(Strict):
+    replicas: int = Field(0, ge=0)
+    gpus: float = Field(1.0, gt=0)
+    cpus: float = Field(1.0, gt=0)
+
+
+class WorkersSpec(Strict):
+    cpu: CpuPoolSpec = Field(default_factory=CpuPoolSpec)
+    gpu: GpuPoolSpec = Field(default_factory=GpuPoolSpec)
+    max_in_flight: int = Field(2, ge=1, description="shards queued per actor")
+
+
+Provider = Literal["cpu", "cuda", "tensorrt"]
+
+
+class ProvidersSpec(Strict):
+    cpu: list[Provider] = Field(default_factory=lambda: ["cpu"])
+    gpu: list[Provider] = Field(default_factory=lambda: ["cuda", "cpu"])
+    options: dict[Provider, dict[str, Any]] = Field(default_factory=dict)
+
+
+class OutputSpec(Strict):
+    uri: str
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    mode: Literal["resume", "overwrite", "fail_if_exists"] = "resume"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetrySpec(Strict):
+    max_attempts: int = Field(3, ge=1)
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
+    fail_fast: bool = False
+    shard_timeout_s: float = Field(3600.0, gt=0)
+
+
+class BadRowsSpec(Strict):
+    max_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class JobSpec(Strict):
+    name: str = "job"
+    input: InputSpec
+    model: ModelSpec
+    task: TaskSpec
+    passthrough: list[str] = Field(default_factory=list)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    sharding: ShardingSpec = Field(default_factory=ShardingSpec)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    providers: ProvidersSpec = Field(default_factory=ProvidersSpec)
+    output: OutputSpec
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
+
+    @field_validator("passthrough")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("column names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _no_column_clash(self) -> JobSpec:
+        produced = set(output_columns(self.task))
+        clash = produced & set(self.passthrough)
+        if clash:
+            raise ValueError(f"passthrough column {sorted(clash)[0]!r} clashes with a task output")
+        return self
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Everything that changes output values (the model hash is added by the planner)."""
+        return {
+            "input": {"uri": self.input.uri, "format": self.input.format},
+            "task": self.task.model_dump(mode="json"),
+            "passthrough": list(self.passthrough),
+        }
+
+
+def output_columns(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec) -> list[str]:
+    if isinstance(task, EmbedTaskSpec):
+        return [task.output_column]
+    if isinstance(task, ClassifyTaskSpec):
+        cols = [task.label_column, task.score_column]
+        return cols + ([task.probabilities_column] if task.probabilities_column else [])
+    return []
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def interpolate_env(value: Any, path: str = "") -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string of a loaded YAML document."""
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return ENV_REF.sub(repl, value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+_TYPE_SEGMENT = re.compile(r"^(int|float|str|bool|list|dict|none)$|\[")
+_TASK_KINDS = ("embed", "classify", "tensor")
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> str:
+    """Key path without pydantic's union/discriminator segments: task.embed.x -> task.x."""
+    parts = [str(p) for p in loc if not _TYPE_SEGMENT.search(str(p))]
+    if len(parts) > 1 and parts[0] == "task" and parts[1] in _TASK_KINDS:
+        del parts[1]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    errors = exc.errors()
+    err = errors[0]
+    key = _clean_loc(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "union_tag_invalid":
+        msg = f"kind must be one of {', '.join(_TASK_KINDS)}"
+    # A union reports one error per alternative; count only other keys as "more".
+    alternatives = [e["msg"] for e in errors if _clean_loc(e["loc"]) == key]
+    if len(alternatives) > 1:
+        msg = " or ".join(dict.fromkeys(m.split(",")[0] for m in alternatives))
+    more = len({_clean_loc(e["loc"]) for e in errors}) - 1
+    shown = "" if err["type"] == "missing" else f" (got {_short(err.get('input'))})"
+    return f"{source}: {key}: {msg}{shown}" + (f" (+{more} more)" if more > 0 else "")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(redact(value) if isinstance(value, dict) else value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_spec(
+    source: str | Path | dict[str, Any] | JobSpec,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> JobSpec:
+    """Read, interpolate, override and validate a job; raises ConfigError in one line."""
+    if isinstance(source, JobSpec) and not overrides:
+        return source
+    if isinstance(source, JobSpec):
+        data, where = source.model_dump(mode="json"), "job"
+    elif isinstance(source, dict):
+        data, where = json.loads(json.dumps(source)), "job"
+    else:
+        where = str(source)
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: job file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read job file ({exc.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{where}: not valid YAML{at}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys at the top level")
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    data = apply_overrides(data, overrides or {})
+    data = interpolate_env(data)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, where)) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def redact(value: Any) -> Any:
+    """A copy with secret-looking values (keys, tokens, passwords) replaced."""
+    if isinstance(value, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "")
+                else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()

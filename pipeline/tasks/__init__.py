@@ -1,0 +1,31 @@
+"""Tasks turn Arrow rows into model inputs (prepare) and model outputs into columns (finish)."""
+
+from __future__ import annotations
+
+from pipeline.models.bundle import LocalBundle
+from pipeline.spec import BatchingSpec, ClassifyTaskSpec, EmbedTaskSpec, TensorTaskSpec
+from pipeline.tasks.base import Batch, Prepared, Task
+
+
+def build_task(
+    bundle: LocalBundle,
+    spec: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
+    batching: BatchingSpec,
+    input_types: dict[str, str],
+) -> Task:
+    """The task for a job; ``input_types`` are the graph's input types by name."""
+    from pipeline.tasks.classify import ClassifyTask
+    from pipeline.tasks.embed import EmbedTask
+    from pipeline.tasks.tensor import TensorTask
+
+    if bundle.spec.task != spec.kind:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(
+            f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
+        )
+    kinds = {"embed": EmbedTask, "classify": ClassifyTask, "tensor": TensorTask}
+    return kinds[spec.kind](bundle, spec, batching, input_types)
+
+
+__all__ = ["Batch", "Prepared", "Task", "build_task"]

@@ -1,0 +1,92 @@
+"""The task contract shared by embed, classify and tensor."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # positions in the input table, one per batch row
+    feeds: dict[str, np.ndarray]
+
+    def subset(self, idx: slice) -> Batch:
+        return Batch(self.rows[idx], {k: v[idx] for k, v in self.feeds.items()})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Prepared:
+    batches: list[Batch]
+    bad: dict[int, str] = field(default_factory=dict)  # row position -> reason
+
+
+class Task(ABC):
+    """prepare(table) -> batches of model inputs; finish(batch, outputs) -> output columns."""
+
+    def __init__(self, bundle: Any, spec: Any, batching: Any, input_types: dict[str, str]):
+        self.bundle = bundle
+        self.spec = spec
+        self.batching = batching
+        self.input_types = input_types
+
+    @property
+    @abstractmethod
+    def input_columns(self) -> list[str]:
+        """Input columns the task reads."""
+
+    @property
+    @abstractmethod
+    def output_schema(self) -> pa.Schema:
+        """Columns the task adds."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Graph outputs to fetch, in the order finish() expects them."""
+
+    @abstractmethod
+    def prepare(self, table: pa.Table) -> Prepared: ...
+
+    @abstractmethod
+    def finish(self, batch: Batch, outputs: list[np.ndarray]) -> tuple[dict[str, pa.Array], dict[int, str]]:
+        """Columns for the good rows of ``batch`` and reasons for rows whose output is unusable.
+
+        The columns hold one value per row of ``batch`` not in the returned bad rows.
+        """
+
+    def check_columns(self, schema: pa.Schema, where: str) -> None:
+        missing = [c for c in self.input_columns if c not in schema.names]
+        if missing:
+            raise ConfigError(
+                f"{where}: column {missing[0]!r} needed by the task is not in the input "
+                f"(columns: {', '.join(schema.names[:20])})"
+            )
+
+
+def fixed_size_list(matrix: np.ndarray) -> pa.Array:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def nonfinite_rows(matrix: np.ndarray) -> np.ndarray:
+    flat = matrix.reshape(len(matrix), -1)
+    return ~np.isfinite(flat).all(axis=1)
+
+
+def split_good(batch: Batch, bad_mask: np.ndarray, reason: str) -> dict[int, str]:
+    return {int(r): reason for r in batch.rows[bad_mask]}
+
+
+def first(items: Iterable[Any]) -> Any:
+    return next(iter(items))

@@ -1,0 +1,106 @@
+"""Classification: label, score and class probabilities per row, from features or text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import ConfigError
+from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
+from pipeline.tasks.text import TextEncoder, load_tokenizer
+
+
+class ClassifyTask(Task):
+    def __init__(self, bundle, spec, batching, input_types):
+        super().__init__(bundle, spec, batching, input_types)
+        bspec = bundle.spec
+        self.text_input = bspec.needs_tokenizer()
+        self.labels = list(bspec.labels or [])
+        self.use_logits = "probabilities" not in bspec.outputs
+        if self.text_input:
+            if not spec.text_column:
+                raise ConfigError("task.text_column: required for a text classifier bundle")
+            max_length = spec.max_length or bspec.text.max_length
+            self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
+                                       bspec.inputs, keep_empty=spec.empty_text == "embed")
+            self.features: list[str] = []
+        else:
+            self.features = list(spec.feature_columns or bspec.features or [])
+            if len(self.features) != len(bspec.features or []):
+                raise ConfigError(
+                    f"task.feature_columns: {len(self.features)} columns given, the bundle "
+                    f"expects {len(bspec.features or [])} features"
+                )
+            self.feature_input = next(n for n, s in bspec.inputs.items() if s == "features")
+            self.feature_dtype = np.float64 if input_types.get(self.feature_input) == \
+                "tensor(double)" else np.float32
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.spec.text_column] if self.text_input else self.features
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        fields = [(self.spec.label_column, pa.string()), (self.spec.score_column, pa.float32())]
+        if self.spec.probabilities_column:
+            probs = pa.list_(pa.float32(), len(self.labels)) if self.labels else pa.list_(pa.float32())
+            fields.append((self.spec.probabilities_column, probs))
+        return pa.schema(fields)
+
+    @property
+    def output_names(self) -> list[str]:
+        outputs = self.bundle.spec.outputs
+        return [outputs["logits"] if self.use_logits else outputs["probabilities"]]
+
+    def prepare(self, table: pa.Table) -> Prepared:
+        if self.text_input:
+            return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
+                                        self.batching.max_rows, self.batching.max_tokens)
+        matrix, bad = self._feature_matrix(table)
+        good = np.array([i for i in range(table.num_rows) if i not in bad], dtype=np.int64)
+        step = self.batching.max_rows
+        batches = [Batch(good[i:i + step], {self.feature_input: matrix[good[i:i + step]]})
+                   for i in range(0, len(good), step)]
+        return Prepared(batches=batches, bad=bad)
+
+    def _feature_matrix(self, table: pa.Table) -> tuple[np.ndarray, dict[int, str]]:
+        matrix = np.zeros((table.num_rows, len(self.features)), dtype=self.feature_dtype)
+        bad: dict[int, str] = {}
+        for j, name in enumerate(self.features):
+            column = table[name]
+            if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) \
+                    or pa.types.is_boolean(column.type):
+                values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+                for i in np.flatnonzero(~np.isfinite(values)):
+                    bad.setdefault(int(i), f"feature {name} is null or not finite")
+            else:
+                values = np.zeros(table.num_rows)
+                for i, raw in enumerate(column.to_pylist()):
+                    try:
+                        values[i] = float(raw)
+                        if not np.isfinite(values[i]):
+                            raise ValueError
+                    except (TypeError, ValueError):
+                        bad.setdefault(i, f"feature {name}: {raw!r} is not a number")
+            matrix[:, j] = np.nan_to_num(values)
+        return matrix, bad
+
+    def finish(self, batch: Batch, outputs: list[np.ndarray]):
+        scores = np.asarray(outputs[0], dtype=np.float32)
+        if self.use_logits:
+            shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+            scores = shifted / shifted.sum(axis=1, keepdims=True)
+        bad_mask = nonfinite_rows(scores)
+        bad = split_good(batch, bad_mask, "model produced non-finite values")
+        probs = scores[~bad_mask]
+        best = probs.argmax(axis=1)
+        names = self.labels or [str(i) for i in range(probs.shape[1])]
+        columns = {
+            self.spec.label_column: pa.array([names[i] for i in best], pa.string()),
+            self.spec.score_column: pa.array(probs.max(axis=1), pa.float32()),
+        }
+        if self.spec.probabilities_column:
+            columns[self.spec.probabilities_column] = fixed_size_list(probs) if self.labels \
+                else pa.array(list(probs), pa.list_(pa.float32()))
+        return columns, bad

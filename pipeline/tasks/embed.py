@@ -1,0 +1,65 @@
+"""Text embedding: one fixed-size float32 vector per row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import ConfigError
+from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
+from pipeline.tasks.text import TextEncoder, load_tokenizer
+
+
+class EmbedTask(Task):
+    def __init__(self, bundle, spec, batching, input_types):
+        super().__init__(bundle, spec, batching, input_types)
+        text = bundle.spec.text
+        if text is None or bundle.spec.embedding is None:
+            raise ConfigError(f"task.kind: embed needs a text embedding bundle, {bundle.uri} is not")
+        max_length = spec.max_length or text.max_length
+        if max_length > text.max_length:
+            raise ConfigError(
+                f"task.max_length: {max_length} exceeds the bundle's max_length {text.max_length}"
+            )
+        self.embedding = bundle.spec.embedding
+        self.encoder = TextEncoder(
+            load_tokenizer(str(bundle.tokenizer_path), max_length),
+            bundle.spec.inputs,
+            keep_empty=spec.empty_text == "embed",
+        )
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.spec.text_column]
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.spec.output_column, pa.list_(pa.float32(), self.embedding.dim))])
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.bundle.spec.outputs["embedding"]]
+
+    def prepare(self, table: pa.Table) -> Prepared:
+        return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
+                                    self.batching.max_rows, self.batching.max_tokens)
+
+    def finish(self, batch: Batch, outputs: list[np.ndarray]):
+        vectors = self.pool(np.asarray(outputs[0], dtype=np.float32), batch)
+        bad_mask = nonfinite_rows(vectors)
+        bad = split_good(batch, bad_mask, "model produced non-finite values")
+        return {self.spec.output_column: fixed_size_list(vectors[~bad_mask])}, bad
+
+    def pool(self, out: np.ndarray, batch: Batch) -> np.ndarray:
+        if self.embedding.pooling == "in_graph":
+            return out
+        if self.embedding.pooling == "cls":
+            pooled = out[:, 0, :]
+        else:
+            mask_name = next(n for n, s in self.bundle.spec.inputs.items()
+                             if s == "tokens.attention_mask")
+            mask = batch.feeds[mask_name][:, :, None].astype(np.float32)
+            pooled = (out * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        if self.embedding.normalize:
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled

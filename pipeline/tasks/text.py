@@ -1,0 +1,101 @@
+"""Text inputs: tokenize with HF tokenizers, sort by length, cut batches by a token budget.
+
+Padding waste is the main cost of transformer inference on CPU, so rows of similar length
+are batched together; the caller restores the input order from ``Batch.rows``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Tokenizer
+
+from pipeline.errors import ModelError
+from pipeline.tasks.base import Batch, Prepared
+
+_FIELDS = {"tokens.ids": "ids", "tokens.attention_mask": "attention_mask",
+           "tokens.type_ids": "type_ids"}
+
+
+def load_tokenizer(path: str, max_length: int) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise ModelError(f"{path}: cannot load tokenizer ({exc})") from None
+    # Whatever the file says, padding is ours (per batch) and truncation is the task's.
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+class TextEncoder:
+    def __init__(self, tokenizer: Tokenizer, inputs: dict[str, str], keep_empty: bool):
+        self.tokenizer = tokenizer
+        self.inputs = inputs  # graph input name -> tokens.* source
+        self.keep_empty = keep_empty
+
+    def valid_texts(self, column: pa.ChunkedArray, name: str) -> tuple[list[int], list[str], dict[int, str]]:
+        bad: dict[int, str] = {}
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            reason = f"column {name} has type {column.type}, expected string"
+            return [], [], dict.fromkeys(range(len(column)), reason)
+        values = column.to_pylist()
+        if self.keep_empty:
+            empty = np.zeros(len(values), dtype=bool)
+        else:
+            empty = np.asarray(pc.equal(pc.utf8_trim_whitespace(column.fill_null("x")), "")
+                               .to_numpy(zero_copy_only=False), dtype=bool)
+        rows, texts = [], []
+        for i, value in enumerate(values):
+            if value is None:
+                bad[i] = f"{name} is null"
+            elif empty[i]:
+                bad[i] = f"{name} is empty"
+            else:
+                rows.append(i)
+                texts.append(value)
+        return rows, texts, bad
+
+    def encode(self, rows: list[int], texts: list[str], bad: dict[int, str]):
+        try:
+            return rows, self.tokenizer.encode_batch(texts)
+        except Exception:
+            # One text broke the batch: encode one by one to find it, keep the rest.
+            kept_rows, encodings = [], []
+            for row, text in zip(rows, texts, strict=True):
+                try:
+                    encodings.append(self.tokenizer.encode(text))
+                    kept_rows.append(row)
+                except Exception as exc:
+                    bad[row] = f"tokenizer failed: {exc}"
+            return kept_rows, encodings
+
+    def prepare(self, column: pa.ChunkedArray, name: str, max_rows: int, max_tokens: int) -> Prepared:
+        rows, texts, bad = self.valid_texts(column, name)
+        rows, encodings = self.encode(rows, texts, bad)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        order = np.argsort(lengths, kind="stable")
+        batches: list[Batch] = []
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Sorted ascending, so the newest row is the longest: the batch pads to it.
+            while (end < len(order) and end - start < max_rows
+                   and (end - start + 1) * lengths[order[end]] <= max_tokens):
+                end += 1
+            picked = order[start:end]
+            batches.append(self._batch(np.asarray(rows)[picked], [encodings[i] for i in picked]))
+            start = end
+        return Prepared(batches=batches, bad=bad)
+
+    def _batch(self, rows: np.ndarray, encodings: list) -> Batch:
+        width = max(len(e.ids) for e in encodings)
+        arrays = {f: np.zeros((len(encodings), width), dtype=np.int64) for f in _FIELDS.values()}
+        for i, enc in enumerate(encodings):
+            n = len(enc.ids)
+            arrays["ids"][i, :n] = enc.ids
+            arrays["attention_mask"][i, :n] = enc.attention_mask
+            arrays["type_ids"][i, :n] = enc.type_ids
+        feeds = {name: arrays[_FIELDS[src]] for name, src in self.inputs.items() if src in _FIELDS}
+        return Batch(rows=rows, feeds=feeds)
