@@ -68,3 +68,28 @@ class TransientError(ShardError):
 
     def __reduce__(self):
         return (TransientError, (self.message,))
+
+
+_TRANSIENT_HINTS = (
+    "slowdown", "slow down", "throttl", "timeout", "timed out", "temporarily", "connection",
+    "reset by peer", "broken pipe", "503", "500", "502", "504", "internalerror",
+    "serviceunavailable", "too many requests", "429", "eof occurred",
+)
+
+
+def classify_io_error(exc: BaseException, what: str) -> ShardError:
+    """Turn an exception from storage I/O into a ShardError marked transient or terminal."""
+    if isinstance(exc, ShardError):
+        return exc
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    if isinstance(exc, FileNotFoundError):
+        return ShardError(f"{what}: file not found ({text})")
+    if isinstance(exc, PermissionError):
+        return ShardError(f"{what}: permission denied ({text})")
+    lowered = text.lower()
+    if isinstance(exc, (TimeoutError, ConnectionError)) or any(h in lowered for h in _TRANSIENT_HINTS):
+        return TransientError(f"{what}: {text}")
+    if isinstance(exc, OSError):
+        # Unknown storage errors may clear up; a few attempts are cheaper than a lost shard.
+        return TransientError(f"{what}: {text}")
+    return ShardError(f"{what}: {text}")

@@ -1,0 +1,182 @@
+"""One job from spec to report: validate the model, plan, prepare the output, run, report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.commit import OutputLayout, prepare_output
+from pipeline.errors import ConfigError
+from pipeline.models.bundle import LocalBundle, fetch_bundle
+from pipeline.models.validate import validate_bundle
+from pipeline.plan import Plan, check_output_not_input, make_plan
+from pipeline.progress import Progress
+from pipeline.report import build_report, read_markers, summary_lines
+from pipeline.spec import JobSpec, output_columns, redact
+from pipeline.tasks import build_task
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    report: dict[str, Any]
+    output_uri: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def read(self) -> pa.Table:
+        """All committed part files (shards with a marker) as one table."""
+        layout = OutputLayout(self.output_uri, self.storage_options)
+        ids = sorted(layout.committed_shards())
+        tables = []
+        for sid in ids:
+            with layout.fs.open(layout.part_path(sid), "rb") as fh:
+                tables.append(pq.read_table(fh))
+        if not tables:
+            return pa.table({})
+        return pa.concat_tables(tables, promote_options="default")
+
+
+@dataclass
+class PlannedJob:
+    spec: JobSpec
+    bundle: LocalBundle
+    plan: Plan
+    fingerprint: str
+    read_columns: list[str]
+    provider_checks: list[Any]
+
+
+def fingerprint_of(spec: JobSpec, model_sha256: str) -> str:
+    payload = {"format": FORMAT_VERSION, "model_sha256": model_sha256, **spec.fingerprint_fields()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def plan_job(spec: JobSpec) -> PlannedJob:
+    """Everything that can fail before a worker starts (exit 2 territory)."""
+    bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
+    report = validate_bundle(bundle, smoke=True, providers=["cpu"])
+    task = build_task(bundle, spec.task, spec.batching, {})
+    if spec.input.columns is not None:
+        missing = [c for c in [*task.input_columns, *spec.passthrough] if c not in spec.input.columns]
+        if missing:
+            raise ConfigError(f"input.columns: {missing[0]!r} is used by the job but not listed")
+        read_columns = list(spec.input.columns)
+    else:
+        read_columns = list(dict.fromkeys([*spec.passthrough, *task.input_columns]))
+    clash = set(output_columns(spec.task)) & set(spec.passthrough)
+    if clash:
+        raise ConfigError(f"passthrough: {sorted(clash)[0]!r} clashes with a task output column")
+    plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
+                     spec.sharding.rows_per_shard, read_columns)
+    check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options)
+    return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.sha256), read_columns,
+                      report.providers)
+
+
+def job_document(planned: PlannedJob) -> dict[str, Any]:
+    import ray
+
+    spec = planned.spec
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "fingerprint": planned.fingerprint,
+        "model_sha256": planned.bundle.sha256,
+        "spec": redact(spec.model_dump(mode="json")),
+        "shards": len(planned.plan.shards),
+        "files": len(planned.plan.files),
+        "rows": planned.plan.total_rows,
+        "versions": {"python": platform.python_version(), "onnxruntime": ort.__version__,
+                     "pyarrow": pa.__version__, "ray": ray.__version__},
+        "written_at": time.time(),
+    }
+
+
+def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None,
+            progress: bool = True, echo: bool = True) -> JobResult:
+    from pipeline.runner import Runner, start_ray
+
+    spec = planned.spec
+    started = time.time()
+    layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    committed = prepare_output(layout, spec.output.mode, fresh, planned.fingerprint)
+    planned_ids = {s.id for s in planned.plan.shards}
+    done = committed & planned_ids
+    layout.write_json("job.json", job_document(planned))
+    earlier = read_markers(layout, sorted(done))
+    pending = [s for s in planned.plan.shards if s.id not in done]
+
+    bar = Progress(planned.plan.total_rows, len(planned.plan.shards),
+                   sum(m["rows_in"] for m in earlier.values()), len(done), enabled=progress)
+    if pending:
+        start_ray(address)
+        runner = Runner(spec, planned.fingerprint, planned.read_columns, pending,
+                        on_commit=lambda m: bar.commit(m["rows_in"]))
+        outcome = runner.run()
+    else:
+        from pipeline.runner import RunOutcome
+
+        outcome = RunOutcome(notes=["every shard was already committed"])
+    bar.close()
+
+    report = build_report(name=spec.name, layout=layout, plan=planned.plan,
+                          fingerprint=planned.fingerprint, model_sha256=planned.bundle.sha256,
+                          outcome=outcome, earlier=earlier, started_at=started,
+                          max_bad_fraction=spec.bad_rows.max_fraction)
+    layout.write_json("report.json", report)
+    if report["exit_code"] == 0:
+        layout.write_success()  # last: only a complete output carries it
+    if echo:
+        print("\n".join(summary_lines(report)), flush=True)
+    return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options)
+
+
+def describe_plan(planned: PlannedJob) -> list[str]:
+    """The --dry-run text: what would run, where, on which providers."""
+    spec, plan = planned.spec, planned.plan
+    rows = plan.total_rows
+    lines = [
+        f"job {spec.name}: {len(plan.files)} files, {len(plan.shards)} shards, "
+        f"{rows if rows is not None else 'unknown (non-Parquet)'} rows, "
+        f"{plan.total_bytes / 1e6:.1f} MB",
+        f"model {spec.model.uri} (sha256 {planned.bundle.sha256[:12]}…, task {spec.task.kind})",
+        f"reads columns: {', '.join(planned.read_columns)}",
+    ]
+    for f in plan.files[:10]:
+        state = f" [{f.error}]" if f.error else ""
+        rg = f", {len(f.row_group_rows)} row groups" if f.format == "parquet" else ""
+        lines.append(f"  {f.uri} ({f.format}, {f.size / 1e6:.2f} MB{rg}){state}")
+    if len(plan.files) > 10:
+        lines.append(f"  … and {len(plan.files) - 10} more files")
+    w = spec.workers
+    lines.append(f"workers: cpu replicas={w.cpu.replicas} x {w.cpu.cpus:g} CPU; "
+                 f"gpu replicas={w.gpu.replicas} x {w.gpu.gpus:g} GPU; "
+                 f"{w.max_in_flight} shards in flight per worker")
+    from pipeline.sessions import SessionSettings, create_session
+
+    for pool, providers in (("cpu", spec.providers.cpu), ("gpu", spec.providers.gpu)):
+        if pool == "gpu" and not w.gpu.replicas:
+            continue
+        loaded = create_session(str(planned.bundle.model_path),
+                                SessionSettings(providers=tuple(providers)))
+        note = f" ({loaded.fallback})" if loaded.fallback else ""
+        lines.append(f"providers {pool}: asked {', '.join(providers)}; "
+                     f"here runs on {loaded.active}{note}")
+    lines.append(f"output {storage.join(spec.output.uri, '')} (mode {spec.output.mode}); "
+                 "dry run: nothing written")
+    return lines

@@ -1,0 +1,268 @@
+"""The driver side of a job: actor pools, the dispatch loop, dead actors, timeouts.
+
+The runner moves shard descriptors and small stats dicts; it never touches row data and
+knows nothing about ONNX. Policy (queue, in-flight cap, retries) lives in ``scheduler``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
+from pipeline.errors import PipelineError
+from pipeline.plan import Shard
+from pipeline.scheduler import RetryPolicy, Scheduler
+from pipeline.spec import JobSpec
+from pipeline.worker import PoolSettings, ShardWorker
+
+log = logging.getLogger(__name__)
+LOST_ACTOR_ERRORS = (RayActorError, WorkerCrashedError)
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    pool: str
+    handle: Any
+    provider: str | None = None
+    fallback: str | None = None
+    identity: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    markers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    actor_deaths: int = 0
+    aborted: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def start_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, configure_logging=True)
+
+
+def pool_settings(spec: JobSpec) -> list[tuple[PoolSettings, int, dict[str, float]]]:
+    """(settings, replicas, resources) for each pool the job and the cluster allow."""
+    resources = ray.cluster_resources()
+    pools = []
+    gpu = spec.workers.gpu
+    gpu_replicas = gpu.replicas
+    if gpu_replicas and resources.get("GPU", 0) < gpu.gpus:
+        log.warning("workers.gpu.replicas=%d but the cluster has no GPUs; GPU pool skipped",
+                    gpu_replicas)
+        gpu_replicas = 0
+    if gpu_replicas:
+        pools.append((PoolSettings("gpu", tuple(spec.providers.gpu), max(1, int(gpu.cpus))),
+                      gpu_replicas, {"num_cpus": gpu.cpus, "num_gpus": gpu.gpus}))
+    cpu = spec.workers.cpu
+    replicas = cpu.replicas
+    if replicas == "auto":
+        free = resources.get("CPU", 1) - gpu_replicas * gpu.cpus
+        replicas = max(1, int(free // cpu.cpus)) if not gpu_replicas else max(0, int(free // cpu.cpus))
+    if replicas:
+        threads = cpu.threads or max(1, int(cpu.cpus))
+        pools.append((PoolSettings("cpu", tuple(spec.providers.cpu), threads), replicas,
+                      {"num_cpus": cpu.cpus}))
+    if not pools:
+        raise PipelineError("workers: no worker pool can start (cpu.replicas is 0 and no GPUs)")
+    return pools
+
+
+class Runner:
+    def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
+                 shards: list[Shard], on_commit: Callable[[dict[str, Any]], None] | None = None):
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self.read_columns = read_columns
+        self.shards = {s.id: s for s in shards}
+        self.on_commit = on_commit or (lambda marker: None)
+        retry = spec.retry
+        self.scheduler = Scheduler(
+            [s.id for s in shards],
+            RetryPolicy(retry.max_attempts, retry.backoff_s, retry.max_backoff_s),
+            spec.workers.max_in_flight,
+        )
+        self.workers: dict[str, WorkerInfo] = {}
+        self.refs: dict[Any, tuple[str, str, float]] = {}
+        self.info_refs: dict[Any, str] = {}
+        self.outcome = RunOutcome()
+        self._seq = 0
+        self._deaths_since_success = 0
+        self._retired: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ actors
+
+    def _runtime_env(self) -> dict[str, Any] | None:
+        faults = os.environ.get("PIPELINE_FAULTS")
+        return {"env_vars": {"PIPELINE_FAULTS": faults}} if faults else None
+
+    def _start_worker(self, pool: PoolSettings, resources: dict[str, float]) -> None:
+        self._seq += 1
+        wid = f"{pool.name}-{self._seq}"
+        options: dict[str, Any] = {**resources, "max_concurrency": self.spec.workers.max_in_flight,
+                                   "max_restarts": 0, "max_task_retries": 0}
+        env = self._runtime_env()
+        if env:
+            options["runtime_env"] = env
+        handle = ray.remote(ShardWorker).options(**options).remote(
+            self.spec, self.fingerprint, self.read_columns, pool)
+        self.workers[wid] = WorkerInfo(wid, pool.name, handle)
+        self.info_refs[handle.info.remote()] = wid
+        self.scheduler.add_worker(wid)
+        self._pool_of[wid] = (pool, resources)
+
+    def _worker_lost(self, wid: str, reason: str) -> None:
+        info = self.workers.pop(wid, None)
+        if info is None:
+            return
+        self.outcome.actor_deaths += 1
+        self._deaths_since_success += 1
+        log.warning("worker %s lost: %s", wid, reason)
+        for ref in [r for r, (w, _, _) in self.refs.items() if w == wid]:
+            del self.refs[ref]
+        self.scheduler.remove_worker(wid, f"worker lost: {reason}")
+        try:
+            ray.kill(info.handle, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._retired.append(self._worker_summary(info))
+        pool, resources = self._pool_of.pop(wid)
+        limit = 2 * len(self._pool_of) + 3
+        if self._deaths_since_success > limit:
+            self.outcome.aborted = f"workers keep dying without committing a shard: {reason}"
+            return
+        if not self.scheduler.finished():
+            self._start_worker(pool, resources)
+
+    def _worker_summary(self, info: WorkerInfo) -> dict[str, Any]:
+        return {"id": info.id, "pool": info.pool, "worker": info.identity,
+                "provider": info.provider, "fallback": info.fallback}
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> RunOutcome:
+        self._pool_of: dict[str, tuple[PoolSettings, dict[str, float]]] = {}
+        pending = len(self.shards)
+        for pool, replicas, resources in pool_settings(self.spec):
+            for _ in range(min(replicas, max(1, pending))):
+                self._start_worker(pool, resources)
+        try:
+            while not self.scheduler.finished() and not self.outcome.aborted:
+                self._dispatch()
+                self._collect()
+                self._check_timeouts()
+                if self.spec.retry.fail_fast and self.scheduler.failed:
+                    self.outcome.aborted = "retry.fail_fast: a shard failed after all attempts"
+        finally:
+            self._shutdown()
+        return self._finish()
+
+    def _dispatch(self) -> None:
+        for wid, sid, attempt in self.scheduler.assignments():
+            ref = self.workers[wid].handle.process.remote(self.shards[sid].to_dict(), attempt)
+            self.refs[ref] = (wid, sid, time.monotonic())
+
+    def _collect(self) -> None:
+        waiting = list(self.refs) + list(self.info_refs)
+        if not waiting:
+            time.sleep(min(0.5, max(0.05, self.scheduler.wait_hint())))
+            return
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=min(0.5, self.scheduler.wait_hint()
+                                                                  or 0.5))
+        for ref in ready:
+            if ref in self.info_refs:
+                self._collect_info(ref)
+            elif ref in self.refs:
+                self._collect_result(ref)
+
+    def _collect_info(self, ref: Any) -> None:
+        wid = self.info_refs.pop(ref)
+        try:
+            info = ray.get(ref)
+        except LOST_ACTOR_ERRORS as exc:
+            self._worker_lost(wid, _short(exc))
+            return
+        except RayTaskError as exc:
+            self._worker_lost(wid, _short(exc.cause if exc.cause else exc))
+            return
+        worker = self.workers.get(wid)
+        if worker:
+            worker.provider, worker.fallback = info["provider"], info["fallback"]
+            worker.identity = info["worker"]
+
+    def _collect_result(self, ref: Any) -> None:
+        wid, sid, _ = self.refs.pop(ref)
+        try:
+            marker = ray.get(ref)
+        except LOST_ACTOR_ERRORS as exc:
+            self._worker_lost(wid, _short(exc))
+            return
+        except RayTaskError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            transient = bool(getattr(cause, "transient", not isinstance(cause, PipelineError)))
+            message = _short(cause)
+            retry = self.scheduler.shard_failed(wid, sid, message, transient)
+            log.warning("shard %s failed on %s (%s): %s", sid, wid,
+                        "will retry" if retry else "giving up", message)
+            return
+        self._deaths_since_success = 0
+        self.scheduler.succeeded(wid, sid)
+        self.outcome.markers[sid] = marker
+        self.on_commit(marker)
+
+    def _check_timeouts(self) -> None:
+        limit = self.spec.retry.shard_timeout_s
+        now = time.monotonic()
+        # In-flight calls queue inside the actor, so the clock of a worker starts at its
+        # oldest call; a hung actor is killed and its shards go to the others.
+        for wid in {w for w, _, t in self.refs.values() if now - t > limit * 
+                    self.spec.workers.max_in_flight}:
+            self._worker_lost(wid, f"no result within retry.shard_timeout_s={limit:g}s")
+
+    def _shutdown(self) -> None:
+        for info in list(self.workers.values()):
+            self._retired.append(self._worker_summary(info))
+            try:
+                ray.kill(info.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.workers.clear()
+
+    def _finish(self) -> RunOutcome:
+        out = self.outcome
+        for sid, state in self.scheduler.states.items():
+            out.attempts[sid] = state.attempts
+            if state.errors:
+                out.errors[sid] = state.errors
+        out.failed = dict(self.scheduler.failed)
+        if out.aborted:
+            for sid in self.shards:
+                if sid not in out.markers and sid not in out.failed:
+                    out.failed[sid] = f"not run: {out.aborted}"
+        out.workers = self._retired
+        return out
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # Ray error strings carry tracebacks; the last non-empty line is the cause.
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " ".join((lines[-1] if lines else type(exc).__name__).split())[:300]
+
+
+__all__ = ["GetTimeoutError", "RunOutcome", "Runner", "start_ray"]
