@@ -70,11 +70,11 @@ class OutputLayout:
 
     def committed_shards(self) -> set[str]:
         folder = self._path("_pipeline", "shards")
+        self.fs.invalidate_cache(folder)  # other processes wrote there: never trust a listing cache
         try:
             names = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return set()
-        self.fs.invalidate_cache(folder)
         return {n.rsplit("/", 1)[-1][:-5] for n in names if n.endswith(".json")}
 
     def read_marker(self, shard_id: str) -> dict[str, Any]:
@@ -102,6 +102,7 @@ class OutputLayout:
             self.fs.rm(self._path("_SUCCESS"))
 
     def has_output(self) -> bool:
+        self.fs.invalidate_cache(self.root)
         try:
             return any(n.rsplit("/", 1)[-1].startswith(("part-", "_pipeline", "_SUCCESS"))
                        for n in self.fs.ls(self.root, detail=False))
@@ -110,6 +111,7 @@ class OutputLayout:
 
     def wipe(self) -> None:
         """Remove what a job writes (and nothing else that may live in the folder)."""
+        self.fs.invalidate_cache(self.root)
         try:
             names = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:

@@ -6,6 +6,7 @@ knows nothing about ONNX. Policy (queue, in-flight cap, retries) lives in ``sche
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -136,10 +137,8 @@ class Runner:
         for ref in [r for r, (w, _, _) in self.refs.items() if w == wid]:
             del self.refs[ref]
         self.scheduler.remove_worker(wid, f"worker lost: {reason}")
-        try:
+        with contextlib.suppress(Exception):  # already gone
             ray.kill(info.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
         self._retired.append(self._worker_summary(info))
         pool, resources = self._pool_of.pop(wid)
         limit = 2 * len(self._pool_of) + 3
@@ -230,17 +229,15 @@ class Runner:
         now = time.monotonic()
         # In-flight calls queue inside the actor, so the clock of a worker starts at its
         # oldest call; a hung actor is killed and its shards go to the others.
-        for wid in {w for w, _, t in self.refs.values() if now - t > limit * 
+        for wid in {w for w, _, t in self.refs.values() if now - t > limit *
                     self.spec.workers.max_in_flight}:
             self._worker_lost(wid, f"no result within retry.shard_timeout_s={limit:g}s")
 
     def _shutdown(self) -> None:
         for info in list(self.workers.values()):
             self._retired.append(self._worker_summary(info))
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(info.handle, no_restart=True)
-            except Exception:  # already gone
-                pass
         self.workers.clear()
 
     def _finish(self) -> RunOutcome:

@@ -61,7 +61,7 @@ def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSessi
     opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
     opts.intra_op_num_threads = settings.intra_op_threads
     opts.inter_op_num_threads = settings.inter_op_threads
-    opts.log_severity_level = 3  # errors only: fallback is reported by us, once, clearly
+    opts.log_severity_level = 4  # our errors say what failed, in one line; no C++ log spam
     available = set(ort.get_available_providers())
     options = dict(settings.provider_options)
     chain: list[tuple[str, dict[str, Any]]] = []

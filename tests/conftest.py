@@ -44,3 +44,7 @@ def minilm_reference(repo_root: Path) -> tuple[list[str], np.ndarray]:
     embeddings = np.asarray(data["embeddings"], dtype=np.float32)
     assert len(texts) == len(embeddings) == 200
     return texts, embeddings
+
+
+# Real Ray cluster and S3 endpoint fixtures, shared by the whole session.
+pytest_plugins = ["tests.support.fixtures"]

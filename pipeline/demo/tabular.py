@@ -62,7 +62,7 @@ def export_tabular_bundle(out: Path) -> BundleSpec:
         features=names,
         labels=labels,
         source={"exporter": "skl2onnx", "estimator": str(estimator),
-                "dataset": "sklearn.datasets.load_breast_cancer", "rows": int(len(features))},
+                "dataset": "sklearn.datasets.load_breast_cancer", "rows": len(features)},
     )
     write_bundle_spec(out, spec)
     return spec

@@ -7,6 +7,7 @@ is real prose of varied length that exists on every machine with Python.
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import re
 import sysconfig
@@ -28,6 +29,7 @@ def _docstrings(path: Path) -> list[str]:
     return [d for n in nodes if (d := ast.get_docstring(n))]
 
 
+@functools.lru_cache(maxsize=1)
 def stdlib_passages() -> list[tuple[str, str]]:
     """(module, passage) pairs: paragraphs and sentences, whitespace normalized."""
     root = Path(sysconfig.get_paths()["stdlib"])

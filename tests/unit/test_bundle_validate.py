@@ -141,8 +141,8 @@ def test_model_failing_the_onnx_checker_is_rejected(repo_root, bundle_copy):
 
 @pytest.mark.parametrize("newer_than", ["onnx", "runtime"])
 def test_too_new_ir_version_is_rejected(repo_root, bundle_copy, newer_than):
-    # One past what the onnx package writes, and one past what onnxruntime loads (14 with
-    # onnxruntime 1.2x); the first is also past the runtime, which never leads onnx.
+    # One past what the onnx package writes, and one past what the installed onnxruntime
+    # loads; the first is past the runtime too, as onnxruntime never leads onnx.
     base = onnx.IR_VERSION if newer_than == "onnx" else runtime_limits().max_ir_version
     ir_version = base + 1
     assert ir_version > runtime_limits().max_ir_version

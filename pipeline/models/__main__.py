@@ -1,0 +1,109 @@
+"""python -m pipeline.models: export, validate and inspect model bundles.
+
+    python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
+    python -m pipeline.models export-demo-tabular --out DIR
+    python -m pipeline.models validate BUNDLE [--no-smoke]
+    python -m pipeline.models info BUNDLE [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.cli_common import run_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.models", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export-bert", help="BERT-family checkpoint -> embed bundle (no PyTorch)")
+    exp.add_argument("src", help="checkpoint directory or installed package holding one")
+    exp.add_argument("--out", required=True, type=Path)
+    exp.add_argument("--no-pool-in-graph", action="store_true",
+                     help="output token vectors; the embed task pools them instead")
+    exp.add_argument("--pooling", choices=["mean", "cls"], help="default: from modules.json")
+    norm = exp.add_mutually_exclusive_group()
+    norm.add_argument("--normalize", dest="normalize", action="store_true", default=None)
+    norm.add_argument("--no-normalize", dest="normalize", action="store_false")
+    exp.add_argument("--max-length", type=int, help="default: sentence_bert_config.json")
+
+    tab = sub.add_parser("export-demo-tabular", help="train the breast-cancer demo classifier")
+    tab.add_argument("--out", required=True, type=Path)
+
+    val = sub.add_parser("validate", help="check a bundle against the installed onnxruntime")
+    val.add_argument("bundle")
+    val.add_argument("--no-smoke", action="store_true", help="skip the smoke runs")
+
+    info = sub.add_parser("info", help="inputs, outputs, opsets, size, sha256, task")
+    info.add_argument("bundle")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _export_bert(args: argparse.Namespace) -> int:
+    from pipeline.models.bert_export import export_bert
+
+    spec = export_bert(args.src, args.out, pool_in_graph=not args.no_pool_in_graph,
+                       pooling=args.pooling, normalize=args.normalize,
+                       max_length=args.max_length)
+    print(f"wrote {args.out} (task {spec.task}, sha256 {spec.sha256[:12]}…)")
+    return 0
+
+
+def _export_tabular(args: argparse.Namespace) -> int:
+    from pipeline.demo.tabular import export_tabular_bundle
+
+    spec = export_tabular_bundle(args.out)
+    print(f"wrote {args.out} (task {spec.task}, {len(spec.features or [])} features)")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.models.bundle import fetch_bundle
+    from pipeline.models.validate import validate_bundle
+
+    report = validate_bundle(fetch_bundle(args.bundle), smoke=not args.no_smoke)
+    print(f"{args.bundle}: valid (IR {report.ir_version}, opset {report.opset})")
+    for check in report.providers:
+        print(f"  {check.provider:9s} {'loads' if check.loaded else 'unavailable'}: {check.detail}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pipeline.models.info import bundle_info
+
+    info = bundle_info(args.bundle)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"bundle   {info['uri']}")
+    print(f"task     {info['task']}")
+    print(f"sha256   {info['sha256']}")
+    print(f"size     {info['size_bytes'] / 1e6:.1f} MB")
+    print(f"ir       {info['ir_version']}   opsets {info['opsets']}")
+    for kind in ("inputs", "outputs"):
+        print(kind)
+        for item in info[kind]:
+            extra = f"  <- {item['source']}" if item.get("source") else ""
+            extra += f"  (role {item['role']})" if item.get("role") else ""
+            print(f"  {item['name']:22s} {item['type']:16s} {item['shape']}{extra}")
+    return 0
+
+
+COMMANDS = {"export-bert": _export_bert, "export-demo-tabular": _export_tabular,
+            "validate": _validate, "info": _info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_cli(lambda: COMMANDS[args.command](args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Model bundles: a directory with model.onnx, bundle.yaml and (for text) tokenizer.json.
+
+``fetch_bundle`` makes a bundle available on this node: local bundles are used in place,
+remote ones are copied once per node into a cache directory keyed by the model's sha256.
+Several processes on one node may fetch at once; a file lock makes one of them download
+while the others wait and then reuse the verified copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline import storage
+from pipeline.errors import ModelError
+
+BUNDLE_FILE = "bundle.yaml"
+TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
+
+
+def default_cache_dir() -> Path:
+    """Read at call time so a job or test can point it elsewhere."""
+    return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "onnx-pipeline"))
+
+
+class TextSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokenizer: str = "tokenizer.json"
+    max_length: int = Field(gt=1, le=8192)
+
+
+class EmbeddingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # in_graph: the model already returns [batch, dim]; mean/cls: the task pools token vectors.
+    pooling: Literal["in_graph", "mean", "cls"] = "in_graph"
+    normalize: bool = True
+    dim: int = Field(gt=0)
+
+
+class BundleSpec(BaseModel):
+    """The content of bundle.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = 1
+    task: Literal["embed", "classify", "tensor"]
+    model_file: str = "model.onnx"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
+    # tokens.type_ids | features | column:<input column>
+    inputs: dict[str, str]
+    # role -> graph output name (embed: embedding; classify: probabilities or logits,
+    # optionally label; tensor: any role, written as a column of that name)
+    outputs: dict[str, str]
+    text: TextSpec | None = None
+    embedding: EmbeddingSpec | None = None
+    features: list[str] | None = None
+    labels: list[str] | None = None
+    source: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("inputs")
+    @classmethod
+    def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, source in value.items():
+            if source not in (*TOKEN_SOURCES, "features") and not source.startswith("column:"):
+                raise ValueError(
+                    f"input {name!r} has source {source!r}; use one of "
+                    f"{', '.join(TOKEN_SOURCES)}, features or column:<name>"
+                )
+        return value
+
+    def needs_tokenizer(self) -> bool:
+        return any(s.startswith("tokens.") for s in self.inputs.values())
+
+
+@dataclass(frozen=True)
+class LocalBundle:
+    """A bundle present on this node's disk, its model hash verified."""
+
+    path: Path
+    spec: BundleSpec
+    uri: str
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.spec.model_file
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return self.path / self.spec.text.tokenizer if self.spec.text else None
+
+    @property
+    def sha256(self) -> str:
+        return self.spec.sha256
+
+
+def parse_bundle_spec(text: str, where: str) -> BundleSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ModelError(f"{where}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{where}: expected a mapping at the top level")
+    try:
+        return BundleSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ModelError(f"{where}: key {key}: {err['msg']}") from None
+
+
+def write_bundle_spec(directory: Path, spec: BundleSpec) -> None:
+    data = spec.model_dump(mode="json", exclude_none=True)
+    (directory / BUNDLE_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def read_bundle_spec(uri: str, storage_options: dict[str, Any] | None = None) -> BundleSpec:
+    where = storage.join(uri, BUNDLE_FILE)
+    try:
+        with storage.open_uri(where, "rt", storage_options) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ModelError(f"model bundle {uri}: {BUNDLE_FILE} not found") from None
+    except OSError as exc:
+        raise ModelError(f"model bundle {uri}: cannot read {BUNDLE_FILE} ({exc})") from None
+    return parse_bundle_spec(text, where)
+
+
+# Hashing a large model on every load is wasteful: remember what this process verified.
+_verified: dict[tuple[str, int, int], str] = {}
+
+
+def _verified_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _verified:
+        _verified[key] = storage.sha256_file(str(path))
+    return _verified[key]
+
+
+def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> None:
+    if not path.exists():
+        raise ModelError(f"model bundle {uri}: {spec.model_file} not found")
+    actual = _verified_sha256(path)
+    if actual != spec.sha256:
+        raise ModelError(
+            f"model bundle {uri}: {spec.model_file} has sha256 {actual} but bundle.yaml says "
+            f"{spec.sha256}; the bundle is corrupt or was edited (re-export it)"
+        )
+    if pinned and pinned != actual:
+        raise ModelError(
+            f"model.sha256: pinned {pinned} but {uri} holds {actual}; "
+            "update the pin or point model.uri at the pinned bundle"
+        )
+
+
+def fetch_bundle(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    pinned_sha256: str | None = None,
+    cache_dir: Path | None = None,
+) -> LocalBundle:
+    """Make the bundle at ``uri`` available locally and verify its model hash."""
+    if storage.is_local(uri):
+        path = Path(uri.removeprefix("file://")).resolve()
+        if not path.is_dir():
+            raise ModelError(f"model bundle {uri}: not a directory")
+        spec = read_bundle_spec(str(path))
+        _check_hash(path / spec.model_file, spec, uri, pinned_sha256)
+        return LocalBundle(path=path, spec=spec, uri=uri)
+
+    spec = read_bundle_spec(uri, storage_options)
+    if pinned_sha256 and pinned_sha256 != spec.sha256:
+        raise ModelError(
+            f"model.sha256: pinned {pinned_sha256} but {uri} declares {spec.sha256}; "
+            "update the pin or point model.uri at the pinned bundle"
+        )
+    root = (cache_dir or default_cache_dir()) / "bundles"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / spec.sha256
+    with open(root / f"{spec.sha256}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # other processes on this node wait here
+        if not _cached_copy_ok(final, spec):
+            _download(uri, storage_options, root, final, spec.sha256)
+    spec = parse_bundle_spec((final / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
+    _check_hash(final / spec.model_file, spec, uri, pinned_sha256)
+    return LocalBundle(path=final, spec=spec, uri=uri)
+
+
+def _cached_copy_ok(final: Path, spec: BundleSpec) -> bool:
+    if not (final / ".complete").exists():
+        return False
+    model = final / spec.model_file
+    # A cached copy damaged on disk is fetched again rather than failing every job.
+    return model.exists() and _verified_sha256(model) == spec.sha256
+
+
+def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, final: Path,
+              expected: str) -> None:
+    fs, base = storage.filesystem(uri, storage_options)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        fs.get(base.rstrip("/") + "/", str(tmp), recursive=True)
+        spec = parse_bundle_spec((tmp / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
+        actual = storage.sha256_file(str(tmp / spec.model_file))
+        if spec.sha256 != expected:
+            raise ModelError(f"model bundle {uri}: bundle.yaml changed while downloading; retry")
+        if actual != spec.sha256:
+            raise ModelError(
+                f"model bundle {uri}: downloaded {spec.model_file} has sha256 {actual}, "
+                f"bundle.yaml says {spec.sha256}"
+            )
+        (tmp / ".complete").write_text(spec.sha256)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise ModelError(f"model bundle {uri}: download failed ({exc})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""Check a bundle before any worker starts: structure, runtime compatibility, smoke runs.
+
+The same checks run from ``python -m pipeline.models validate`` and at job plan time, so a
+model the installed onnxruntime cannot load fails once, in one line, with a fix.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from pipeline.errors import ModelError
+from pipeline.models.bundle import LocalBundle
+from pipeline.sessions import PROVIDER_NAMES, SHORT_NAMES, SessionSettings, create_session
+
+ONNX_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    max_ir_version: int
+    max_opset: int
+
+
+@dataclass
+class ProviderCheck:
+    provider: str
+    loaded: bool
+    detail: str
+
+
+@dataclass
+class ValidationReport:
+    bundle: str
+    ir_version: int
+    opset: int
+    providers: list[ProviderCheck] = field(default_factory=list)
+
+
+def _identity_model(ir_version: int, opset: int) -> bytes:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+def _loads(model: bytes) -> bool:
+    try:
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # onnxruntime raises its own exception types
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def runtime_limits() -> RuntimeLimits:
+    """The newest IR version and default-domain opset the installed onnxruntime loads.
+
+    onnxruntime does not expose these numbers, so they are probed with one-node models.
+    """
+    ir = next(v for v in range(onnx.IR_VERSION + 2, 2, -1) if _loads(_identity_model(v, 13)))
+    top = onnx.defs.onnx_opset_version() + 2
+    opset = next(v for v in range(top, 6, -1) if _loads(_identity_model(ir, v)))
+    return RuntimeLimits(max_ir_version=ir, max_opset=opset)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def check_model_file(path: str, where: str) -> onnx.ModelProto:
+    """onnx checker plus IR/opset limits of the installed runtime."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{where}: not a readable ONNX model ({exc})") from None
+    limits = runtime_limits()
+    if model.ir_version > limits.max_ir_version:
+        raise ModelError(
+            f"{where}: IR version {model.ir_version} is newer than onnxruntime "
+            f"{ort.__version__} supports (max {limits.max_ir_version}); re-export with "
+            f"model.ir_version = {limits.max_ir_version} or lower, or upgrade onnxruntime"
+        )
+    opset = default_opset(model)
+    if opset > limits.max_opset:
+        raise ModelError(
+            f"{where}: opset {opset} is newer than onnxruntime {ort.__version__} supports "
+            f"(max {limits.max_opset}); re-export with a lower opset or upgrade onnxruntime"
+        )
+    try:
+        onnx.checker.check_model(path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: onnx checker failed: {first}") from None
+    return model
+
+
+def check_io(bundle: LocalBundle, model: onnx.ModelProto) -> None:
+    spec, where = bundle.spec, bundle.uri
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    graph_outputs = [o.name for o in model.graph.output]
+    for name in spec.inputs:
+        if name not in graph_inputs:
+            raise ModelError(
+                f"{where}: bundle.yaml inputs.{name} names an input the graph lacks "
+                f"(graph inputs: {', '.join(graph_inputs)})"
+            )
+    for name in graph_inputs:
+        if name not in spec.inputs:
+            raise ModelError(f"{where}: graph input {name!r} is not fed by bundle.yaml inputs")
+    for role, name in spec.outputs.items():
+        if name not in graph_outputs:
+            raise ModelError(
+                f"{where}: bundle.yaml outputs.{role} names output {name!r} the graph lacks "
+                f"(graph outputs: {', '.join(graph_outputs)})"
+            )
+    _check_task_fields(bundle)
+
+
+def _check_task_fields(bundle: LocalBundle) -> None:
+    spec, where = bundle.spec, bundle.uri
+    if spec.needs_tokenizer():
+        if spec.text is None:
+            raise ModelError(f"{where}: text inputs need a 'text' section in bundle.yaml")
+        if not bundle.tokenizer_path or not bundle.tokenizer_path.exists():
+            raise ModelError(f"{where}: {spec.text.tokenizer} not found")
+    if "features" in spec.inputs.values() and not spec.features:
+        raise ModelError(f"{where}: an input fed by 'features' needs a 'features' list")
+    if spec.task == "embed" and ("embedding" not in spec.outputs or spec.embedding is None):
+        raise ModelError(f"{where}: an embed bundle needs outputs.embedding and 'embedding'")
+    if spec.task == "classify" and not ({"probabilities", "logits"} & set(spec.outputs)):
+        raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
+
+
+def _dummy_feed(bundle: LocalBundle, session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    feeds: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    for arg in session.get_inputs():
+        dtype = ONNX_TO_NUMPY.get(arg.type)
+        if dtype is None:
+            raise ModelError(f"{bundle.uri}: input {arg.name} has unsupported type {arg.type}")
+        shape = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 8)
+                 for i, d in enumerate(arg.shape)]
+        source = bundle.spec.inputs.get(arg.name, "")
+        if source == "tokens.ids":
+            # Small ids exist in every vocabulary (special and common tokens).
+            feeds[arg.name] = rng.integers(1, 100, size=shape).astype(dtype)
+        elif source == "tokens.attention_mask":
+            feeds[arg.name] = np.ones(shape, dtype=dtype)
+        else:
+            feeds[arg.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def smoke_run(bundle: LocalBundle, provider: str) -> ProviderCheck:
+    try:
+        loaded = create_session(str(bundle.model_path), SessionSettings(providers=(provider,)))
+    except Exception as exc:
+        raise ModelError(f"{bundle.uri}: onnxruntime cannot load the model ({exc})") from None
+    if loaded.active != provider:
+        return ProviderCheck(provider, False, loaded.fallback or "not loaded")
+    feeds = _dummy_feed(bundle, loaded.session)
+    try:
+        outputs = loaded.session.run(None, feeds)
+    except Exception as exc:
+        raise ModelError(f"{bundle.uri}: smoke run on {provider} failed ({exc})") from None
+    for out, meta in zip(outputs, loaded.session.get_outputs(), strict=True):
+        arr = np.asarray(out)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ModelError(f"{bundle.uri}: smoke run on {provider}: {meta.name} is not finite")
+    shapes = ", ".join(f"{m.name}{list(np.shape(o))}" for o, m in
+                       zip(outputs, loaded.session.get_outputs(), strict=True))
+    return ProviderCheck(provider, True, f"ok: {shapes}")
+
+
+def validate_bundle(bundle: LocalBundle, smoke: bool = True,
+                    providers: list[str] | None = None) -> ValidationReport:
+    """Structure and runtime checks, then a smoke run on each provider (default: all listed)."""
+    model = check_model_file(str(bundle.model_path), f"{bundle.uri}/{bundle.spec.model_file}")
+    check_io(bundle, model)
+    report = ValidationReport(bundle.uri, model.ir_version, default_opset(model))
+    if smoke:
+        listed = [SHORT_NAMES[f] for f in ort.get_available_providers() if f in SHORT_NAMES]
+        for short in providers or listed:
+            if short in PROVIDER_NAMES:
+                report.providers.append(smoke_run(bundle, short))
+    return report
