@@ -1,6 +1,6 @@
 """Fault injection points for the reliability suite; inert unless PIPELINE_FAULTS is set.
 
-PIPELINE_FAULTS is a JSON list of {"point": ..., "action": "kill"|"raise"|"transient",
+PIPELINE_FAULTS is a JSON list of {"point": ..., "action": "kill"|"raise"|"transient"|"sleep",
 "shard": optional id prefix, "attempt": optional attempt number, "once_file": optional path}.
 A rule with ``once_file`` fires only if that file can be created (once across processes).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 from pipeline.errors import ShardError, TransientError
 
@@ -34,6 +35,9 @@ def maybe_inject(point: str, shard_id: str, attempt: int) -> None:
             except FileExistsError:
                 continue
         action = rule.get("action", "raise")
+        if action == "sleep":  # slows shards down so other faults land mid-job
+            time.sleep(float(rule.get("seconds", 0.1)))
+            continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "transient":

@@ -115,8 +115,11 @@ class Runner:
     def _start_worker(self, pool: PoolSettings, resources: dict[str, float]) -> None:
         self._seq += 1
         wid = f"{pool.name}-{self._seq}"
+        # SPREAD: actors on as many nodes as possible, for I/O bandwidth and so that losing
+        # one node loses as few actors as possible. Restarts are ours (fresh actor, requeue).
         options: dict[str, Any] = {**resources, "max_concurrency": self.spec.workers.max_in_flight,
-                                   "max_restarts": 0, "max_task_retries": 0}
+                                   "max_restarts": 0, "max_task_retries": 0,
+                                   "scheduling_strategy": "SPREAD"}
         env = self._runtime_env()
         if env:
             options["runtime_env"] = env

@@ -90,8 +90,11 @@ class Scheduler:
                 self.queue.remove(sid)
                 return sid
             fallback = fallback or sid
-        if fallback is not None:
-            self.queue.remove(fallback)
+        others_free = any(len(shards) < self.max_in_flight
+                          for w, shards in self.in_flight.items() if w != worker)
+        if fallback is None or others_free:
+            return None  # leave a retried shard for a worker it has not failed on
+        self.queue.remove(fallback)
         return fallback
 
     # ----------------------------------------------------------------- outcomes
