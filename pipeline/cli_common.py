@@ -22,3 +22,9 @@ def run_cli(main: Callable[[], int], debug: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen environment problem: still one line
+        if debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

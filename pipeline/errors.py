@@ -73,7 +73,8 @@ class TransientError(ShardError):
 _TRANSIENT_HINTS = (
     "slowdown", "slow down", "throttl", "timeout", "timed out", "temporarily", "connection",
     "reset by peer", "broken pipe", "503", "500", "502", "504", "internalerror",
-    "serviceunavailable", "too many requests", "429", "eof occurred",
+    "serviceunavailable", "too many requests", "429", "eof occurred", "disconnect",
+    "could not connect", "reduce your request rate", "requesttimeout",
 )
 
 
@@ -89,7 +90,5 @@ def classify_io_error(exc: BaseException, what: str) -> ShardError:
     lowered = text.lower()
     if isinstance(exc, (TimeoutError, ConnectionError)) or any(h in lowered for h in _TRANSIENT_HINTS):
         return TransientError(f"{what}: {text}")
-    if isinstance(exc, OSError):
-        # Unknown storage errors may clear up; a few attempts are cheaper than a lost shard.
-        return TransientError(f"{what}: {text}")
+    # Anything else (corrupt data, bad schema) fails the same way every time: not retried.
     return ShardError(f"{what}: {text}")

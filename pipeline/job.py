@@ -22,6 +22,7 @@ from pipeline.plan import Plan, check_output_not_input, make_plan
 from pipeline.progress import Progress
 from pipeline.report import build_report, read_markers, summary_lines
 from pipeline.spec import JobSpec, output_columns, redact
+from pipeline.storage import with_retries
 from pipeline.tasks import build_task
 
 FORMAT_VERSION = 1
@@ -114,11 +115,14 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     spec = planned.spec
     started = time.time()
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-    committed = prepare_output(layout, spec.output.mode, fresh, planned.fingerprint)
+    committed = with_retries(
+        lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint),
+        f"preparing {layout.uri}")
     planned_ids = {s.id for s in planned.plan.shards}
     done = committed & planned_ids
-    layout.write_json("job.json", job_document(planned))
-    earlier = read_markers(layout, sorted(done))
+    document = job_document(planned)
+    with_retries(lambda: layout.write_json("job.json", document), "writing job.json")
+    earlier = with_retries(lambda: read_markers(layout, sorted(done)), "reading shard markers")
     pending = [s for s in planned.plan.shards if s.id not in done]
 
     bar = Progress(planned.plan.total_rows, len(planned.plan.shards),
@@ -138,9 +142,10 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
                           fingerprint=planned.fingerprint, model_sha256=planned.bundle.sha256,
                           outcome=outcome, earlier=earlier, started_at=started,
                           max_bad_fraction=spec.bad_rows.max_fraction)
-    layout.write_json("report.json", report)
+    with_retries(lambda: layout.write_json("report.json", report), "writing report.json")
     if report["exit_code"] == 0:
-        layout.write_success()  # last: only a complete output carries it
+        # Last: only a complete output carries it.
+        with_retries(layout.write_success, "writing _SUCCESS")
     if echo:
         print("\n".join(summary_lines(report)), flush=True)
     return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options)

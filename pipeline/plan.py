@@ -76,6 +76,11 @@ def shard_id(uri: str, version: str, row_groups: tuple[int, int] | None) -> str:
 
 
 def list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
+    return storage.with_retries(lambda: _list_input_files(uri, fmt, storage_options),
+                                f"listing {uri}")
+
+
+def _list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
     try:
         fs, path = storage.filesystem(uri, storage_options)
         if any(c in path for c in GLOB_CHARS):
@@ -89,8 +94,9 @@ def list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any])
         infos = [fs.info(p) for p in paths]
     except InputError:
         raise
-    except (OSError, ValueError) as exc:
-        raise InputError(f"input.uri: cannot list {uri} ({exc})") from None
+    except (OSError, ValueError, TypeError) as exc:
+        # TypeError: storage_options the filesystem does not accept.
+        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: {exc})") from None
     files = []
     for info in infos:
         p = info["name"]
@@ -113,7 +119,8 @@ def list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any])
 
 def _inspect(file: InputFile, storage_options: dict[str, Any]) -> InputFile:
     fs, path = storage.filesystem(file.uri, storage_options)
-    try:
+
+    def read() -> None:
         if file.format == "parquet":
             with fs.open(path, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
@@ -121,6 +128,10 @@ def _inspect(file: InputFile, storage_options: dict[str, Any]) -> InputFile:
                 file.columns = list(meta.schema.to_arrow_schema().names)
         else:
             file.columns = list(read_schema(fs, path, file.format).names)
+
+    try:
+        # Throttling and resets are retried; what still fails marks the file, not the job.
+        storage.with_retries(read, f"reading {file.uri}")
     except FileNotFoundError:
         file.error = "file disappeared while planning"
     except Exception as exc:  # corrupt or truncated files raise many arrow/OS error types

@@ -126,12 +126,15 @@ class Runner:
         handle = ray.remote(ShardWorker).options(**options).remote(
             self.spec, self.fingerprint, self.read_columns, pool)
         self.workers[wid] = WorkerInfo(wid, pool.name, handle)
+        # Shards go to a worker only once it answers: an actor that cannot be placed
+        # (no resources) or cannot load the model never holds shards hostage.
         self.info_refs[handle.info.remote()] = wid
-        self.scheduler.add_worker(wid)
+        self._starting[wid] = time.monotonic()
         self._pool_of[wid] = (pool, resources)
 
     def _worker_lost(self, wid: str, reason: str) -> None:
         info = self.workers.pop(wid, None)
+        self._starting.pop(wid, None)
         if info is None:
             return
         self.outcome.actor_deaths += 1
@@ -151,6 +154,10 @@ class Runner:
         if not self.scheduler.finished():
             self._start_worker(pool, resources)
 
+    def _resources_text(self) -> str:
+        asked = {p.name: r for p, r in self._pool_of.values()}
+        return "; ".join(f"{name}: {res}" for name, res in asked.items())
+
     def _worker_summary(self, info: WorkerInfo) -> dict[str, Any]:
         return {"id": info.id, "pool": info.pool, "worker": info.identity,
                 "provider": info.provider, "fallback": info.fallback}
@@ -159,6 +166,7 @@ class Runner:
 
     def run(self) -> RunOutcome:
         self._pool_of: dict[str, tuple[PoolSettings, dict[str, float]]] = {}
+        self._starting: dict[str, float] = {}
         pending = len(self.shards)
         for pool, replicas, resources in pool_settings(self.spec):
             for _ in range(min(replicas, max(1, pending))):
@@ -202,10 +210,12 @@ class Runner:
         except RayTaskError as exc:
             self._worker_lost(wid, _short(exc.cause if exc.cause else exc))
             return
+        self._starting.pop(wid, None)
         worker = self.workers.get(wid)
         if worker:
             worker.provider, worker.fallback = info["provider"], info["fallback"]
             worker.identity = info["worker"]
+            self.scheduler.add_worker(wid)
 
     def _collect_result(self, ref: Any) -> None:
         wid, sid, _ = self.refs.pop(ref)
@@ -230,6 +240,13 @@ class Runner:
     def _check_timeouts(self) -> None:
         limit = self.spec.retry.shard_timeout_s
         now = time.monotonic()
+        start_limit = self.spec.workers.start_timeout_s
+        if not self.scheduler.workers and self._starting and \
+                now - min(self._starting.values()) > start_limit:
+            self.outcome.aborted = (
+                f"no worker started within workers.start_timeout_s={start_limit:g}s; the "
+                f"cluster may lack the resources asked for ({self._resources_text()})")
+            return
         # In-flight calls queue inside the actor, so the clock of a worker starts at its
         # oldest call; a hung actor is killed and its shards go to the others.
         for wid in {w for w, _, t in self.refs.values() if now - t > limit *

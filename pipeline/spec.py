@@ -92,6 +92,7 @@ class WorkersSpec(Strict):
     cpu: CpuPoolSpec = Field(default_factory=CpuPoolSpec)
     gpu: GpuPoolSpec = Field(default_factory=GpuPoolSpec)
     max_in_flight: int = Field(2, ge=1, description="shards queued per actor")
+    start_timeout_s: float = Field(600.0, gt=0, description="give up if no worker starts")
 
 
 Provider = Literal["cpu", "cuda", "tensorrt"]

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 CHUNK = 4 * 1024 * 1024
+T = TypeVar("T")
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
@@ -81,3 +84,21 @@ def sha256_file(path: str) -> str:
 
 def open_uri(uri: str, mode: str = "rb", storage_options: dict[str, Any] | None = None):
     return fsspec.open(uri, mode, **(storage_options or {}))
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s: float = 0.5) -> T:
+    """Run a driver-side storage call, retrying transient errors (throttling, resets) with
+    exponential backoff and jitter. Workers do not need this: a failed shard is retried whole.
+    """
+    from pipeline.errors import PipelineError, classify_io_error
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except PipelineError:
+            raise
+        except Exception as exc:
+            if attempt == attempts or not classify_io_error(exc, what).transient:
+                raise
+            time.sleep(base_delay_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")

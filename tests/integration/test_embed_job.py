@@ -156,3 +156,14 @@ def test_gpu_pool_on_logical_gpu_reports_cpu_fallback(tmp_path, minilm_dir, text
     assert result.report["pools"]["gpu"]["rows"] == 60
     assert result.report["providers"] == {"cpu": 1}
     assert any(f.startswith("cuda") and "running on cpu" in f for f in result.report["fallbacks"])
+
+
+def test_unplaceable_workers_end_the_job_instead_of_hanging(tmp_path, minilm_dir, text_rows):
+    write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:10])
+    job = embed_job(str(tmp_path / "in"), str(tmp_path / "out"), minilm_dir,
+                    workers={"cpu": {"replicas": 1, "cpus": 64}, "start_timeout_s": 3})
+    result = pipeline.run_job(job, progress=False)
+    assert result.exit_code == 1
+    assert "no worker started within workers.start_timeout_s=3s" in result.report["aborted"]
+    assert result.report["failures"][0]["last_error"].startswith("not run: no worker started")
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

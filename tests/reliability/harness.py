@@ -155,7 +155,8 @@ def worker_kill(work: Path, rows: int, seed: int) -> Trial:
                   deaths=result.report["attempts"]["actor_deaths"])
 
 
-def s3_faults(work: Path, rows: int, seed: int, s3_url: str, options: dict) -> Trial:
+def s3_faults(work: Path, rows: int, seed: int, s3_url: str, options: dict,
+              fault_rate: float = 0.1) -> Trial:
     """(d) the S3 endpoint answering 503 SlowDown or resetting connections."""
     import s3fs
 
@@ -167,8 +168,10 @@ def s3_faults(work: Path, rows: int, seed: int, s3_url: str, options: dict) -> T
     local = work / "in"
     ids = write_tabular_input(local, rows, 3, seed)
     fs.put(str(local) + "/", f"{bucket}/in/", recursive=True)
-    with FaultProxy(s3_url, fault_rate=0.2, seed=seed) as proxy:
-        flaky = {**options, "client_kwargs": {"endpoint_url": proxy.url}}
+    with FaultProxy(s3_url, fault_rate=fault_rate, seed=seed) as proxy:
+        # Few retries inside botocore, so faults reach the pipeline's own retries.
+        flaky = {**options, "client_kwargs": {"endpoint_url": proxy.url},
+                 "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
         result = pipeline.run_job(tabular_job(f"s3://{bucket}/in", f"s3://{bucket}/out", flaky),
                                   progress=False)
         counts = dict(proxy.counts)
@@ -262,13 +265,19 @@ def driver_kill(work: Path, rows: int, seed: int) -> Trial:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PIPELINE_FAULTS": json.dumps(
         [{"point": "worker.start", "action": "sleep", "seconds": 0.3}])}
     env.pop("RAY_ADDRESS", None)
+    shards = -(-rows // 50)
+    # A random point: after k committed shards (k = 0: while planning or starting Ray).
+    target = rng.randint(0, shards - 1)
+    markers = work / "out" / "_pipeline" / "shards"
     proc = _cli(job_file, env)
-    delay = rng.uniform(2.0, 20.0)
-    try:
-        proc.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
+    started = time.monotonic()
+    while proc.poll() is None and len(list(markers.glob("*.json"))) < target:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))
+    delay = time.monotonic() - started
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
     layout = OutputLayout(str(work / "out"))
     before = {s: layout.read_marker(s)["committed_at"] for s in layout.committed_shards()}
     orphans = {p.name[5:-8] for p in (work / "out").glob("part-*.parquet")} - set(before)
@@ -281,7 +290,8 @@ def driver_kill(work: Path, rows: int, seed: int) -> Trial:
     # Work lost at the kill: part files written without a marker, plus committed shards redone.
     a["recomputed"] = len(orphans) + redone
     return _trial("driver SIGKILL", rerun.returncode, 0, a, REPLICAS * IN_FLIGHT,
-                  killed_after_s=round(delay, 1), committed_before=len(before),
+                  killed_after_s=round(delay, 1), target=target, committed_before=len(before),
+                  orphan_parts=len(orphans),
                   tail=out.decode()[-300:] if rerun.returncode else "")
 
 

@@ -31,7 +31,8 @@ def test_worker_sigkill_mid_shard(tmp_path):
 
 
 def test_s3_throttling_and_resets(tmp_path, s3_server, s3_options):
-    trial = harness.s3_faults(tmp_path, ROWS, seed=2, s3_url=s3_server, options=s3_options)
+    trial = harness.s3_faults(tmp_path, ROWS, seed=2, s3_url=s3_server, options=s3_options,
+                              fault_rate=0.25)
     check(trial)
     proxy = trial.details["proxy"]
     assert proxy["requests"] > 20

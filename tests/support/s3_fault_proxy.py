@@ -114,6 +114,12 @@ class FaultProxy:
                     self.wfile.write(data)
                 conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
+            def _serve(self) -> None:
+                try:
+                    self._proxy()
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client gave up on this request
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
         return Handler
