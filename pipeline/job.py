@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import Plan, check_output_not_input, make_plan
@@ -119,6 +119,13 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
         lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint),
         f"preparing {layout.uri}")
     planned_ids = {s.id for s in planned.plan.shards}
+    stale = committed - planned_ids
+    if stale:
+        # Shard ids hash each file's etag or size: committed shards missing from the plan
+        # mean the input changed, and resuming would mix old and new rows.
+        raise OutputError(
+            f"output.uri: {layout.uri} holds {len(stale)} committed shards that the current "
+            "input does not produce (input files changed since the first run); use --fresh")
     done = committed & planned_ids
     document = job_document(planned)
     with_retries(lambda: layout.write_json("job.json", document), "writing job.json")

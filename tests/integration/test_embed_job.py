@@ -167,3 +167,29 @@ def test_unplaceable_workers_end_the_job_instead_of_hanging(tmp_path, minilm_dir
     assert "no worker started within workers.start_timeout_s=3s" in result.report["aborted"]
     assert result.report["failures"][0]["last_error"].startswith("not run: no worker started")
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_resume_refuses_changed_model_or_input(tmp_path, minilm_dir, breast_cancer_dir,
+                                               text_rows, capsys):
+    from pipeline.run import main
+
+    write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:30])
+    job = embed_job(str(tmp_path / "in"), str(tmp_path / "out"), minilm_dir)
+    assert pipeline.run_job(job, progress=False).exit_code == 0
+    path = tmp_path / "job.yaml"
+
+    # Another task setting changes output values: another fingerprint, resume refused.
+    changed = {**job, "task": {"kind": "embed", "max_length": 64}}
+    import yaml
+
+    path.write_text(yaml.safe_dump(changed))
+    assert main([str(path), "--no-progress"]) == 2
+    assert "resume refused: use --fresh" in capsys.readouterr().err
+    # --fresh starts over and succeeds.
+    assert main([str(path), "--no-progress", "--fresh"]) == 0
+    capsys.readouterr()
+
+    # The input file changes (other size): its old shards are not in the plan any more.
+    write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:31])
+    assert main([str(path), "--no-progress"]) == 2
+    assert "input files changed since the first run" in capsys.readouterr().err
