@@ -1,4 +1,6 @@
-"""python -m pipeline.run JOB.yaml [--set key=value ...] [--dry-run] [--fresh] [--address ADDR]
+"""python -m pipeline.run JOB.yaml [PROFILE.yaml ...] [--set key=value ...] [--dry-run] [--fresh]
+
+Later files are merged over earlier ones: `python -m pipeline.run jobs/embed.yaml configs/cuda.yaml`.
 
 Exit codes: 0 every shard committed; 1 some shards failed or the bad-row budget was
 exceeded (the report lists them); 2 nothing ran (invalid job, input, model or output).
@@ -16,7 +18,7 @@ from pipeline.cli_common import run_cli
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", nargs="?", help="job file (YAML)")
+    parser.add_argument("job", nargs="*", help="job file, then optional profiles (YAML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a job key, e.g. workers.cpu.replicas=4")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.job:
             parser.error("a job file is required")
-        spec = load_spec(args.job, args.overrides)
+        spec = load_spec(args.job[0] if len(args.job) == 1 else args.job, args.overrides)
         from pipeline.job import describe_plan, execute, plan_job
 
         planned = plan_job(spec)

@@ -256,33 +256,56 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: job file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read job file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys at the top level")
+    return data
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` wins; mappings merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_spec(
-    source: str | Path | dict[str, Any] | JobSpec,
+    source: str | Path | dict[str, Any] | JobSpec | list[str | Path],
     overrides: dict[str, Any] | list[str] | None = None,
 ) -> JobSpec:
-    """Read, interpolate, override and validate a job; raises ConfigError in one line."""
+    """Read, merge, interpolate, override and validate a job; raises ConfigError in one line.
+
+    A list of files is merged in order (a job file, then profiles from configs/).
+    """
     if isinstance(source, JobSpec) and not overrides:
         return source
     if isinstance(source, JobSpec):
         data, where = source.model_dump(mode="json"), "job"
     elif isinstance(source, dict):
         data, where = json.loads(json.dumps(source)), "job"
+    elif isinstance(source, list):
+        data, where = {}, " + ".join(str(s) for s in source)
+        for path in source:
+            data = deep_merge(data, _read_yaml(path))
     else:
-        where = str(source)
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: job file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read job file ({exc.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{where}: not valid YAML{at}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping of keys at the top level")
+        data, where = _read_yaml(source), str(source)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     data = apply_overrides(data, overrides or {})
