@@ -84,7 +84,8 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         raise ConfigError(f"passthrough: {sorted(clash)[0]!r} clashes with a task output column")
     plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
                      spec.sharding.rows_per_shard, read_columns)
-    check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options)
+    check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
+                           spec.input.uri, spec.input.storage_options)
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.sha256), read_columns,
                       report.providers)
 

@@ -173,9 +173,16 @@ def check_columns(files: list[InputFile], needed: list[str]) -> None:
             )
 
 
-def check_output_not_input(output_uri: str, files: list[InputFile], storage_options) -> None:
+def check_output_not_input(output_uri: str, files: list[InputFile], storage_options,
+                           input_uri: str, input_options) -> None:
     fs, out_path = storage.filesystem(output_uri, storage_options)
     out = storage.full_uri(fs, out_path).rstrip("/") + "/"
+    in_fs, in_path = storage.filesystem(input_uri, input_options)
+    if not any(c in in_path for c in GLOB_CHARS):
+        inp = storage.full_uri(in_fs, in_path).rstrip("/") + "/"
+        if out.startswith(inp) and out != inp:
+            raise OutputError(f"output.uri: {output_uri} is inside input.uri {input_uri}; "
+                              "a rerun would read the output as input")
     for f in files:
         if f.uri.startswith(out) or f.uri.rstrip("/") + "/" == out:
             raise OutputError(f"output.uri: {output_uri} contains input file {f.uri}; "

@@ -68,6 +68,8 @@ CASES = [
      "column 'body' is missing"),
     ("output over input", lambda b: change(b, "output.uri", b["input"]["uri"]),
      "writing there would overwrite the input"),
+    ("output inside input", lambda b: change(b, "output.uri", b["input"]["uri"] + "/scored"),
+     "is inside input.uri"),
     ("passthrough clashes", lambda b: change(b, "passthrough", ["embedding"]),
      "passthrough column 'embedding' clashes with a task output"),
     ("task does not fit bundle", lambda b: change(b, "task", {"kind": "classify"}),
