@@ -138,7 +138,7 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     if pending:
         start_ray(address)
         runner = Runner(spec, planned.fingerprint, planned.read_columns, pending,
-                        on_commit=lambda m: bar.commit(m["rows_in"]))
+                        progress=bar)
         outcome = runner.run()
     else:
         from pipeline.runner import RunOutcome

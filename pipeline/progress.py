@@ -59,6 +59,12 @@ class Progress:
         self.failed += 1
         self._postfix()
 
+    def tick(self) -> None:
+        """Called often by the runner: a plain line every few seconds even between commits."""
+        if self.enabled and self.bar is None and \
+                time.monotonic() - self._last_line >= self.interval_s:
+            self._line()
+
     def _line(self) -> None:
         self._last_line = time.monotonic()
         elapsed = max(1e-9, time.monotonic() - self.started)
@@ -67,8 +73,9 @@ class Progress:
         eta = ""
         if self.total_rows and rate > 0:
             eta = f", ETA {max(0.0, (self.total_rows - self.rows) / rate):.0f}s"
-        print(f"progress: {self.rows}{total} rows, shards {self.shards}/{self.total_shards}, "
-              f"{rate:,.0f} rows/s{eta}", flush=True)
+        failed = f", {self.failed} failed" if self.failed else ""
+        print(f"progress: {self.rows}{total} rows, shards {self.shards}/{self.total_shards}"
+              f"{failed}, {rate:,.0f} rows/s{eta}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -10,9 +10,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
@@ -25,6 +24,23 @@ from pipeline.worker import PoolSettings, ShardWorker
 
 log = logging.getLogger(__name__)
 LOST_ACTOR_ERRORS = (RayActorError, WorkerCrashedError)
+
+
+class ProgressSink(Protocol):
+    def commit(self, rows: int) -> None: ...
+    def shard_failed(self) -> None: ...
+    def tick(self) -> None: ...
+
+
+class _NoProgress:
+    def commit(self, rows: int) -> None:
+        pass
+
+    def shard_failed(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
 
 
 @dataclass
@@ -86,12 +102,12 @@ def pool_settings(spec: JobSpec) -> list[tuple[PoolSettings, int, dict[str, floa
 
 class Runner:
     def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
-                 shards: list[Shard], on_commit: Callable[[dict[str, Any]], None] | None = None):
+                 shards: list[Shard], progress: ProgressSink | None = None):
         self.spec = spec
         self.fingerprint = fingerprint
         self.read_columns = read_columns
         self.shards = {s.id: s for s in shards}
-        self.on_commit = on_commit or (lambda marker: None)
+        self.progress = progress or _NoProgress()
         retry = spec.retry
         self.scheduler = Scheduler(
             [s.id for s in shards],
@@ -176,6 +192,7 @@ class Runner:
                 self._dispatch()
                 self._collect()
                 self._check_timeouts()
+                self.progress.tick()
                 if self.spec.retry.fail_fast and self.scheduler.failed:
                     self.outcome.aborted = "retry.fail_fast: a shard failed after all attempts"
         finally:
@@ -229,13 +246,15 @@ class Runner:
             transient = bool(getattr(cause, "transient", not isinstance(cause, PipelineError)))
             message = _short(cause)
             retry = self.scheduler.shard_failed(wid, sid, message, transient)
+            if not retry:
+                self.progress.shard_failed()
             log.warning("shard %s failed on %s (%s): %s", sid, wid,
                         "will retry" if retry else "giving up", message)
             return
         self._deaths_since_success = 0
         self.scheduler.succeeded(wid, sid)
         self.outcome.markers[sid] = marker
-        self.on_commit(marker)
+        self.progress.commit(marker["rows_in"])
 
     def _check_timeouts(self) -> None:
         limit = self.spec.retry.shard_timeout_s
