@@ -109,6 +109,25 @@ class OutputLayout:
         except FileNotFoundError:
             return False
 
+    def remove_orphans(self, keep: set[str]) -> int:
+        """Delete part and dead-letter files of shards outside the plan (left by a failed
+        attempt before the input or sharding changed), so the folder holds one job's rows."""
+        removed = 0
+        for folder, prefix, suffix in ((self.root, "part-", ".parquet"),
+                                       (self._path("_pipeline", "dead_letter"), "", ".parquet")):
+            self.fs.invalidate_cache(folder)
+            try:
+                names = self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                base = name.rstrip("/").rsplit("/", 1)[-1]
+                if base.startswith(prefix) and base.endswith(suffix) and \
+                        base[len(prefix):-len(suffix)] not in keep:
+                    self.fs.rm(name)
+                    removed += 1
+        return removed
+
     def wipe(self) -> None:
         """Remove what a job writes (and nothing else that may live in the folder)."""
         self.fs.invalidate_cache(self.root)

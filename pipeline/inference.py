@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import ShardError
+from pipeline.errors import ShardError, TransientError
 from pipeline.sessions import LoadedSession
 from pipeline.tasks.base import Batch, Task
 
@@ -58,13 +58,17 @@ class _Runner:
 
     def _failed(self, batch: Batch, exc: Exception) -> None:
         message = " ".join(str(exc).split())[:300]
+        out_of_memory = any(m in message.lower() for m in OOM_MARKERS)
         if len(batch) > 1:
-            if any(m in message.lower() for m in OOM_MARKERS):
+            if out_of_memory:
                 self.oom_splits += 1
             half = len(batch) // 2
             self.run(batch.subset(slice(0, half)))
             self.run(batch.subset(slice(half, None)))
             return
+        if out_of_memory:
+            # Not the row's fault: retry the shard (another worker may have the memory).
+            raise TransientError(f"out of memory on a single row: {message}")
         self.failed += 1
         if self.succeeded == 0 and self.failed >= SYSTEMIC_FAILURES:
             raise ShardError(f"the model fails on every row: {message}")

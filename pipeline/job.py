@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import Plan, check_output_not_input, make_plan
@@ -84,8 +84,13 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         raise ConfigError(f"passthrough: {sorted(clash)[0]!r} clashes with a task output column")
     plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
                      spec.sharding.rows_per_shard, read_columns)
-    check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
-                           spec.input.uri, spec.input.storage_options)
+    if plan.files and all(f.error for f in plan.files):
+        raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
+    try:
+        check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
+                               spec.input.uri, spec.input.storage_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"output.storage_options: {type(exc).__name__}: {exc}") from None
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.sha256), read_columns,
                       report.providers)
 
@@ -116,20 +121,20 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     spec = planned.spec
     started = time.time()
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-    committed = with_retries(
-        lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint),
-        f"preparing {layout.uri}")
-    planned_ids = {s.id for s in planned.plan.shards}
-    stale = committed - planned_ids
-    if stale:
-        # Shard ids hash each file's etag or size: committed shards missing from the plan
-        # mean the input changed, and resuming would mix old and new rows.
-        raise OutputError(
-            f"output.uri: {layout.uri} holds {len(stale)} committed shards that the current "
-            "input does not produce (input files changed since the first run); use --fresh")
-    done = committed & planned_ids
     document = job_document(planned)
-    with_retries(lambda: layout.write_json("job.json", document), "writing job.json")
+    try:
+        committed = with_retries(
+            lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint),
+            f"preparing {layout.uri}")
+        check_not_stale(planned, committed, layout.uri)
+        with_retries(lambda: layout.write_json("job.json", document), "writing job.json")
+    except PipelineError:
+        raise
+    except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
+        raise OutputError(f"output.uri: cannot prepare {layout.uri} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    planned_ids = {s.id for s in planned.plan.shards}
+    done = committed & planned_ids
     earlier = with_retries(lambda: read_markers(layout, sorted(done)), "reading shard markers")
     pending = [s for s in planned.plan.shards if s.id not in done]
 
@@ -152,11 +157,27 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
                           max_bad_fraction=spec.bad_rows.max_fraction)
     with_retries(lambda: layout.write_json("report.json", report), "writing report.json")
     if report["exit_code"] == 0:
+        with_retries(lambda: layout.remove_orphans(planned_ids), "removing orphaned part files")
         # Last: only a complete output carries it.
         with_retries(layout.write_success, "writing _SUCCESS")
     if echo:
         print("\n".join(summary_lines(report)), flush=True)
     return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options)
+
+
+def check_not_stale(planned: PlannedJob, committed: set[str], uri: str) -> None:
+    """Committed shards missing from the plan mean the input changed (shard ids hash each
+    file's etag or size): resuming would mix old and new rows."""
+    stale = committed - {s.id for s in planned.plan.shards}
+    if not stale:
+        return
+    broken = [f for f in planned.plan.files if f.error]
+    if broken:  # maybe only unreadable right now: do not send the user to --fresh
+        raise InputError(f"{broken[0].uri}: {broken[0].error}; it may hold shards committed "
+                         f"in {uri}, so the job stops here (fix the file and rerun)")
+    raise OutputError(
+        f"output.uri: {uri} holds {len(stale)} committed shards that the current input does "
+        "not produce (input files changed since the first run); use --fresh")
 
 
 def describe_plan(planned: PlannedJob) -> list[str]:

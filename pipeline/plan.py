@@ -98,11 +98,14 @@ def _list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]
         # TypeError: storage_options the filesystem does not accept.
         raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: {exc})") from None
     files = []
+    root = path.rstrip("/") + "/"
     for info in infos:
         p = info["name"]
-        base = p.rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") == "directory" or base.startswith(("_", ".")):
-            continue  # _SUCCESS, _pipeline, .tmp files: never input
+        relative = p[len(root):] if p.startswith(root) else p.rstrip("/").rsplit("/", 1)[-1]
+        # _SUCCESS, _pipeline/ (markers, dead letters), .tmp files: never input, at any depth.
+        if info.get("type") == "directory" or any(part.startswith(("_", "."))
+                                                  for part in relative.split("/")):
+            continue
         file_fmt = format_of(p, fmt) if fmt is None else (format_of(p, None) or fmt)
         if fmt is not None and file_fmt != fmt:
             continue

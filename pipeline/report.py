@@ -17,7 +17,7 @@ def read_markers(layout: OutputLayout, shard_ids: list[str]) -> dict[str, dict[s
     if not shard_ids:
         return {}
     paths = [layout.marker_path(s) for s in shard_ids]
-    blobs = layout.fs.cat(paths, on_error="omit")
+    blobs = layout.fs.cat(paths, on_error="raise")
     return {p.rsplit("/", 1)[-1][:-5]: json.loads(b) for p, b in blobs.items()}
 
 

@@ -14,16 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import Shard
 from pipeline.scheduler import RetryPolicy, Scheduler
 from pipeline.spec import JobSpec
 from pipeline.worker import PoolSettings, ShardWorker
 
 log = logging.getLogger(__name__)
-LOST_ACTOR_ERRORS = (RayActorError, WorkerCrashedError)
 
 
 class ProgressSink(Protocol):
@@ -69,8 +68,12 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=True)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True, configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--address/RAY_ADDRESS {address}: cannot connect to Ray "
+                          f"({' '.join(str(exc).split())[:200]})") from None
 
 
 def pool_settings(spec: JobSpec) -> list[tuple[PoolSettings, int, dict[str, float]]]:
@@ -221,11 +224,11 @@ class Runner:
         wid = self.info_refs.pop(ref)
         try:
             info = ray.get(ref)
-        except LOST_ACTOR_ERRORS as exc:
-            self._worker_lost(wid, _short(exc))
-            return
         except RayTaskError as exc:
             self._worker_lost(wid, _short(exc.cause if exc.cause else exc))
+            return
+        except RayError as exc:  # actor died, node died, OOM-killed, runtime env failed
+            self._worker_lost(wid, _short(exc))
             return
         self._starting.pop(wid, None)
         worker = self.workers.get(wid)
@@ -238,9 +241,6 @@ class Runner:
         wid, sid, _ = self.refs.pop(ref)
         try:
             marker = ray.get(ref)
-        except LOST_ACTOR_ERRORS as exc:
-            self._worker_lost(wid, _short(exc))
-            return
         except RayTaskError as exc:
             cause = exc.cause if exc.cause is not None else exc
             transient = bool(getattr(cause, "transient", not isinstance(cause, PipelineError)))
@@ -250,6 +250,9 @@ class Runner:
                 self.progress.shard_failed()
             log.warning("shard %s failed on %s (%s): %s", sid, wid,
                         "will retry" if retry else "giving up", message)
+            return
+        except RayError as exc:  # the actor, its node or its process is gone: requeue
+            self._worker_lost(wid, _short(exc))
             return
         self._deaths_since_success = 0
         self.scheduler.succeeded(wid, sid)

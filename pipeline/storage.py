@@ -63,10 +63,18 @@ def atomic_writer(fs, path: str) -> Iterator[IO[bytes]]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        # A single PUT (or a multipart upload completed on close) is atomic on S3/GCS;
-        # an exception inside the block discards the upload.
-        with fs.open(path, "wb") as fh:
+        # A single PUT (or a multipart upload completed on close) is atomic on S3/GCS.
+        # On an exception the upload is discarded, never completed: closing would publish
+        # the bytes written so far over a good object.
+        fh = fs.open(path, "wb")
+        try:
             yield fh
+        except BaseException:
+            discard = getattr(fh, "discard", None)
+            if discard is not None:
+                discard()
+            raise
+        fh.close()
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:

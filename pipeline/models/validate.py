@@ -143,6 +143,9 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: an input fed by 'features' needs a 'features' list")
     if spec.task == "embed" and ("embedding" not in spec.outputs or spec.embedding is None):
         raise ModelError(f"{where}: an embed bundle needs outputs.embedding and 'embedding'")
+    if spec.embedding and spec.embedding.pooling == "mean" and \
+            "tokens.attention_mask" not in spec.inputs.values():
+        raise ModelError(f"{where}: mean pooling needs an input fed by tokens.attention_mask")
     if spec.task == "classify" and not ({"probabilities", "logits"} & set(spec.outputs)):
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
 

@@ -21,7 +21,12 @@ class ClassifyTask(Task):
         if self.text_input:
             if not spec.text_column:
                 raise ConfigError("task.text_column: required for a text classifier bundle")
+            if bspec.text is None:
+                raise ConfigError(f"model.uri: {bundle.uri} has token inputs but no 'text' section")
             max_length = spec.max_length or bspec.text.max_length
+            if max_length > bspec.text.max_length:
+                raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
+                                  f"{bspec.text.max_length}")
             self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
                                        bspec.inputs, keep_empty=spec.empty_text == "embed")
             self.features: list[str] = []

@@ -193,3 +193,13 @@ def test_resume_refuses_changed_model_or_input(tmp_path, minilm_dir, breast_canc
     write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:31])
     assert main([str(path), "--no-progress"]) == 2
     assert "input files changed since the first run" in capsys.readouterr().err
+
+
+def test_orphaned_part_files_are_cleaned_before_success(finished_job, small_text, minilm_dir):
+    _, out = finished_job
+    stray = out / "part-0123456789abcdef0123.parquet"  # a failed attempt of a shard no longer planned
+    pq.write_table(pa.table({"id": [999999]}), stray)
+    again = pipeline.run_job(embed_job(str(small_text), str(out), minilm_dir), progress=False)
+    assert again.exit_code == 0
+    assert not stray.exists()
+    assert 999999 not in again.read()["id"].to_pylist()

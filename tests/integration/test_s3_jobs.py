@@ -86,3 +86,16 @@ def test_embed_job_on_s3_with_env_credentials(s3_options, s3_bucket, minilm_dir,
     assert out.schema.field("embedding").type.list_size == 384
     assert "secret" not in json.dumps(result.report).lower() or \
         s3_options["secret"] not in json.dumps(result.report)
+
+
+def test_failed_upload_never_replaces_a_good_object(s3_options, s3_bucket):
+    from pipeline import storage
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    path = f"{s3_bucket}/out/part-1.parquet"
+    fs.pipe(path, b"good")
+    with pytest.raises(RuntimeError), storage.atomic_writer(fs, path) as fh:
+        fh.write(b"half")
+        raise RuntimeError("upload chunk failed")
+    fs.invalidate_cache()
+    assert fs.cat(path) == b"good"

@@ -88,3 +88,13 @@ def test_out_of_memory_batch_is_retried_smaller(lookup_bundle):
     assert scored.oom_splits >= 2
     assert max(s for s in fake.sizes if s <= 8) == 8
     assert [v[0] for v in scored.columns["value"].to_pylist()] == [float(i) * 10 for i in x]
+
+
+def test_out_of_memory_on_a_single_row_is_transient_not_a_dead_letter(lookup_bundle):
+    from pipeline.errors import TransientError
+
+    task, session = lookup_task(lookup_bundle, max_rows=4)
+    fake = _OomSession(session.session, max_rows=0)
+    loaded = LoadedSession(session=fake, requested=("cpu",), active="cpu")
+    with pytest.raises(TransientError, match="out of memory on a single row"):
+        score_table(task, loaded, pa.table({"x": pa.array([1, 2, 3], pa.int64())}))
