@@ -73,6 +73,7 @@ def atomic_writer(fs, path: str) -> Iterator[IO[bytes]]:
             discard = getattr(fh, "discard", None)
             if discard is not None:
                 discard()
+                fh.closed = True  # discarded: garbage collection must not try to flush it
             raise
         fh.close()
 
