@@ -124,6 +124,8 @@ class Runner:
         self._seq = 0
         self._deaths_since_success = 0
         self._retired: list[dict[str, Any]] = []
+        self._pool_of: dict[str, tuple[PoolSettings, dict[str, float]]] = {}
+        self._starting: dict[str, float] = {}  # worker -> when it was asked to start
 
     # ------------------------------------------------------------------ actors
 
@@ -184,8 +186,6 @@ class Runner:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> RunOutcome:
-        self._pool_of: dict[str, tuple[PoolSettings, dict[str, float]]] = {}
-        self._starting: dict[str, float] = {}
         pending = len(self.shards)
         for pool, replicas, resources in pool_settings(self.spec):
             for _ in range(min(replicas, max(1, pending))):
