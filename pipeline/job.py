@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -198,7 +199,11 @@ def describe_plan(planned: PlannedJob) -> list[str]:
     if len(plan.files) > 10:
         lines.append(f"  … and {len(plan.files) - 10} more files")
     w = spec.workers
-    lines.append(f"workers: cpu replicas={w.cpu.replicas} x {w.cpu.cpus:g} CPU; "
+    replicas = w.cpu.replicas
+    if replicas == "auto":  # what a local cluster on this machine would start
+        local = max(1, int((os.cpu_count() or 1) // w.cpu.cpus))
+        replicas = f"auto (= {min(local, len(plan.shards))} on this machine)"
+    lines.append(f"workers: cpu replicas={replicas} x {w.cpu.cpus:g} CPU; "
                  f"gpu replicas={w.gpu.replicas} x {w.gpu.gpus:g} GPU; "
                  f"{w.max_in_flight} shards in flight per worker")
     from pipeline.sessions import SessionSettings, create_session
