@@ -8,6 +8,7 @@ not a pile of dead letters.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.errors import ShardError, TransientError
 from pipeline.sessions import LoadedSession
-from pipeline.tasks.base import Batch, Task
+from pipeline.tasks.base import Batch, Prepared, Task
 
 OOM_MARKERS = ("out of memory", "failed to allocate", "bad_alloc", "cudaerrormemoryallocation")
 # Single rows failing with no success at all means the model, not the data, is broken.
@@ -75,10 +76,10 @@ class _Runner:
         self.bad[int(batch.rows[0])] = f"model failed: {message}"
 
 
-def score_table(task: Task, session: LoadedSession, table: pa.Table) -> Scored:
-    import time
-
-    prepared = task.prepare(table)
+def score_table(task: Task, session: LoadedSession, table: pa.Table,
+                prepared: Prepared | None = None) -> Scored:
+    """Score ``table``; pass ``prepared`` when the task's prepare() already ran elsewhere."""
+    prepared = prepared if prepared is not None else task.prepare(table)
     runner = _Runner(task, session)
     runner.bad.update(prepared.bad)
     started = time.perf_counter()

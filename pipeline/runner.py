@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.plan import Shard
@@ -304,4 +304,4 @@ def _short(exc: BaseException) -> str:
     return " ".join((lines[-1] if lines else type(exc).__name__).split())[:300]
 
 
-__all__ = ["GetTimeoutError", "RunOutcome", "Runner", "start_ray"]
+__all__ = ["RunOutcome", "Runner", "start_ray"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +123,3 @@ class SessionCache:
     def clear(self) -> None:
         self._sessions.clear()
 
-
-def default_cpu_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)

@@ -72,11 +72,14 @@ class ShardWorker:
         maybe_inject("worker.start", shard.id, attempt)
         t0 = time.perf_counter()
         table = self._read(shard)
+        # Tokenizing (thread-safe) happens outside the lock, overlapping another shard's inference.
+        t_read = time.perf_counter()
+        prepared = self.task.prepare(table)
         t1 = time.perf_counter()
         with self.infer_lock:  # time spent waiting here is neither reading nor inferring
             waited = time.perf_counter() - t1
             maybe_inject("worker.infer", shard.id, attempt)
-            scored = score_table(self.task, self.loaded, table)
+            scored = score_table(self.task, self.loaded, table, prepared)
         t2 = time.perf_counter()
         out = self._output_table(table, scored)
         dead = self._dead_letter_table(table, scored.bad, shard.id)
@@ -98,7 +101,8 @@ class ShardWorker:
                 "pool": self.pool.name, "provider": self.loaded.active,
                 "fallback": self.loaded.fallback, "batches": scored.batches,
                 "oom_splits": scored.oom_splits, "fingerprint": self.fingerprint,
-                "timings": {"read_s": round(t1 - t0, 4), "wait_s": round(waited, 4),
+                "timings": {"read_s": round(t_read - t0, 4),
+                            "prepare_s": round(t1 - t_read, 4), "wait_s": round(waited, 4),
                             "infer_s": round(t2 - t1 - waited, 4),
                             "write_s": round(time.perf_counter() - t2, 4)},
                 "part": self.layout.part_path(shard.id).rsplit("/", 1)[-1],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +86,3 @@ def nonfinite_rows(matrix: np.ndarray) -> np.ndarray:
 def split_good(batch: Batch, bad_mask: np.ndarray, reason: str) -> dict[int, str]:
     return {int(r): reason for r in batch.rows[bad_mask]}
 
-
-def first(items: Iterable[Any]) -> Any:
-    return next(iter(items))
