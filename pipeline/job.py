@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
 from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
+from pipeline.locality import check_placement, resolve_spec
 from pipeline.models.bundle import LocalBundle, fetch_bundle
+from pipeline.models.shipping import ship_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import Plan, check_output_not_input, make_plan
 from pipeline.progress import Progress
@@ -70,6 +72,7 @@ def fingerprint_of(spec: JobSpec, model_sha256: str) -> str:
 
 def plan_job(spec: JobSpec) -> PlannedJob:
     """Everything that can fail before a worker starts (exit 2 territory)."""
+    spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
     bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
     report = validate_bundle(bundle, smoke=True, providers=["cpu"])
     task = build_task(bundle, spec.task, spec.batching, {})
@@ -117,10 +120,12 @@ def job_document(planned: PlannedJob) -> dict[str, Any]:
 
 def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None,
             progress: bool = True, echo: bool = True) -> JobResult:
-    from pipeline.runner import Runner, start_ray
+    from pipeline.runner import Runner, cluster_view, start_ray
 
     spec = planned.spec
     started = time.time()
+    start_ray(address)
+    placement = check_placement(spec, cluster_view())  # before anything is written
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
     document = job_document(planned)
     try:
@@ -142,9 +147,9 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     bar = Progress(planned.plan.total_rows, len(planned.plan.shards),
                    sum(m["rows_in"] for m in earlier.values()), len(done), enabled=progress)
     if pending:
-        start_ray(address)
+        shipped = ship_bundle(planned.bundle, spec.model.sha256) if placement.ship_model else None
         runner = Runner(spec, planned.fingerprint, planned.read_columns, pending,
-                        progress=bar)
+                        progress=bar, placement=placement, shipped_bundle=shipped)
         outcome = runner.run()
     else:
         from pipeline.runner import RunOutcome

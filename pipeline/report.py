@@ -81,6 +81,8 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
         "aborted": outcome.aborted,
         "pools": _pools(outcome.markers),
         "workers": _workers(outcome),
+        "nodes": _nodes(outcome.markers),
+        "timeline": _timeline(outcome.markers, started_at),
         "providers": dict(Counter(m["provider"] for m in markers.values())),
         "fallbacks": sorted({w["fallback"] for w in outcome.workers if w.get("fallback")}),
         "notes": outcome.notes,
@@ -100,6 +102,34 @@ def _pools(markers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return dict(pools)
 
 
+def _nodes(markers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per Ray node figures for this run: how the work spread across the cluster."""
+    per: dict[str, dict[str, Any]] = {}
+    for m in markers.values():
+        node = m.get("node_id") or "unknown"
+        n = per.setdefault(node, {"node_id": node, "node_ip": m.get("node_ip"), "workers": set(),
+                                  "shards": 0, "rows": 0, "infer_s": 0.0})
+        n["workers"].add(m["worker"])
+        n["shards"] += 1
+        n["rows"] += m["rows_in"]
+        n["infer_s"] += m["timings"]["infer_s"]
+    for n in per.values():
+        n["workers"] = len(n["workers"])
+        n["infer_s"] = round(n["infer_s"], 3)
+        n["rows_per_infer_s"] = round(n["rows"] / n["infer_s"], 1) if n["infer_s"] else None
+    return sorted(per.values(), key=lambda n: (n["node_ip"] or "", n["node_id"]))
+
+
+def _timeline(markers: dict[str, dict[str, Any]], started_at: float) -> list[dict[str, Any]]:
+    """Rows committed over time in this run: one point per shard commit, for plots."""
+    points, rows = [], 0
+    for m in sorted(markers.values(), key=lambda m: m["committed_at"]):
+        rows += m["rows_in"]
+        points.append({"t": round(m["committed_at"] - started_at, 3), "rows": rows,
+                       "shard": m["shard_id"], "node_id": m.get("node_id")})
+    return points
+
+
 def _workers(outcome: RunOutcome) -> list[dict[str, Any]]:
     per: dict[str, dict[str, Any]] = {}
     for w in outcome.workers:
@@ -109,6 +139,7 @@ def _workers(outcome: RunOutcome) -> list[dict[str, Any]]:
     for m in outcome.markers.values():
         w = per.setdefault(m["worker"], {"worker": m["worker"], "pool": m["pool"],
                                          "provider": m["provider"], "fallback": m["fallback"],
+                                         "node_id": m.get("node_id"), "node_ip": m.get("node_ip"),
                                          "shards": 0, "rows": 0, "read_s": 0.0,
                                          "infer_s": 0.0, "write_s": 0.0})
         w["shards"] += 1
@@ -128,6 +159,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         + (" (over the bad_rows budget)" if report["bad_rows"]["budget_exceeded"] else ""),
         f"  providers: {', '.join(f'{k} ({v} shards)' for k, v in report['providers'].items()) or '-'}",
     ]
+    if len(report["nodes"]) > 1:
+        lines.append("  nodes: " + ", ".join(
+            f"{n['node_ip']}/{n['node_id'][:8]} ({n['shards']} shards, {n['rows']:,} rows)"
+            for n in report["nodes"]))
     for fb in report["fallbacks"]:
         lines.append(f"  fallback: {fb}")
     if report["attempts"]["retried_shards"]:

@@ -10,19 +10,24 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, RayError, RayTaskError
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.locality import ClusterView, Placement
+from pipeline.models.shipping import ShippedBundle
 from pipeline.plan import Shard
+from pipeline.pools import PoolPlan, autoscaler_request, plan_starts, pool_plans
 from pipeline.scheduler import RetryPolicy, Scheduler
 from pipeline.spec import JobSpec
-from pipeline.worker import PoolSettings, ShardWorker
+from pipeline.worker import ShardWorker
 
 log = logging.getLogger(__name__)
+GROW_INTERVAL_S = 1.0  # how often elastic pools look for resources that came free
 
 
 class ProgressSink(Protocol):
@@ -50,6 +55,8 @@ class WorkerInfo:
     provider: str | None = None
     fallback: str | None = None
     identity: str | None = None
+    node_id: str | None = None
+    node_ip: str | None = None
 
 
 @dataclass
@@ -76,37 +83,26 @@ def start_ray(address: str | None) -> None:
                           f"({' '.join(str(exc).split())[:200]})") from None
 
 
-def pool_settings(spec: JobSpec) -> list[tuple[PoolSettings, int, dict[str, float]]]:
-    """(settings, replicas, resources) for each pool the job and the cluster allow."""
-    resources = ray.cluster_resources()
-    pools = []
-    gpu = spec.workers.gpu
-    gpu_replicas = gpu.replicas
-    if gpu_replicas and resources.get("GPU", 0) < gpu.gpus:
-        log.warning("workers.gpu.replicas=%d but the cluster has no GPUs; GPU pool skipped",
-                    gpu_replicas)
-        gpu_replicas = 0
-    if gpu_replicas:
-        pools.append((PoolSettings("gpu", tuple(spec.providers.gpu), max(1, int(gpu.cpus))),
-                      gpu_replicas, {"num_cpus": gpu.cpus, "num_gpus": gpu.gpus}))
-    cpu = spec.workers.cpu
-    replicas = cpu.replicas
-    if replicas == "auto":
-        free = resources.get("CPU", 1) - gpu_replicas * gpu.cpus
-        replicas = max(1, int(free // cpu.cpus)) if not gpu_replicas else max(0, int(free // cpu.cpus))
-    if replicas:
-        threads = cpu.threads or max(1, int(cpu.cpus))
-        pools.append((PoolSettings("cpu", tuple(spec.providers.cpu), threads), replicas,
-                      {"num_cpus": cpu.cpus}))
-    if not pools:
-        raise PipelineError("workers: no worker pool can start (cpu.replicas is 0 and no GPUs)")
-    return pools
+def cluster_view() -> ClusterView:
+    """How many nodes the connected cluster has and which one the driver is on."""
+    from ray.util.client import ray as client_ray
+
+    if client_ray.is_connected():
+        return ClusterView(nodes=len([n for n in ray.nodes() if n["Alive"]]), driver_node=None,
+                           remote_driver=True)
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return ClusterView(nodes=len(alive), driver_node=ray.get_runtime_context().get_node_id())
 
 
 class Runner:
     def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
-                 shards: list[Shard], progress: ProgressSink | None = None):
+                 shards: list[Shard], progress: ProgressSink | None = None,
+                 placement: Placement | None = None,
+                 shipped_bundle: ShippedBundle | None = None):
         self.spec = spec
+        self.placement = placement or Placement()
+        self.shipped_bundle = shipped_bundle
+        self.pools = pool_plans(spec)
         self.fingerprint = fingerprint
         self.read_columns = read_columns
         self.shards = {s.id: s for s in shards}
@@ -124,8 +120,10 @@ class Runner:
         self._seq = 0
         self._deaths_since_success = 0
         self._retired: list[dict[str, Any]] = []
-        self._pool_of: dict[str, tuple[PoolSettings, dict[str, float]]] = {}
+        self._pool_of: dict[str, PoolPlan] = {}
         self._starting: dict[str, float] = {}  # worker -> when it was asked to start
+        self._next_grow = 0.0
+        self._requested: list[dict[str, float]] | None = None  # last autoscaler request
 
     # ------------------------------------------------------------------ actors
 
@@ -133,25 +131,65 @@ class Runner:
         faults = os.environ.get("PIPELINE_FAULTS")
         return {"env_vars": {"PIPELINE_FAULTS": faults}} if faults else None
 
-    def _start_worker(self, pool: PoolSettings, resources: dict[str, float]) -> None:
+    def _scheduling_strategy(self) -> Any:
+        if self.placement.pin_node:  # node-local data: only the driver's node sees it
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            return NodeAffinitySchedulingStrategy(self.placement.pin_node, soft=False)
+        # SPREAD: actors on as many nodes as possible, for I/O bandwidth and so that losing
+        # one node loses as few actors as possible.
+        return "SPREAD"
+
+    def _start_worker(self, pool: PoolPlan) -> None:
         self._seq += 1
         wid = f"{pool.name}-{self._seq}"
-        # SPREAD: actors on as many nodes as possible, for I/O bandwidth and so that losing
-        # one node loses as few actors as possible. Restarts are ours (fresh actor, requeue).
-        options: dict[str, Any] = {**resources, "max_concurrency": self.spec.workers.max_in_flight,
+        # Restarts are ours (a fresh actor, shards requeued), never Ray's.
+        options: dict[str, Any] = {**pool.actor_options(),
+                                   "max_concurrency": self.spec.workers.max_in_flight,
                                    "max_restarts": 0, "max_task_retries": 0,
-                                   "scheduling_strategy": "SPREAD"}
+                                   "scheduling_strategy": self._scheduling_strategy()}
         env = self._runtime_env()
         if env:
             options["runtime_env"] = env
         handle = ray.remote(ShardWorker).options(**options).remote(
-            self.spec, self.fingerprint, self.read_columns, pool)
+            self.spec, self.fingerprint, self.read_columns, pool.settings, self.shipped_bundle)
         self.workers[wid] = WorkerInfo(wid, pool.name, handle)
         # Shards go to a worker only once it answers: an actor that cannot be placed
         # (no resources) or cannot load the model never holds shards hostage.
         self.info_refs[handle.info.remote()] = wid
         self._starting[wid] = time.monotonic()
-        self._pool_of[wid] = (pool, resources)
+        self._pool_of[wid] = pool
+
+    def _grow(self, force: bool = False) -> None:
+        """Start the actors the pools lack (replacing lost ones, using nodes that joined) and
+        keep the autoscaler's request in line with what the elastic pools still want."""
+        now = time.monotonic()
+        if not force and now < self._next_grow:
+            return
+        self._next_grow = now + GROW_INTERVAL_S
+        remaining = self.scheduler.remaining()
+        live = Counter(p.name for p in self._pool_of.values())
+        waiting = Counter(self._pool_of[w].name for w in self._starting)
+        short = any(p.elastic and p.target(remaining) > live[p.name] for p in self.pools)
+        free = ray.available_resources() if short else {}
+        for name, count in plan_starts(self.pools, live, waiting, free, remaining).items():
+            pool = next(p for p in self.pools if p.name == name)
+            for _ in range(count):
+                self._start_worker(pool)
+        self._request_resources(autoscaler_request(self.pools, remaining))
+
+    def _request_resources(self, bundles: list[dict[str, float]]) -> None:
+        if self.placement.pin_node:
+            bundles = []  # new nodes could not run these workers
+        if bundles == self._requested:
+            return
+        self._requested = bundles
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        except Exception as exc:  # a hint only: without an autoscaler nothing is lost
+            log.debug("autoscaler request failed: %s", exc)
 
     def _worker_lost(self, wid: str, reason: str) -> None:
         info = self.workers.pop(wid, None)
@@ -167,31 +205,33 @@ class Runner:
         with contextlib.suppress(Exception):  # already gone
             ray.kill(info.handle, no_restart=True)
         self._retired.append(self._worker_summary(info))
-        pool, resources = self._pool_of.pop(wid)
+        self._pool_of.pop(wid)
         limit = 2 * len(self._pool_of) + 3
         if self._deaths_since_success > limit:
             self.outcome.aborted = f"workers keep dying without committing a shard: {reason}"
             return
-        if not self.scheduler.finished():
-            self._start_worker(pool, resources)
+        self._next_grow = 0.0  # a replacement starts on the next pass of the loop
 
     def _resources_text(self) -> str:
-        asked = {p.name: r for p, r in self._pool_of.values()}
-        return "; ".join(f"{name}: {res}" for name, res in asked.items())
+        text = "; ".join(f"{p.name}: {p.shape} per actor" for p in self.pools)
+        if self.placement.pin_node:
+            text += ("; node-local input or output keeps workers on the driver's node: use "
+                     "object storage or storage.shared_filesystem to use other nodes")
+        return text
 
     def _worker_summary(self, info: WorkerInfo) -> dict[str, Any]:
         return {"id": info.id, "pool": info.pool, "worker": info.identity,
-                "provider": info.provider, "fallback": info.fallback}
+                "provider": info.provider, "fallback": info.fallback, "node_id": info.node_id,
+                "node_ip": info.node_ip}
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> RunOutcome:
-        pending = len(self.shards)
-        for pool, replicas, resources in pool_settings(self.spec):
-            for _ in range(min(replicas, max(1, pending))):
-                self._start_worker(pool, resources)
+        self._warn_missing_gpus()
         try:
+            self._grow(force=True)
             while not self.scheduler.finished() and not self.outcome.aborted:
+                self._grow()
                 self._dispatch()
                 self._collect()
                 self._check_timeouts()
@@ -227,6 +267,12 @@ class Runner:
         except RayTaskError as exc:
             self._worker_lost(wid, _short(exc.cause if exc.cause else exc))
             return
+        except ActorUnschedulableError as exc:
+            if self.placement.pin_node:  # the one node the job may use cannot hold the actor
+                self.outcome.aborted = (f"workers cannot be placed on the driver's node "
+                                        f"({self._resources_text()})")
+            self._worker_lost(wid, _short(exc))
+            return
         except RayError as exc:  # actor died, node died, OOM-killed, runtime env failed
             self._worker_lost(wid, _short(exc))
             return
@@ -235,6 +281,7 @@ class Runner:
         if worker:
             worker.provider, worker.fallback = info["provider"], info["fallback"]
             worker.identity = info["worker"]
+            worker.node_id, worker.node_ip = info.get("node_id"), info.get("node_ip")
             self.scheduler.add_worker(wid)
 
     def _collect_result(self, ref: Any) -> None:
@@ -275,7 +322,16 @@ class Runner:
                     self.spec.workers.max_in_flight}:
             self._worker_lost(wid, f"no result within retry.shard_timeout_s={limit:g}s")
 
+    def _warn_missing_gpus(self) -> None:
+        gpu = next((p for p in self.pools if p.name == "gpu"), None)
+        if gpu and ray.cluster_resources().get("GPU", 0) < gpu.shape["GPU"]:
+            note = ("workers.gpu: the cluster has no GPU now; GPU workers wait for GPU nodes "
+                    "(autoscaler) while the other pools run")
+            log.warning(note)
+            self.outcome.notes.append(note)
+
     def _shutdown(self) -> None:
+        self._request_resources([])  # let the autoscaler release what this job asked for
         for info in list(self.workers.values()):
             self._retired.append(self._worker_summary(info))
             with contextlib.suppress(Exception):  # already gone

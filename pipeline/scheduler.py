@@ -133,5 +133,9 @@ class Scheduler:
         now = self.clock()
         return max(0.0, min(self.states[s].not_before for s in self.queue) - now)
 
+    def remaining(self) -> int:
+        """Shards not finished yet: queued (waiting or backing off) or in flight."""
+        return len(self.queue) + self.in_flight_count()
+
     def in_flight_count(self) -> int:
         return sum(len(v) for v in self.in_flight.values())

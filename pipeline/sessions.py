@@ -7,6 +7,7 @@ providers a session really runs on are read back with ``get_providers()`` after 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -55,7 +56,26 @@ _OPT_LEVELS = {
 }
 
 
+@functools.cache
+def _preload_gpu_libraries() -> None:
+    """Load CUDA and cuDNN installed from the package index (onnxruntime-gpu[cuda,cudnn]),
+    which the dynamic loader would not find on its own. Once per process."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    try:  # it prints each library it misses; the provider check reports the fallback instead
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+    if printed.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split())[:300])
+
+
 def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSession:
+    if {"cuda", "tensorrt"} & set(settings.providers):
+        _preload_gpu_libraries()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
     opts.intra_op_num_threads = settings.intra_op_threads

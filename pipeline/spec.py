@@ -76,14 +76,28 @@ class ShardingSpec(Strict):
     rows_per_shard: int = Field(10000, gt=0)
 
 
-class CpuPoolSpec(Strict):
-    replicas: int | Literal["auto"] = "auto"
+class ElasticPool(Strict):
+    """A pool is a fixed number of actors, or ``auto``: as many as the cluster can give
+    (asking the autoscaler for more), up to ``max_replicas`` and the shards left to run."""
+
+    replicas: Annotated[int, Field(ge=0)] | Literal["auto"]
+    max_replicas: int | None = Field(None, gt=0, description="upper bound for replicas: auto")
+
+    @model_validator(mode="after")
+    def _bound_only_for_auto(self) -> ElasticPool:
+        if self.max_replicas is not None and self.replicas != "auto":
+            raise ValueError("max_replicas applies to replicas: auto only")
+        return self
+
+
+class CpuPoolSpec(ElasticPool):
+    replicas: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     cpus: float = Field(1.0, gt=0)
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: one per CPU")
 
 
-class GpuPoolSpec(Strict):
-    replicas: int = Field(0, ge=0)
+class GpuPoolSpec(ElasticPool):
+    replicas: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
     gpus: float = Field(1.0, gt=0)
     cpus: float = Field(1.0, gt=0)
 
@@ -93,6 +107,12 @@ class WorkersSpec(Strict):
     gpu: GpuPoolSpec = Field(default_factory=GpuPoolSpec)
     max_in_flight: int = Field(2, ge=1, description="shards queued per actor")
     start_timeout_s: float = Field(600.0, gt=0, description="give up if no worker starts")
+
+    @model_validator(mode="after")
+    def _some_pool(self) -> WorkersSpec:
+        if self.cpu.replicas == 0 and self.gpu.replicas == 0:
+            raise ValueError("cpu.replicas and gpu.replicas are both 0: no worker could run")
+        return self
 
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
@@ -109,6 +129,12 @@ class OutputSpec(Strict):
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     mode: Literal["resume", "overwrite", "fail_if_exists"] = "resume"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageSpec(Strict):
+    shared_filesystem: bool = Field(
+        False, description="local paths name the same files on every node (NFS, FSx, GCS FUSE); "
+        "lifts the multi-node check on node-local input and output paths")
 
 
 class RetrySpec(Strict):
@@ -134,6 +160,7 @@ class JobSpec(Strict):
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     providers: ProvidersSpec = Field(default_factory=ProvidersSpec)
     output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
 
@@ -219,7 +246,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
-_TYPE_SEGMENT = re.compile(r"^(int|float|str|bool|list|dict|none)$|\[")
+_TYPE_SEGMENT = re.compile(r"^(int|float|str|bool|list|dict|none|constrained-\w+)$|\[")
 _TASK_KINDS = ("embed", "classify", "tensor")
 
 

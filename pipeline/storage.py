@@ -41,9 +41,11 @@ def protocol_of(fs) -> str:
 
 
 def full_uri(fs, path: str) -> str:
-    """A URI that ``filesystem`` turns back into the same path."""
+    """An absolute URI with a scheme that ``filesystem`` turns back into the same path."""
     proto = protocol_of(fs)
-    return path if proto in ("file", "local") else f"{proto}://{path}"
+    if proto in ("file", "local"):
+        return "file://" + os.path.abspath(path)
+    return f"{proto}://{path}"
 
 
 @contextmanager

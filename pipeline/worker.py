@@ -24,6 +24,7 @@ from pipeline.faults import maybe_inject
 from pipeline.formats import read_table
 from pipeline.inference import score_table
 from pipeline.models.bundle import fetch_bundle
+from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.spec import JobSpec
@@ -44,15 +45,27 @@ def session_settings(spec: JobSpec, pool: PoolSettings) -> SessionSettings:
                            intra_op_threads=pool.threads)
 
 
+def ray_node() -> dict[str, str | None]:
+    """The Ray node this process runs on (None outside Ray), for markers and the report."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"node_id": None, "node_ip": None}
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}
+
+
 class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
-                 pool: PoolSettings) -> None:
+                 pool: PoolSettings, shipped_bundle: ShippedBundle | None = None) -> None:
         self.spec = spec
         self.fingerprint = fingerprint
         self.read_columns = read_columns
         self.pool = pool
         self.layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-        self.bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
+        # A bundle only the driver can read arrives through the object store.
+        self.bundle = install_bundle(shipped_bundle) if shipped_bundle else \
+            fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
         self.sessions = SessionCache()
         self.loaded = self.sessions.get(str(self.bundle.model_path), self.bundle.sha256,
                                         session_settings(spec, pool))
@@ -60,10 +73,11 @@ class ShardWorker:
         self.task = build_task(self.bundle, spec.task, spec.batching, types)
         self.infer_lock = threading.Lock()
         self.identity = f"{pool.name}@{socket.gethostname()}:{os.getpid()}"
+        self.node = ray_node()
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.identity, "pool": self.pool.name, "provider": self.loaded.active,
-                "fallback": self.loaded.fallback}
+                "fallback": self.loaded.fallback, **self.node}
 
     def process(self, shard_data: dict[str, Any], attempt: int) -> dict[str, Any]:
         shard = Shard.from_dict(shard_data)
@@ -98,7 +112,7 @@ class ShardWorker:
                 "shard_id": shard.id, "input": shard.uri, "row_groups": shard.row_groups,
                 "rows_in": table.num_rows, "rows_out": out.num_rows, "rows_bad": len(scored.bad),
                 "bad_reasons": reasons, "attempt": attempt, "worker": self.identity,
-                "pool": self.pool.name, "provider": self.loaded.active,
+                "pool": self.pool.name, **self.node, "provider": self.loaded.active,
                 "fallback": self.loaded.fallback, "batches": scored.batches,
                 "oom_splits": scored.oom_splits, "fingerprint": self.fingerprint,
                 "timings": {"read_s": round(t_read - t0, 4),

@@ -161,6 +161,13 @@ def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> N
         )
 
 
+def open_local_bundle(path: Path, uri: str, pinned_sha256: str | None = None) -> LocalBundle:
+    """A bundle directory on this node, its model hash verified (``uri`` names it in errors)."""
+    spec = read_bundle_spec(str(path))
+    _check_hash(path / spec.model_file, spec, uri, pinned_sha256)
+    return LocalBundle(path=path, spec=spec, uri=uri)
+
+
 def fetch_bundle(
     uri: str,
     storage_options: dict[str, Any] | None = None,
@@ -172,9 +179,7 @@ def fetch_bundle(
         path = Path(uri.removeprefix("file://")).resolve()
         if not path.is_dir():
             raise ModelError(f"model bundle {uri}: not a directory")
-        spec = read_bundle_spec(str(path))
-        _check_hash(path / spec.model_file, spec, uri, pinned_sha256)
-        return LocalBundle(path=path, spec=spec, uri=uri)
+        return open_local_bundle(path, uri, pinned_sha256)
 
     spec = read_bundle_spec(uri, storage_options)
     if pinned_sha256 and pinned_sha256 != spec.sha256:

@@ -160,13 +160,27 @@ def test_gpu_pool_on_logical_gpu_reports_cpu_fallback(tmp_path, minilm_dir, text
 
 def test_unplaceable_workers_end_the_job_instead_of_hanging(tmp_path, minilm_dir, text_rows):
     write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:10])
+    # Declared shared storage: workers may run anywhere, so they wait for resources.
     job = embed_job(str(tmp_path / "in"), str(tmp_path / "out"), minilm_dir,
-                    workers={"cpu": {"replicas": 1, "cpus": 64}, "start_timeout_s": 3})
+                    workers={"cpu": {"replicas": 1, "cpus": 64}, "start_timeout_s": 3},
+                    storage={"shared_filesystem": True})
     result = pipeline.run_job(job, progress=False)
     assert result.exit_code == 1
     assert "no worker started within workers.start_timeout_s=3s" in result.report["aborted"]
     assert result.report["failures"][0]["last_error"].startswith("not run: no worker started")
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_node_local_data_keeps_workers_on_the_driver_node(tmp_path, minilm_dir, text_rows):
+    write_text_parquet(tmp_path / "in" / "a.parquet", text_rows[:10])
+    # Node-local paths pin workers to the driver's node; one that cannot hold them fails fast.
+    job = embed_job(str(tmp_path / "in"), str(tmp_path / "out"), minilm_dir,
+                    workers={"cpu": {"replicas": 1, "cpus": 64}, "start_timeout_s": 60})
+    result = pipeline.run_job(job, progress=False)
+    assert result.exit_code == 1
+    assert result.report["aborted"].startswith("workers cannot be placed on the driver's node")
+    assert "node-local input or output" in result.report["aborted"]
+    assert result.report["wall_s"] < 30
 
 
 def test_resume_refuses_changed_model_or_input(tmp_path, minilm_dir, breast_cancer_dir,

@@ -318,18 +318,21 @@ def remove_when_running():
             removed["at"] = time.time()
         time.sleep(0.05)
 threading.Thread(target=remove_when_running, daemon=True).start()
-result = pipeline.run_job(job, progress=False)
-print("RESULT " + json.dumps({"exit_code": result.exit_code, "removed": bool(removed),
-                              "deaths": result.report["attempts"]["actor_deaths"]}))
-ray.shutdown()
-cluster.shutdown()
+try:
+    result = pipeline.run_job(job, progress=False)
+    print("RESULT " + json.dumps({"exit_code": result.exit_code, "removed": bool(removed),
+                                  "deaths": result.report["attempts"]["actor_deaths"]}))
+finally:  # also on errors: a cluster left behind is what a later ray.init() connects to
+    ray.shutdown()
+    cluster.shutdown()
 '''
 
 
 def node_loss(work: Path, rows: int, seed: int) -> Trial:
     """(b) a Ray node removed mid-job (ray.cluster_utils.Cluster: head + 2 worker nodes)."""
     ids = write_tabular_input(work / "in", rows, 3, seed)
-    job = tabular_job(str(work / "in"), str(work / "out"))
+    # All nodes of this test cluster run on one machine, so its disk is a shared filesystem.
+    job = tabular_job(str(work / "in"), str(work / "out"), storage={"shared_filesystem": True})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PIPELINE_FAULTS": json.dumps(
         [{"point": "worker.start", "action": "sleep", "seconds": 0.2}])}
     env.pop("RAY_ADDRESS", None)

@@ -48,7 +48,8 @@ def ray_cluster() -> Iterator[None]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False,
+        # address="local": a new cluster, never one a `ray start` on this machine left behind.
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
