@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
 from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
-from pipeline.locality import check_placement, resolve_spec
+from pipeline.locality import check_placement, resolve_spec, ships_model
 from pipeline.models.bundle import LocalBundle, fetch_bundle
-from pipeline.models.shipping import ship_bundle
+from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import Plan, check_output_not_input, make_plan
 from pipeline.progress import Progress
@@ -124,6 +124,8 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
 
     spec = planned.spec
     started = time.time()
+    # Read a bundle to ship before connecting: a job's working directory may go with it.
+    packed = pack_bundle(planned.bundle, spec.model.sha256) if ships_model(spec) else None
     start_ray(address)
     placement = check_placement(spec, cluster_view())  # before anything is written
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
@@ -147,7 +149,7 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     bar = Progress(planned.plan.total_rows, len(planned.plan.shards),
                    sum(m["rows_in"] for m in earlier.values()), len(done), enabled=progress)
     if pending:
-        shipped = ship_bundle(planned.bundle, spec.model.sha256) if placement.ship_model else None
+        shipped = ship_bundle(packed) if packed else None
         runner = Runner(spec, planned.fingerprint, planned.read_columns, pending,
                         progress=bar, placement=placement, shipped_bundle=shipped)
         outcome = runner.run()

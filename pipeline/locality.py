@@ -50,17 +50,20 @@ class ClusterView:
 @dataclass(frozen=True)
 class Placement:
     pin_node: str | None = None  # workers must run on this node (node-local data)
-    ship_model: bool = False  # the driver sends the model bundle to the workers
+
+
+def ships_model(spec: JobSpec) -> bool:
+    """A bundle on a node-local path goes to the workers through the object store."""
+    return is_node_local(spec.model.uri) and not spec.storage.shared_filesystem
 
 
 def check_placement(spec: JobSpec, cluster: ClusterView) -> Placement:
     """Refuse node-local data that workers on other nodes could not see (exit 2)."""
     shared = spec.storage.shared_filesystem
-    ship = is_node_local(spec.model.uri) and not shared
     local = [(key, uri) for key, uri in (("input.uri", spec.input.uri),
                                           ("output.uri", spec.output.uri)) if is_node_local(uri)]
     if not local or shared:
-        return Placement(None, ship)
+        return Placement(None)
     key, uri = local[0]
     if cluster.nodes > 1 or cluster.remote_driver or cluster.driver_node is None:
         where = (f"the Ray cluster has {cluster.nodes} nodes" if cluster.nodes > 1
@@ -69,4 +72,4 @@ def check_placement(spec: JobSpec, cluster: ClusterView) -> Placement:
             f"{key}: {uri} is a path on this machine, but {where}; workers elsewhere would not "
             "see it. Use object storage (s3://, gs://, ...) or, if every node mounts it at the "
             "same path, set storage.shared_filesystem: true")
-    return Placement(cluster.driver_node, ship)
+    return Placement(cluster.driver_node)

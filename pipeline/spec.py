@@ -200,12 +200,13 @@ def output_columns(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec) -> l
 # ----------------------------------------------------------------------------- loading
 
 
-def interpolate_env(value: Any, path: str = "") -> Any:
+def interpolate_env(value: Any, path: str = "", keep_missing: bool = False) -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string of a loaded YAML document."""
     if isinstance(value, dict):
-        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: interpolate_env(v, f"{path}.{k}" if path else str(k), keep_missing)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate_env(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [interpolate_env(v, f"{path}[{i}]", keep_missing) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -215,6 +216,8 @@ def interpolate_env(value: Any, path: str = "") -> Any:
             return os.environ[name]
         if default is not None:
             return default
+        if keep_missing:
+            return match.group(0)
         raise ConfigError(f"{path}: environment variable {name} is not set")
 
     return ENV_REF.sub(repl, value)
@@ -313,16 +316,12 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_spec(
+def read_job(
     source: str | Path | dict[str, Any] | JobSpec | list[str | Path],
     overrides: dict[str, Any] | list[str] | None = None,
-) -> JobSpec:
-    """Read, merge, interpolate, override and validate a job; raises ConfigError in one line.
-
-    A list of files is merged in order (a job file, then profiles from configs/).
-    """
-    if isinstance(source, JobSpec) and not overrides:
-        return source
+) -> tuple[dict[str, Any], str]:
+    """The job document, merged and overridden but not yet interpolated, and where it came
+    from (for messages). A list of files is merged in order (a job file, then profiles)."""
     if isinstance(source, JobSpec):
         data, where = source.model_dump(mode="json"), "job"
     elif isinstance(source, dict):
@@ -335,14 +334,32 @@ def load_spec(
         data, where = _read_yaml(source), str(source)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
-    data = apply_overrides(data, overrides or {})
-    data = interpolate_env(data)
+    return apply_overrides(data, overrides or {}), where
+
+
+def validate_job(data: dict[str, Any], where: str, env: Literal["require", "keep"] = "require"
+                 ) -> JobSpec:
+    """Interpolate ``${VAR}`` and validate. ``env="keep"`` leaves unset variables as they are,
+    for checks on a machine that does not hold the job's secrets (``pipeline.submit``)."""
     try:
-        return JobSpec.model_validate(data)
+        return JobSpec.model_validate(interpolate_env(data, keep_missing=env == "keep"))
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, where)) from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_spec(
+    source: str | Path | dict[str, Any] | JobSpec | list[str | Path],
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> JobSpec:
+    """Read, merge, interpolate, override and validate a job; raises ConfigError in one line.
+
+    A list of files is merged in order (a job file, then profiles from configs/).
+    """
+    if isinstance(source, JobSpec) and not overrides:
+        return source
+    return validate_job(*read_job(source, overrides))
 
 
 def redact(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """Model bundles only the driver can read, shipped to every node through Ray's object store.
 
-The driver packs the bundle's files once per job (``ray.put``). Each node unpacks them once
-into the bundle cache under a digest of every file (model, bundle.yaml, tokenizer, ...), so
-the actors of a node share one copy, and a later job with the same bundle skips the transfer.
+The driver packs the bundle's files once per job and puts them into the object store. Each
+node unpacks them once into the bundle cache under a digest of every file (model,
+bundle.yaml, tokenizer, ...), so the actors of a node share one copy, and a later job with
+the same bundle skips the transfer.
 A per-digest file lock makes one process unpack while the others on the node wait.
 """
 
@@ -50,12 +51,29 @@ def content_digest(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
-def ship_bundle(bundle: LocalBundle, pinned_sha256: str | None = None) -> ShippedBundle:
-    """Put the bundle's files into the object store (the driver holds the reference)."""
+@dataclass(frozen=True)
+class PackedBundle:
+    uri: str
+    digest: str
+    pinned_sha256: str | None
+    files: dict[str, bytes] = field(repr=False)
+
+
+def pack_bundle(bundle: LocalBundle, pinned_sha256: str | None = None) -> PackedBundle:
+    """Read the bundle's files into memory. Do it before connecting to Ray: in a job submitted
+    with a working directory, that directory may be gone once the driver has connected."""
+    files = bundle_files(bundle.path)
+    if bundle.spec.model_file not in files:
+        raise ModelError(f"model bundle {bundle.uri}: {bundle.spec.model_file} not found in "
+                         f"{bundle.path} (found: {', '.join(files) or 'nothing'})")
+    return PackedBundle(bundle.uri, content_digest(files), pinned_sha256, files)
+
+
+def ship_bundle(packed: PackedBundle) -> ShippedBundle:
+    """Put the files into the object store (the driver holds the reference for the job)."""
     import ray
 
-    files = bundle_files(bundle.path)
-    return ShippedBundle(bundle.uri, content_digest(files), pinned_sha256, [ray.put(files)])
+    return ShippedBundle(packed.uri, packed.digest, packed.pinned_sha256, [ray.put(packed.files)])
 
 
 def install_bundle(shipped: ShippedBundle, cache_dir: Path | None = None) -> LocalBundle:

@@ -38,7 +38,7 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A real local Ray cluster shared by the whole session.
 
     Logical resources: 4 CPUs so two jobs' worth of 1-CPU actors fit on a 2-core machine
@@ -47,6 +47,8 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers inherit it: shipped and fetched bundles go to a cache of this test session.
+    os.environ["PIPELINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("bundle-cache"))
     if not ray.is_initialized():
         # address="local": a new cluster, never one a `ray start` on this machine left behind.
         ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
