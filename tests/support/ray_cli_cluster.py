@@ -71,29 +71,60 @@ class LocalRayCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         self.nodes += 1
 
-    def start_head(self, num_cpus: int, env: dict[str, str] | None = None) -> LocalRayCluster:
+    def start_head(self, num_cpus: int, env: dict[str, str] | None = None,
+                   extra_args: tuple[str, ...] = ()) -> LocalRayCluster:
         self._ray_start(["--head", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
                          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                          f"--dashboard-port={self.dashboard_port}",
                          f"--ray-client-server-port={free_port()}",
-                         f"--temp-dir={self.temp_dir}"], env)
+                         f"--temp-dir={self.temp_dir}", *extra_args], env)
         wait_http(self.dashboard_url + "/api/version", timeout_s=60)
         return self
+
+    def start_autoscaling_head(self, worker_cpus: int, max_workers: int) -> LocalRayCluster:
+        """A head of 0 CPUs whose autoscaler adds nodes on this machine (Ray's fake multi-node
+        provider, the one behind ray.cluster_utils.AutoscalingCluster, which would run
+        `ray stop --force` and so kill every other Ray on the machine)."""
+        config = {
+            "cluster_name": f"fake-{self.id}", "max_workers": max_workers,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True,
+                         "gcs_address": self.gcs_address},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 0}, "node_config": {},
+                                     "max_workers": 0},
+                "cpu_node": {"resources": {"CPU": worker_cpus}, "node_config": {},
+                             "min_workers": 0, "max_workers": max_workers},
+            },
+            "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5, "docker": {}, "initialization_commands": [],
+            "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+            "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+            "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [],
+        }
+        path = Path(self.temp_dir) / "autoscaling.json"
+        path.write_text(json.dumps(config))
+        return self.start_head(0, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                               extra_args=(f"--autoscaling-config={path}",))
 
     def add_node(self, num_cpus: int, env: dict[str, str] | None = None) -> LocalRayCluster:
         self._ray_start([f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"], env)
         return self
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 60.0) -> None:
+    def alive_nodes(self) -> dict[str, bool]:
+        """Node id -> whether it is the head, for the nodes alive now."""
         import urllib.request
 
+        with urllib.request.urlopen(self.dashboard_url + "/api/v0/nodes", timeout=5) as response:
+            nodes = json.loads(response.read())["data"]["result"]["result"]
+        return {n["node_id"]: n["is_head_node"] for n in nodes if n["state"] == "ALIVE"}
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.dashboard_url + "/api/v0/nodes",
-                                            timeout=5) as response:
-                    nodes = json.loads(response.read())["data"]["result"]["result"]
-                if sum(n["state"] == "ALIVE" for n in nodes) >= count:
+                if len(self.alive_nodes()) >= count:
                     return
             except (OSError, KeyError, ValueError):
                 pass
