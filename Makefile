@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 
-.PHONY: install models data run score test lint chaos bench clean
+.PHONY: install models data run score test lint chaos bench notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ chaos: models
 
 bench: models
 	$(PY) -m benchmarks.throughput
+
+# Executes the example notebook; the copy with its outputs lands in out/notebook/.
+notebook: models
+	$(BIN)/jupyter execute notebooks/quickstart.ipynb --output=../out/notebook/quickstart
 
 clean:
 	rm -rf out data models

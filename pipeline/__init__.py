@@ -2,19 +2,28 @@
 
     pipeline.run_job("jobs/embed.yaml", overrides={"workers.cpu.replicas": 4})
     pipeline.score(table, model="models/minilm", task="embed")
+    ds.map_batches(pipeline.OnnxPredictor, fn_constructor_kwargs={"model": "models/minilm"},
+                   compute=ray.data.ActorPoolStrategy(size=2), batch_format="pyarrow")
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__all__ = ["JobResult", "Scorer", "run_job", "score"]
+# Public name -> module that defines it.
+_EXPORTS = {
+    "JobResult": "pipeline.job",
+    "OnnxPredictor": "pipeline.predictor",
+    "Scorer": "pipeline.api",
+    "run_job": "pipeline.api",
+    "score": "pipeline.api",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `python -m pipeline.models` should not pay for importing Ray.
-    if name in __all__:
-        from pipeline import api, job
-
-        return getattr(api, name, None) or getattr(job, name)
-    raise AttributeError(name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -5,17 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-from pydantic import TypeAdapter, ValidationError
-
-from pipeline.errors import ConfigError
-from pipeline.inference import score_table
 from pipeline.job import JobResult, execute, plan_job
-from pipeline.models.bundle import fetch_bundle
-from pipeline.sessions import SessionSettings, create_session
-from pipeline.spec import BatchingSpec, JobSpec, TaskSpec, load_spec
-from pipeline.tasks import build_task
+from pipeline.predictor import LoadedModel, from_arrow, to_arrow
+from pipeline.spec import BatchingSpec, JobSpec, load_spec
 
 
 def run_job(
@@ -30,53 +22,29 @@ def run_job(
     return execute(plan_job(spec), fresh=fresh, address=address, progress=progress)
 
 
-def _task_spec(task: str | dict[str, Any] | Any, kind: str) -> Any:
-    if task is None:
-        task = kind
-    if isinstance(task, str):
-        task = {"kind": task}
-    if isinstance(task, dict):
-        try:
-            return TypeAdapter(TaskSpec).validate_python(task)
-        except ValidationError as exc:
-            raise ConfigError(f"task: {exc.errors()[0]['msg']}") from None
-    return task
-
-
 class Scorer:
     """A loaded model and task, reusable across calls (the session is built once)."""
 
     def __init__(self, model: str, task: str | dict[str, Any] | None = None,
                  providers: tuple[str, ...] = ("cpu",), batching: BatchingSpec | None = None,
                  storage_options: dict[str, Any] | None = None) -> None:
-        self.bundle = fetch_bundle(model, storage_options)
-        self.task_spec = _task_spec(task, self.bundle.spec.task)
-        self.session = create_session(str(self.bundle.model_path),
-                                      SessionSettings(providers=tuple(providers)))
-        types = {i.name: i.type for i in self.session.session.get_inputs()}
-        self.task = build_task(self.bundle, self.task_spec, batching or BatchingSpec(), types)
+        self.model = LoadedModel(model, task, providers=providers, batching=batching,
+                                 storage_options=storage_options)
+        self.bundle = self.model.bundle
+        self.task_spec = self.model.task_spec
+        self.session = self.model.session
+        self.task = self.model.task
 
     def score(self, data: Any, passthrough: list[str] | None = None) -> Any:
         """Score every row; outputs are null and ``_error`` says why for rows that failed.
 
-        Accepts a pyarrow Table or a pandas DataFrame and returns the same kind, in input order.
+        Accepts a pyarrow Table, a pandas DataFrame or a dict of numpy arrays and returns the
+        same kind, in input order. ``_error`` is added only when some row failed.
         """
-        is_pandas = not isinstance(data, pa.Table)
-        table = pa.Table.from_pandas(data, preserve_index=False) if is_pandas else data
-        self.task.check_columns(table.schema, "score()")
-        scored = score_table(self.task, self.session, table)
-        keep = list(passthrough) if passthrough is not None else table.column_names
-        columns = {name: table[name] for name in keep}
-        position = np.full(table.num_rows, -1, dtype=np.int64)
-        position[scored.rows] = np.arange(len(scored.rows))
-        index = pa.array(position, mask=position < 0)
-        for name in scored.columns.column_names:
-            columns[name] = scored.columns[name].take(index)
-        if scored.bad:
-            columns["_error"] = pa.array([scored.bad.get(i) for i in range(table.num_rows)],
-                                         pa.string())
-        result = pa.table(columns)
-        return result.to_pandas() if is_pandas else result
+        table, kind = to_arrow(data)
+        prediction = self.model.predict(table, passthrough, "score()")
+        result = prediction.with_errors() if prediction.bad else prediction.table
+        return from_arrow(result, kind)
 
 
 def score(data: Any, model: str, task: str | dict[str, Any] | None = None,

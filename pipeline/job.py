@@ -173,6 +173,16 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options)
 
 
+def _replicas_text(pool: Any, cpus: float | None, shards: int) -> str:
+    if pool.replicas != "auto":
+        return f"replicas={pool.replicas}"
+    bound = min(pool.max_replicas or shards, shards)
+    text = f"replicas=auto (as many as the cluster gives, up to {bound}"
+    if cpus:  # what a local cluster on this machine would give
+        text += f"; {min(bound, max(1, int((os.cpu_count() or 1) // cpus)))} on this machine"
+    return text + ")"
+
+
 def check_not_stale(planned: PlannedJob, committed: set[str], uri: str) -> None:
     """Committed shards missing from the plan mean the input changed (shard ids hash each
     file's etag or size): resuming would mix old and new rows."""
@@ -206,13 +216,9 @@ def describe_plan(planned: PlannedJob) -> list[str]:
     if len(plan.files) > 10:
         lines.append(f"  … and {len(plan.files) - 10} more files")
     w = spec.workers
-    replicas = w.cpu.replicas
-    if replicas == "auto":  # what a local cluster on this machine would start
-        local = max(1, int((os.cpu_count() or 1) // w.cpu.cpus))
-        replicas = f"auto (= {min(local, len(plan.shards))} on this machine)"
-    lines.append(f"workers: cpu replicas={replicas} x {w.cpu.cpus:g} CPU; "
-                 f"gpu replicas={w.gpu.replicas} x {w.gpu.gpus:g} GPU; "
-                 f"{w.max_in_flight} shards in flight per worker")
+    lines.append(f"workers: cpu {_replicas_text(w.cpu, w.cpu.cpus, len(plan.shards))} x "
+                 f"{w.cpu.cpus:g} CPU; gpu {_replicas_text(w.gpu, None, len(plan.shards))} x "
+                 f"{w.gpu.gpus:g} GPU; {w.max_in_flight} shards in flight per worker")
     from pipeline.sessions import SessionSettings, create_session
 
     for pool, providers in (("cpu", spec.providers.cpu), ("gpu", spec.providers.gpu)):

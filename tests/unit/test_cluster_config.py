@@ -201,4 +201,4 @@ def test_undocumented_or_stale_commands_fail():
     with pytest.raises(ClusterMismatch, match="ray down"):
         check_documented_commands(text.replace("ray down", "ray stop"))
     with pytest.raises(ClusterMismatch, match=r"jobs/gone\.yaml"):
-        check_documented_commands(text.replace("jobs/embed.yaml", "jobs/gone.yaml"))
+        check_documented_commands(text.replace("jobs/embed-cluster.yaml", "jobs/gone.yaml"))
