@@ -60,6 +60,7 @@ bench: models
 
 # Executes the example notebook; the copy with its outputs lands in out/notebook/.
 notebook: models
+	mkdir -p out/notebook
 	$(BIN)/jupyter execute notebooks/quickstart.ipynb --output=../out/notebook/quickstart
 
 clean:
