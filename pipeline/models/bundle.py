@@ -12,6 +12,8 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -207,11 +209,28 @@ def _cached_copy_ok(final: Path, spec: BundleSpec) -> bool:
     return model.exists() and _verified_sha256(model) == spec.sha256
 
 
+@contextmanager
+def cache_entry(root: Path, final: Path, marker: str, failure: str) -> Iterator[Path]:
+    """A cache directory filled in a temp folder, marked complete and renamed into place, so
+    no process ever sees half a bundle; ``failure`` prefixes the error when the disk fails."""
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+        (tmp / ".complete").write_text(marker)
+        if final.exists():  # an unfinished copy from a process that died
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise ModelError(f"{failure} ({exc})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, final: Path,
               expected: str) -> None:
     fs, base = storage.filesystem(uri, storage_options)
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
-    try:
+    with cache_entry(root, final, expected, f"model bundle {uri}: download failed") as tmp:
         fs.get(base.rstrip("/") + "/", str(tmp), recursive=True)
         spec = parse_bundle_spec((tmp / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
         actual = storage.sha256_file(str(tmp / spec.model_file))
@@ -222,12 +241,3 @@ def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, fina
                 f"model bundle {uri}: downloaded {spec.model_file} has sha256 {actual}, "
                 f"bundle.yaml says {spec.sha256}"
             )
-        (tmp / ".complete").write_text(spec.sha256)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise ModelError(f"model bundle {uri}: download failed ({exc})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

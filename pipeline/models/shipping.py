@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import LocalBundle, default_cache_dir, open_local_bundle
+from pipeline.models.bundle import LocalBundle, cache_entry, default_cache_dir, open_local_bundle
 
 COMPLETE = ".complete"
 
@@ -94,18 +91,9 @@ def _unpack(shipped: ShippedBundle, root: Path, final: Path) -> None:
     files: dict[str, bytes] = ray.get(shipped.files[0])
     if content_digest(files) != shipped.digest:
         raise ModelError(f"model bundle {shipped.uri}: shipped files do not match their digest")
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
-    try:
+    with cache_entry(root, final, shipped.digest,
+                     f"model bundle {shipped.uri}: cannot unpack into {root}") as tmp:
         for name, data in files.items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        (tmp / COMPLETE).write_text(shipped.digest)
-        if final.exists():  # an unfinished copy from a process that died
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise ModelError(f"model bundle {shipped.uri}: cannot unpack into {root} ({exc})") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
