@@ -12,6 +12,7 @@ object stores write each object in one PUT, so no reader ever sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -23,7 +24,80 @@ from pipeline.errors import OutputError
 
 META_FINGERPRINT = b"pipeline.fingerprint"
 META_MODEL = b"pipeline.model_sha256"
+META_BUNDLE = b"pipeline.bundle_identity"
 META_SHARD = b"pipeline.shard_id"
+
+
+class ShardWriter:
+    """Streams one shard's part file and dead letters into place, a window at a time.
+
+    Each file is written through ``storage.atomic_writer`` (temp file + rename, or a
+    multipart upload completed on close), so readers see the whole file or none; on an
+    error both are discarded. Memory is one window plus the writer's buffers.
+    """
+
+    def __init__(self, layout: OutputLayout, shard_id: str, compression: str,
+                 metadata: dict[bytes, bytes]) -> None:
+        self.layout = layout
+        self.shard_id = shard_id
+        self.compression = None if compression == "none" else compression
+        self.metadata = metadata
+        self.rows_out = 0
+        self.rows_bad = 0
+        self._stack = contextlib.ExitStack()
+        self._part: pq.ParquetWriter | None = None
+        self._dead: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def _open(self, path: str, schema: pa.Schema, compression: str | None) -> pq.ParquetWriter:
+        fh = self._stack.enter_context(storage.atomic_writer(self.layout.fs, path))
+        return pq.ParquetWriter(fh, schema, compression=compression)
+
+    def write(self, table: pa.Table) -> None:
+        if self._part is None:
+            schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self.metadata})
+            self._part = self._open(self.layout.part_path(self.shard_id), schema, self.compression)
+        self._part.write_table(_conform(table, self._part.schema))
+        self.rows_out += table.num_rows
+
+    def write_dead(self, table: pa.Table | None) -> None:
+        if table is None or table.num_rows == 0:
+            return
+        if self._dead is None:
+            self._dead = self._open(self.layout.dead_letter_path(self.shard_id), table.schema, "zstd")
+        self._dead.write_table(_conform(table, self._dead.schema))
+        self.rows_bad += table.num_rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # discard both files: nothing half-written is published
+            self._stack.__exit__(exc_type, exc, tb)
+            return
+        if self._part is None:  # no row at all: an empty part file still marks the shard
+            self.write(pa.table({}))
+        with self._stack:
+            for writer in (self._part, self._dead):
+                if writer is not None:
+                    writer.close()
+        if self._dead is None:
+            path = self.layout.dead_letter_path(self.shard_id)
+            # A stale file from an earlier attempt must not outlive a clean retry.
+            if self.layout.fs.exists(path):
+                self.layout.fs.rm(path)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Windows of one shard share the first window's types (files may differ slightly)."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    try:
+        return table.select(schema.names).cast(schema.remove_metadata()).replace_schema_metadata(
+            schema.metadata)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
+        from pipeline.errors import ShardError
+
+        raise ShardError(f"input files of one shard have incompatible columns: {exc}") from None
 
 
 class OutputLayout:
@@ -47,22 +121,9 @@ class OutputLayout:
 
     # ------------------------------------------------------------------ shard commits
 
-    def write_part(self, shard_id: str, table: pa.Table, compression: str,
-                   metadata: dict[bytes, bytes]) -> int:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        with storage.atomic_writer(self.fs, self.part_path(shard_id)) as fh:
-            pq.write_table(table, fh, compression=None if compression == "none" else compression)
-        return table.num_rows
-
-    def write_dead_letter(self, shard_id: str, table: pa.Table | None) -> None:
-        path = self.dead_letter_path(shard_id)
-        if table is None or table.num_rows == 0:
-            # A stale file from an earlier attempt must not outlive a clean retry.
-            if self.fs.exists(path):
-                self.fs.rm(path)
-            return
-        with storage.atomic_writer(self.fs, path) as fh:
-            pq.write_table(table, fh, compression="zstd")
+    def shard_writer(self, shard_id: str, compression: str,
+                     metadata: dict[bytes, bytes]) -> ShardWriter:
+        return ShardWriter(self, shard_id, compression, metadata)
 
     def write_marker(self, shard_id: str, marker: dict[str, Any]) -> None:
         data = json.dumps(marker, indent=1, default=str).encode()
@@ -75,7 +136,9 @@ class OutputLayout:
             names = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return set()
-        return {n.rsplit("/", 1)[-1][:-5] for n in names if n.endswith(".json")}
+        # Temp files of a marker being written (".tmp-...") are not commits.
+        return {base[:-5] for n in names
+                if (base := n.rsplit("/", 1)[-1]).endswith(".json") and not base.startswith(".")}
 
     def read_marker(self, shard_id: str) -> dict[str, Any]:
         with self.fs.open(self.marker_path(shard_id), "rb") as fh:
@@ -84,8 +147,11 @@ class OutputLayout:
     # ------------------------------------------------------------------ job files
 
     def read_job(self) -> dict[str, Any] | None:
+        return self.read_json("job.json")
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(self._path("_pipeline", "job.json"), "rb") as fh:
+            with self.fs.open(self._path("_pipeline", name), "rb") as fh:
                 return json.loads(fh.read())
         except FileNotFoundError:
             return None
@@ -120,12 +186,12 @@ class OutputLayout:
                 names = self.fs.ls(folder, detail=False)
             except FileNotFoundError:
                 continue
-            for name in names:
-                base = name.rstrip("/").rsplit("/", 1)[-1]
-                if base.startswith(prefix) and base.endswith(suffix) and \
-                        base[len(prefix):-len(suffix)] not in keep:
-                    self.fs.rm(name)
-                    removed += 1
+            doomed = [name for name in names
+                      if (base := name.rstrip("/").rsplit("/", 1)[-1]).startswith(prefix)
+                      and base.endswith(suffix) and base[len(prefix):-len(suffix)] not in keep]
+            if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
+                self.fs.rm(doomed)
+            removed += len(doomed)
         return removed
 
     def wipe(self) -> None:
@@ -135,12 +201,13 @@ class OutputLayout:
             names = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return
-        for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.startswith("part-") or base in ("_SUCCESS",):
-                self.fs.rm(name)
-            elif base == "_pipeline":
-                self.fs.rm(name, recursive=True)
+        doomed = [name for name in names
+                  if (base := name.rstrip("/").rsplit("/", 1)[-1]).startswith("part-")
+                  or base == "_SUCCESS"]
+        if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
+            self.fs.rm(doomed)
+        if any(name.rstrip("/").rsplit("/", 1)[-1] == "_pipeline" for name in names):
+            self.fs.rm(self._path("_pipeline"), recursive=True)  # batched the same way
         self.fs.invalidate_cache(self.root)
 
 

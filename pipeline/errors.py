@@ -70,6 +70,32 @@ class TransientError(ShardError):
         return (TransientError, (self.message,))
 
 
+class DeviceError(TransientError):
+    """The session or its device broke, not the data: a CUDA/cuDNN/cuBLAS/TensorRT error, an
+    execution-provider failure, a session that fails input it ran before, or a provider that
+    stopped running the session mid-job. Retry the shard on another worker (a fresh process);
+    never dead-letter its rows. ``provider`` ran the session; ``provider_after`` runs it now,
+    where that changed."""
+
+    def __init__(self, message: str, provider: str | None = None,
+                 provider_after: str | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.provider_after = provider_after
+
+    def __reduce__(self):
+        return (DeviceError, (self.message, self.provider, self.provider_after))
+
+
+# Every DeviceError message starts with this, so a report can count them from error strings.
+DEVICE_ERROR_PREFIX = "device error"
+
+
+def is_device_error(message: str) -> bool:
+    """True for the message of a DeviceError (as the runner records shard errors)."""
+    return message.startswith(DEVICE_ERROR_PREFIX)
+
+
 _TRANSIENT_HINTS = (
     "slowdown", "slow down", "throttl", "timeout", "timed out", "temporarily", "connection",
     "reset by peer", "broken pipe", "503", "500", "502", "504", "internalerror",

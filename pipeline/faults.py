@@ -1,8 +1,13 @@
 """Fault injection points for the reliability suite; inert unless PIPELINE_FAULTS is set.
 
-PIPELINE_FAULTS is a JSON list of {"point": ..., "action": "kill"|"raise"|"transient"|"sleep",
-"shard": optional id prefix, "attempt": optional attempt number, "once_file": optional path}.
-A rule with ``once_file`` fires only if that file can be created (once across processes).
+PIPELINE_FAULTS is a JSON list of {"point": ..., "action": "kill"|"raise"|"transient"|"sleep"|
+"device", "shard": optional id prefix, "attempt": optional attempt number, "once_file": optional
+path}. A rule with ``once_file`` fires only if that file can be created (once across processes).
+
+``"action": "device"`` (at "worker.infer", which runs just before the shard's inference, in the
+same thread) breaks the session for that one shard: every run of its batches raises a CUDA-like
+error (``"message"`` overrides it), as a sticky device error would, so the shard goes through
+the real error classification in pipeline.inference instead of an exception raised here.
 """
 
 from __future__ import annotations
@@ -10,9 +15,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
+from typing import Any
 
 from pipeline.errors import ShardError, TransientError
+
+DEVICE_FAULT = "CUDA failure 700: an illegal memory access was encountered"
+_armed = threading.local()  # the device fault waiting for this thread's next score_table()
 
 
 def _rules() -> list[dict]:
@@ -38,8 +48,38 @@ def maybe_inject(point: str, shard_id: str, attempt: int) -> None:
         if action == "sleep":  # slows shards down so other faults land mid-job
             time.sleep(float(rule.get("seconds", 0.1)))
             continue
+        if action == "device":
+            _armed.message = str(rule.get("message", DEVICE_FAULT))
+            continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if action == "transient":
             raise TransientError(f"injected transient fault at {point} for shard {shard_id}")
         raise ShardError(f"injected fault at {point} for shard {shard_id}")
+
+
+def take_session_fault() -> str | None:
+    """The device fault armed for this thread's next shard, if any (cleared once taken)."""
+    message = getattr(_armed, "message", None)
+    _armed.message = None
+    return message
+
+
+class FailingSession:
+    """An InferenceSession whose every run fails as onnxruntime reports a kernel's CUDA error;
+    everything else (get_providers, get_inputs, ...) is the real session's."""
+
+    def __init__(self, session: Any, message: str = DEVICE_FAULT) -> None:
+        self.session = session
+        self.message = message
+        self.runs = 0
+
+    def run(self, output_names, feeds, run_options=None):
+        self.runs += 1
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while "
+                           f"running Gemm node. Name:'injected' Status Message: {self.message}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "session":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.session, name)

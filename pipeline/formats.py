@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from fsspec.utils import read_block
 
 EXTENSIONS = {
     ".parquet": "parquet", ".pq": "parquet",
@@ -26,40 +29,128 @@ def format_of(path: str, default: str | None) -> str | None:
     return default
 
 
-def _project(table: pa.Table, columns: list[str] | None) -> pa.Table:
+def _check_columns(table: pa.Table, columns: list[str] | None, where: str) -> pa.Table:
     if columns is None:
         return table
-    return table.select([c for c in columns if c in table.column_names])
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        from pipeline.errors import ShardError
+
+        raise ShardError(f"{where}: column {missing[0]!r} is missing "
+                         f"(has: {', '.join(table.column_names[:15])})")
+    return table.select(columns)
 
 
-def read_table(
-    fs,
-    path: str,
-    fmt: str,
-    columns: list[str] | None,
-    row_groups: tuple[int, int] | None = None,
-) -> pa.Table:
-    """Read one shard: a row-group range of a Parquet file, or a whole file otherwise."""
+def windows(batches: Iterable[pa.RecordBatch | pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables of at most ``rows`` rows from a stream of batches of any size; at least one
+    (maybe empty) table, so the schema is always known."""
+    pending: list[pa.Table] = []
+    count = 0
+    schema = None
+    yielded = False
+    for batch in batches:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        schema = table.schema
+        for offset in range(0, max(table.num_rows, 1), rows):
+            part = table.slice(offset, rows)
+            if part.num_rows == 0:
+                continue
+            pending.append(part)
+            count += part.num_rows
+            if count >= rows:
+                merged = pa.concat_tables(pending)
+                yielded = True
+                yield merged.slice(0, rows)
+                rest = merged.slice(rows)
+                pending, count = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+    if pending:
+        yield pa.concat_tables(pending)
+    elif schema is not None and not yielded:
+        yield schema.empty_table()
+
+
+def iter_piece(fs, path: str, piece: Any, columns: list[str] | None, window_rows: int,
+               where: str) -> Iterator[pa.Table]:
+    """One piece of a shard (see ``pipeline.plan.Piece``) as tables of at most
+    ``window_rows`` rows: memory depends on the window, not on the file or the row group."""
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open(path, "rb", compression=compression) as fh:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(fh)
-            groups = list(range(*row_groups)) if row_groups else list(range(pf.num_row_groups))
-            cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-            return pf.read_row_groups(groups, columns=cols)
-        data = fh.read()
-    if fmt == "ipc":
-        try:
-            table = ipc.open_file(pa.BufferReader(data)).read_all()
-        except pa.ArrowInvalid:
-            table = ipc.open_stream(pa.BufferReader(data)).read_all()
-        return _project(table, columns)
-    if fmt == "csv":
-        opts = pacsv.ConvertOptions(include_columns=columns) if columns else None
-        return pacsv.read_csv(io.BytesIO(data), convert_options=opts)
-    if fmt == "jsonl":
-        return _project(pajson.read_json(io.BytesIO(data)), columns)
-    raise ValueError(f"unknown format {fmt}")
+        if piece.format == "parquet":
+            stream = _parquet_batches(fh, piece, columns)
+        elif piece.format == "ipc":
+            stream = _ipc_batches(fh, piece)
+        elif piece.format in ("csv", "jsonl"):
+            stream = _text_batches(fs, path, fh, piece, columns)
+        else:
+            raise ValueError(f"unknown format {piece.format}")
+        for table in windows(stream, window_rows):
+            yield _check_columns(table, columns, where)
+
+
+def _parquet_batches(fh, piece: Any, columns: list[str] | None) -> Iterator[pa.Table]:
+    pf = pq.ParquetFile(fh)
+    if columns is not None:
+        _check_columns(pf.schema_arrow.empty_table(), columns, piece.uri)
+    cols = columns
+    meta = pf.metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    start, end = (piece.start, piece.end) if piece.kind == "rows" else (0, sum(sizes))
+    yield pf.schema_arrow.empty_table().select(cols) if cols is not None else \
+        pf.schema_arrow.empty_table()
+    offset = 0
+    groups, first_offset = [], None
+    for i, n in enumerate(sizes):
+        if offset < end and offset + n > start:
+            groups.append(i)
+            first_offset = offset if first_offset is None else first_offset
+        offset += n
+    if not groups:
+        return
+    position = first_offset
+    # Batches decode page by page: a row range inside a huge row group stays bounded.
+    for batch in pf.iter_batches(batch_size=8192, row_groups=groups, columns=cols):
+        lo, hi = max(start - position, 0), min(end - position, batch.num_rows)
+        if hi > lo:
+            yield pa.Table.from_batches([batch.slice(lo, hi - lo)])
+        position += batch.num_rows
+        if position >= end:
+            return
+
+
+def _ipc_batches(fh, piece: Any) -> Iterator[pa.RecordBatch]:
+    try:
+        reader = ipc.open_file(fh)
+    except pa.ArrowInvalid:
+        fh.seek(0)
+        stream = ipc.open_stream(fh)
+        yield stream.schema.empty_table()
+        yield from stream
+        return
+    yield reader.schema.empty_table()
+    start, end = (piece.start, piece.end) if piece.kind == "batches" else \
+        (0, reader.num_record_batches)
+    for i in range(start, end):
+        yield reader.get_batch(i)
+
+
+def _text_batches(fs, path: str, fh, piece: Any, columns: list[str] | None):
+    if piece.kind == "bytes":
+        # The lines that start in [start, end): fsspec's delimiter-aligned blocks give each
+        # line to exactly one range. CSV ranges after the first get the header line again.
+        data = read_block(fh, piece.start, piece.end - piece.start, delimiter=b"\n")
+        if piece.format == "csv" and piece.start > 0:
+            from pipeline.listing import csv_header
+
+            data = csv_header(fs, path) + data
+        if not data.strip():
+            return
+        source = io.BytesIO(data)
+    else:
+        source = fh
+    if piece.format == "csv":  # all columns parsed: a missing one gets our own message
+        yield from pacsv.open_csv(source)
+    else:
+        yield from pajson.open_json(source)
 
 
 def read_schema(fs, path: str, fmt: str) -> pa.Schema:

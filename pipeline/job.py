@@ -21,14 +21,15 @@ from pipeline.locality import check_placement, resolve_spec, ships_model
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
-from pipeline.plan import Plan, check_output_not_input, make_plan
+from pipeline.plan import Plan, check_output_not_input, known_files, make_plan
 from pipeline.progress import Progress
 from pipeline.report import build_report, read_markers, summary_lines
 from pipeline.spec import JobSpec, output_columns, redact
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards of pieces (split row groups, byte ranges, packed small files)
+PLAN_FILE = "plan.json"
 
 
 @dataclass
@@ -65,8 +66,8 @@ class PlannedJob:
     provider_checks: list[Any]
 
 
-def fingerprint_of(spec: JobSpec, model_sha256: str) -> str:
-    payload = {"format": FORMAT_VERSION, "model_sha256": model_sha256, **spec.fingerprint_fields()}
+def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
+    payload = {"format": FORMAT_VERSION, "bundle": bundle_identity, **spec.fingerprint_fields()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -87,7 +88,8 @@ def plan_job(spec: JobSpec) -> PlannedJob:
     if clash:
         raise ConfigError(f"passthrough: {sorted(clash)[0]!r} clashes with a task output column")
     plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
-                     spec.sharding.rows_per_shard, read_columns)
+                     spec.sharding.rows_per_shard, read_columns, spec.sharding.bytes_per_shard,
+                     known=known_files(_earlier_plan(spec)))
     if plan.files and all(f.error for f in plan.files):
         raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
     try:
@@ -95,8 +97,16 @@ def plan_job(spec: JobSpec) -> PlannedJob:
                                spec.input.uri, spec.input.storage_options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"output.storage_options: {type(exc).__name__}: {exc}") from None
-    return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.sha256), read_columns,
+    return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
                       report.providers)
+
+
+def _earlier_plan(spec: JobSpec) -> dict[str, Any] | None:
+    """The plan an earlier run saved in the output: its footers need not be read again."""
+    try:
+        return OutputLayout(spec.output.uri, spec.output.storage_options).read_json(PLAN_FILE)
+    except Exception:  # no output yet, or unreadable: plan from scratch
+        return None
 
 
 def job_document(planned: PlannedJob) -> dict[str, Any]:
@@ -108,6 +118,7 @@ def job_document(planned: PlannedJob) -> dict[str, Any]:
         "name": spec.name,
         "fingerprint": planned.fingerprint,
         "model_sha256": planned.bundle.sha256,
+        "bundle_identity": planned.bundle.identity,
         "spec": redact(spec.model_dump(mode="json")),
         "shards": len(planned.plan.shards),
         "files": len(planned.plan.files),
@@ -136,6 +147,8 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
             f"preparing {layout.uri}")
         check_not_stale(planned, committed, layout.uri)
         with_retries(lambda: layout.write_json("job.json", document), "writing job.json")
+        with_retries(lambda: layout.write_json(PLAN_FILE, planned.plan.document()),
+                     f"writing {PLAN_FILE}")
     except PipelineError:
         raise
     except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
@@ -151,7 +164,8 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     if pending:
         shipped = ship_bundle(packed) if packed else None
         runner = Runner(spec, planned.fingerprint, planned.read_columns, pending,
-                        progress=bar, placement=placement, shipped_bundle=shipped)
+                        progress=bar, placement=placement, shipped_bundle=shipped,
+                        bundle_identity=planned.bundle.identity)
         outcome = runner.run()
     else:
         from pipeline.runner import RunOutcome
@@ -160,7 +174,7 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     bar.close()
 
     report = build_report(name=spec.name, layout=layout, plan=planned.plan,
-                          fingerprint=planned.fingerprint, model_sha256=planned.bundle.sha256,
+                          fingerprint=planned.fingerprint, bundle=planned.bundle,
                           outcome=outcome, earlier=earlier, started_at=started,
                           max_bad_fraction=spec.bad_rows.max_fraction)
     with_retries(lambda: layout.write_json("report.json", report), "writing report.json")
@@ -204,14 +218,14 @@ def describe_plan(planned: PlannedJob) -> list[str]:
     rows = plan.total_rows
     lines = [
         f"job {spec.name}: {len(plan.files)} files, {len(plan.shards)} shards, "
-        f"{rows if rows is not None else 'unknown (non-Parquet)'} rows, "
+        f"{rows if rows is not None else 'unknown (footers not read)'} rows, "
         f"{plan.total_bytes / 1e6:.1f} MB",
         f"model {spec.model.uri} (sha256 {planned.bundle.sha256[:12]}…, task {spec.task.kind})",
         f"reads columns: {', '.join(planned.read_columns)}",
     ]
     for f in plan.files[:10]:
         state = f" [{f.error}]" if f.error else ""
-        rg = f", {len(f.row_group_rows)} row groups" if f.format == "parquet" else ""
+        rg = f", {len(f.row_group_rows)} row groups" if f.row_group_rows is not None else ""
         lines.append(f"  {f.uri} ({f.format}, {f.size / 1e6:.2f} MB{rg}){state}")
     if len(plan.files) > 10:
         lines.append(f"  … and {len(plan.files) - 10} more files")

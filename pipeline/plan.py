@@ -1,56 +1,94 @@
-"""Planning: list input files, read Parquet footers in parallel, cut shards with stable ids.
+"""Planning: listing -> splitting and coalescing -> shards with stable ids.
 
-The plan is a plain serializable object; the runner executes it. A shard id is a hash of
-(file path, etag or size, row-group range), so the same input always gives the same shards
-and a rerun finds the markers of the shards it already committed.
+A shard is one or more pieces of input files, about ``rows_per_shard`` rows or a byte target:
+
+- a file smaller than the byte target is a whole-file piece, packed with its neighbours (in
+  path order) into one shard, so 500 tiny files make a few shards, not 500;
+- a larger Parquet file is cut by row groups, and a row group larger than a shard by row
+  ranges, so every worker shares one huge file;
+- a larger CSV or JSON Lines file is cut by byte ranges at line boundaries; an Arrow IPC file
+  by record batches; a compressed file is read whole.
+
+Only the footers of files that are split are read (and a sample for sizing), so planning
+costs one listing plus a few reads, however many small files there are. Footers read by an
+earlier run are reused from ``_pipeline/plan.json`` for files whose version did not change.
+A shard id is a hash of its pieces (file, version, range): the same input always gives the
+same shards, and a changed file never resumes into old output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from concurrent.futures import ThreadPoolExecutor
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline import storage
 from pipeline.errors import InputError, OutputError
-from pipeline.formats import format_of, read_schema
+from pipeline.listing import GLOB_CHARS, InputFile, inspect, list_input_files
 
-FOOTER_THREADS = 16
-GLOB_CHARS = "*?["
+FALLBACK_BYTES_PER_ROW = 1024.0
+PLAN_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Piece:
+    uri: str
+    version: str
+    format: str
+    kind: str = "file"  # file | rows (Parquet) | bytes (CSV, JSONL) | batches (Arrow IPC)
+    start: int = 0
+    end: int = 0  # [start, end) in rows, bytes or batches; unused for "file"
+
+    def key(self) -> list[Any]:
+        return [self.uri, self.version, self.kind, self.start, self.end]
 
 
 @dataclass(frozen=True)
 class Shard:
     id: str
-    uri: str  # full URI of the input file
-    format: str
-    row_groups: tuple[int, int] | None  # [start, end) for Parquet, None for a whole file
-    rows: int | None  # known for Parquet, None when the format does not tell before reading
+    pieces: tuple[Piece, ...]
+    rows: int | None  # known when footers were read; None otherwise
     bytes: int
-    error: str | None = None  # set when the file could not even be planned (corrupt footer)
+    error: str | None = None  # set when a file could not even be planned (corrupt footer)
+
+    @property
+    def uri(self) -> str:
+        """The input, for messages: the file, or the first file and how many more."""
+        more = len({p.uri for p in self.pieces}) - 1
+        return self.pieces[0].uri + (f" (+{more} more files)" if more > 0 else "")
+
+    @property
+    def format(self) -> str:
+        return self.pieces[0].format
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:
-        rg = data.get("row_groups")
-        return cls(**{**data, "row_groups": tuple(rg) if rg else None})
+        pieces = tuple(Piece(**p) for p in data["pieces"])
+        return cls(**{**data, "pieces": pieces})
+
+
+def shard_id(pieces: tuple[Piece, ...]) -> str:
+    key = json.dumps([p.key() for p in pieces])
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def make_shard(pieces: list[Piece], rows: int | None, size: int, error: str | None = None) -> Shard:
+    return Shard(shard_id(tuple(pieces)), tuple(pieces), rows, size, error)
 
 
 @dataclass
-class InputFile:
-    uri: str
-    format: str
-    size: int
-    version: str  # etag when the store has one, else the size
-    row_group_rows: list[int] = field(default_factory=list)
-    columns: list[str] = field(default_factory=list)
-    error: str | None = None
+class Sizing:
+    rows_per_shard: int
+    bytes_per_shard: dict[str, int] = field(default_factory=dict)  # by format
+
+    def target_bytes(self, fmt: str) -> int:
+        return self.bytes_per_shard.get(fmt) or int(self.rows_per_shard * FALLBACK_BYTES_PER_ROW)
 
 
 @dataclass
@@ -58,6 +96,7 @@ class Plan:
     shards: list[Shard]
     files: list[InputFile]
     read_columns: list[str]
+    sizing: Sizing | None = None
 
     @property
     def total_rows(self) -> int | None:
@@ -69,111 +108,181 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-
-def shard_id(uri: str, version: str, row_groups: tuple[int, int] | None) -> str:
-    key = json.dumps([uri, version, list(row_groups) if row_groups else None])
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
-def list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
-    return storage.with_retries(lambda: _list_input_files(uri, fmt, storage_options),
-                                f"listing {uri}")
+    def document(self) -> dict[str, Any]:
+        """What ``_pipeline/plan.json`` holds: files with their footers, for the next run."""
+        inspected = [f.to_dict() for f in self.files if f.columns is not None and not f.error]
+        return {"plan_version": PLAN_VERSION, "files": inspected, "shards": len(self.shards)}
 
 
-def _list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
-    try:
-        fs, path = storage.filesystem(uri, storage_options)
-        if any(c in path for c in GLOB_CHARS):
-            paths = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            paths = sorted(fs.find(path))
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            raise InputError(f"input.uri: {uri} does not exist")
-        infos = [fs.info(p) for p in paths]
-    except InputError:
-        raise
-    except (OSError, ValueError, TypeError) as exc:
-        # TypeError: storage_options the filesystem does not accept.
-        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: {exc})") from None
-    files = []
-    root = path.rstrip("/") + "/"
-    for info in infos:
-        p = info["name"]
-        relative = p[len(root):] if p.startswith(root) else p.rstrip("/").rsplit("/", 1)[-1]
-        # _SUCCESS, _pipeline/ (markers, dead letters), .tmp files: never input, at any depth.
-        if info.get("type") == "directory" or any(part.startswith(("_", "."))
-                                                  for part in relative.split("/")):
-            continue
-        file_fmt = format_of(p, fmt) if fmt is None else (format_of(p, None) or fmt)
-        if fmt is not None and file_fmt != fmt:
-            continue
-        if file_fmt is None:
-            continue
-        etag = info.get("ETag") or info.get("etag")
-        version = str(etag).strip('"') if etag else f"size={info.get('size', 0)}"
-        files.append(InputFile(storage.full_uri(fs, p), file_fmt, int(info.get("size") or 0),
-                               version))
-    if not files:
-        raise InputError(f"input.uri: no {fmt or 'parquet/ipc/csv/jsonl'} files under {uri}")
-    return files
+# ----------------------------------------------------------------------------- splitting
 
 
-def _inspect(file: InputFile, storage_options: dict[str, Any]) -> InputFile:
-    fs, path = storage.filesystem(file.uri, storage_options)
-
-    def read() -> None:
-        if file.format == "parquet":
-            with fs.open(path, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-                file.row_group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-                file.columns = list(meta.schema.to_arrow_schema().names)
-        else:
-            file.columns = list(read_schema(fs, path, file.format).names)
-
-    try:
-        # Throttling and resets are retried; what still fails marks the file, not the job.
-        storage.with_retries(read, f"reading {file.uri}")
-    except FileNotFoundError:
-        file.error = "file disappeared while planning"
-    except Exception as exc:  # corrupt or truncated files raise many arrow/OS error types
-        file.error = f"unreadable {file.format} file: {' '.join(str(exc).split())[:200]}"
-    return file
-
-
-def cut_shards(file: InputFile, rows_per_shard: int) -> list[Shard]:
+def cut_file(file: InputFile, sizing: Sizing) -> list[Shard] | None:
+    """Shards of a file too big to share one, or None for a file to coalesce with others."""
+    target = sizing.target_bytes(file.format)
+    whole = Piece(file.uri, file.version, file.format)
     if file.error:
-        return [Shard(shard_id(file.uri, file.version, None), file.uri, file.format, None, None,
-                      file.size, error=file.error)]
-    if file.format != "parquet":
-        return [Shard(shard_id(file.uri, file.version, None), file.uri, file.format, None, None,
-                      file.size)]
-    groups = file.row_group_rows
-    if not groups:  # an empty Parquet file still gets a shard, so it shows as done
-        return [Shard(shard_id(file.uri, file.version, (0, 0)), file.uri, "parquet", (0, 0), 0, 0)]
-    shards, start, rows = [], 0, 0
-    total = sum(groups) or 1
-    for i, n in enumerate(groups):
-        rows += n
-        if rows >= rows_per_shard or i == len(groups) - 1:
-            rg = (start, i + 1)
-            size = int(file.size * rows / total)
-            shards.append(Shard(shard_id(file.uri, file.version, rg), file.uri, "parquet", rg,
-                                rows, size))
-            start, rows = i + 1, 0
+        return [make_shard([whole], None, file.size, error=file.error)]
+    if file.format == "parquet" and file.row_group_rows is not None:
+        if not file.row_group_rows or sum(file.row_group_rows) == 0:  # empty: still one shard
+            return [make_shard([Piece(file.uri, file.version, "parquet", "rows", 0, 0)], 0, file.size)]
+        if file.size <= target and sum(file.row_group_rows) <= sizing.rows_per_shard:
+            return None
+        return _cut_rows(file, sizing.rows_per_shard)
+    if file.size <= target or file.compressed:
+        return None if file.size <= target else [make_shard([whole], None, file.size)]
+    if file.format in ("csv", "jsonl"):
+        return _cut_bytes(file, target)
+    if file.format == "ipc" and file.num_batches and file.num_batches > 1:
+        per = max(1, round(file.num_batches * target / file.size))
+        return [make_shard([Piece(file.uri, file.version, "ipc", "batches", a,
+                                  min(a + per, file.num_batches))],
+                           None, int(file.size * min(per, file.num_batches - a) / file.num_batches))
+                for a in range(0, file.num_batches, per)]
+    return [make_shard([whole], None, file.size)]
+
+
+def _cut_rows(file: InputFile, rows_per_shard: int) -> list[Shard]:
+    """Whole row groups up to ``rows_per_shard``; a bigger row group in equal row ranges."""
+    groups = file.row_group_rows or []
+    total = sum(groups)
+    ranges: list[tuple[int, int]] = []
+    start = offset = 0
+    for n in groups:
+        if n > rows_per_shard:
+            if offset > start:
+                ranges.append((start, offset))
+            parts = math.ceil(n / rows_per_shard)
+            bounds = [offset + (n * k) // parts for k in range(parts + 1)]
+            ranges += list(itertools.pairwise(bounds))
+            start = offset + n
+        elif offset + n - start >= rows_per_shard:
+            ranges.append((start, offset + n))
+            start = offset + n
+        offset += n
+    if offset > start:
+        ranges.append((start, offset))
+    return [make_shard([Piece(file.uri, file.version, "parquet", "rows", a, b)], b - a,
+                       int(file.size * (b - a) / total)) for a, b in ranges]
+
+
+def _cut_bytes(file: InputFile, target: int) -> list[Shard]:
+    """Byte ranges: a reader takes the lines that start inside its range (see formats)."""
+    parts = max(1, math.ceil(file.size / target))
+    bounds = [(file.size * k) // parts for k in range(parts + 1)]
+    return [make_shard([Piece(file.uri, file.version, file.format, "bytes", a, b)], None, b - a)
+            for a, b in itertools.pairwise(bounds)]
+
+
+def coalesce(files: list[InputFile], sizing: Sizing) -> list[Shard]:
+    """Small files packed in path order into shards of about the byte target."""
+    shards: list[Shard] = []
+    group: list[InputFile] = []
+    size = 0
+    for file in files:
+        group.append(file)
+        size += file.size
+        if size >= sizing.target_bytes(file.format):
+            shards.append(_group_shard(group))
+            group, size = [], 0
+    if group:
+        shards.append(_group_shard(group))
     return shards
 
 
-def check_columns(files: list[InputFile], needed: list[str]) -> None:
+def _group_shard(group: list[InputFile]) -> Shard:
+    pieces = [Piece(f.uri, f.version, f.format) for f in group]
+    known = [sum(f.row_group_rows) for f in group if f.row_group_rows is not None]
+    rows = sum(known) if len(known) == len(group) else None
+    return make_shard(pieces, rows, sum(f.size for f in group))
+
+
+def cut_shards(files: list[InputFile], sizing: Sizing) -> list[Shard]:
+    """Every file in path order: split ones give their shards, small ones are coalesced."""
+    shards: list[Shard] = []
+    small: list[InputFile] = []
+    for file in files:
+        cut = cut_file(file, sizing)
+        if cut is None:
+            small.append(file)
+            continue
+        shards += cut
+    return shards + coalesce(small, sizing)
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+def measure_sizing(files: list[InputFile], rows_per_shard: int,
+                   bytes_per_shard: int | None) -> Sizing:
+    """Byte targets per format: ``bytes_per_shard``, or rows_per_shard x bytes per row
+    measured on the sampled files."""
+    sizing = Sizing(rows_per_shard)
+    for fmt in {f.format for f in files}:
+        if bytes_per_shard:
+            sizing.bytes_per_shard[fmt] = bytes_per_shard
+            continue
+        rates = [f.bytes_per_row for f in files if f.format == fmt and f.bytes_per_row]
+        per_row = sorted(rates)[len(rates) // 2] if rates else FALLBACK_BYTES_PER_ROW
+        sizing.bytes_per_shard[fmt] = max(1, int(rows_per_shard * per_row))
+    return sizing
+
+
+def _samples(files: list[InputFile]) -> list[InputFile]:
+    """The first file of each format: its columns are checked and its rows sized."""
+    first: dict[str, InputFile] = {}
     for f in files:
-        if f.error:
+        first.setdefault(f.format, f)
+    return list(first.values())
+
+
+def _needs_footer(file: InputFile, sizing: Sizing) -> bool:
+    if file.row_group_rows is not None or file.num_batches is not None or file.compressed:
+        return False
+    return file.format in ("parquet", "ipc") and file.size > sizing.target_bytes(file.format)
+
+
+def check_columns(files: list[InputFile], needed: list[str]) -> None:
+    """Files whose columns are known (footers read); the others are checked by the workers."""
+    for f in files:
+        if f.error or f.columns is None:
             continue
         missing = [c for c in needed if c not in f.columns]
         if missing:
             raise InputError(
                 f"{f.uri}: column {missing[0]!r} is missing (has: {', '.join(f.columns[:15])})"
             )
+
+
+def make_plan(
+    uri: str,
+    fmt: str | None,
+    storage_options: dict[str, Any],
+    rows_per_shard: int,
+    needed_columns: list[str],
+    bytes_per_shard: int | None = None,
+    known: dict[tuple[str, str], InputFile] | None = None,
+) -> Plan:
+    """List, read the footers that splitting needs (reusing ``known`` ones), cut shards."""
+    files = list_input_files(uri, fmt, storage_options)
+    known = known or {}
+    for i, f in enumerate(files):
+        cached = known.get(f.key)
+        if cached is not None and cached.format == f.format and cached.error is None:
+            files[i] = InputFile.from_dict(cached.to_dict())
+    inspect([f for f in _samples(files) if f.columns is None], storage_options, sample=True)
+    sizing = measure_sizing(files, rows_per_shard, bytes_per_shard)
+    inspect([f for f in files if _needs_footer(f, sizing)], storage_options)
+    check_columns(files, needed_columns)
+    return Plan(cut_shards(files, sizing), files, needed_columns, sizing)
+
+
+def known_files(document: dict[str, Any] | None) -> dict[tuple[str, str], InputFile]:
+    """Footers from an earlier run's plan.json, by (uri, version)."""
+    if not document or document.get("plan_version") != PLAN_VERSION:
+        return {}
+    files = [InputFile.from_dict(f) for f in document.get("files", [])]
+    return {f.key: f for f in files}
 
 
 def check_output_not_input(output_uri: str, files: list[InputFile], storage_options,
@@ -190,18 +299,3 @@ def check_output_not_input(output_uri: str, files: list[InputFile], storage_opti
         if f.uri.startswith(out) or f.uri.rstrip("/") + "/" == out:
             raise OutputError(f"output.uri: {output_uri} contains input file {f.uri}; "
                               "writing there would overwrite the input")
-
-
-def make_plan(
-    uri: str,
-    fmt: str | None,
-    storage_options: dict[str, Any],
-    rows_per_shard: int,
-    needed_columns: list[str],
-) -> Plan:
-    files = list_input_files(uri, fmt, storage_options)
-    with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
-        files = list(pool.map(lambda f: _inspect(f, storage_options), files))
-    check_columns(files, needed_columns)
-    shards = [s for f in files for s in cut_shards(f, rows_per_shard)]
-    return Plan(shards=shards, files=files, read_columns=needed_columns)

@@ -129,7 +129,7 @@ class LoadedModel:
         if unknown or not providers:
             raise ConfigError(f"providers: {unknown[0] if unknown else 'empty'!r} is not a provider; "
                               f"use some of {', '.join(PROVIDER_NAMES)} in order of preference")
-        self.bundle = fetch_bundle(model, storage_options, sha256)  # cached per node by sha256
+        self.bundle = fetch_bundle(model, storage_options, sha256)  # cached per node by bundle identity
         self.task_spec = task_spec(task, self.bundle.spec.task)
         self.sessions = SessionCache()
         self.session = self.sessions.get(
@@ -244,7 +244,7 @@ class OnnxPredictor:
                        fn_constructor_kwargs={"model": "s3://b/models/minilm", "task": "embed"})
 
     The constructor runs once per Ray actor (so local paths must be absolute): it fetches the
-    bundle (remote bundles are copied once per node into a cache keyed by the model's sha256,
+    bundle (remote bundles are copied once per node into a cache keyed by the bundle's identity,
     and verified), creates the ONNX Runtime session (``providers`` in order of preference,
     e.g. ``("cuda", "cpu")``; a fallback is logged and kept in ``self.fallback``) and builds
     the task exactly as the job's workers do. ``intra_op_threads`` defaults to the CPUs Ray
@@ -313,7 +313,7 @@ class OnnxPredictor:
         if dead is None:
             return None
         dead = dead.replace_schema_metadata(None).combine_chunks()
-        digest = hashlib.sha256(self.model.bundle.sha256.encode())
+        digest = hashlib.sha256(self.model.bundle.identity.encode())
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, dead.schema) as writer:
             writer.write_table(dead)

@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from pipeline.commit import OutputLayout
+from pipeline.errors import is_device_error
+from pipeline.models.bundle import LocalBundle
 from pipeline.plan import Plan
 from pipeline.runner import RunOutcome
 
@@ -22,7 +24,7 @@ def read_markers(layout: OutputLayout, shard_ids: list[str]) -> dict[str, dict[s
 
 
 def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: str,
-                 model_sha256: str, outcome: RunOutcome, earlier: dict[str, dict[str, Any]],
+                 bundle: LocalBundle, outcome: RunOutcome, earlier: dict[str, dict[str, Any]],
                  started_at: float, max_bad_fraction: float) -> dict[str, Any]:
     wall = time.time() - started_at
     markers = {**earlier, **outcome.markers}
@@ -37,7 +39,7 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
     budget_exceeded = bad_fraction > max_bad_fraction
     shards = {s.id: s for s in plan.shards}
     failures = [
-        {"shard": sid, "input": shards[sid].uri, "row_groups": shards[sid].row_groups,
+        {"shard": sid, "input": shards[sid].uri, "pieces": [p.key() for p in shards[sid].pieces],
          "attempts": outcome.attempts.get(sid, 0), "last_error": err,
          "errors": outcome.errors.get(sid, [])}
         for sid, err in sorted(outcome.failed.items())
@@ -52,7 +54,8 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
         "job": name,
         "output": layout.uri,
         "fingerprint": fingerprint,
-        "model_sha256": model_sha256,
+        "model_sha256": bundle.sha256,
+        "bundle_identity": bundle.identity,
         "status": "succeeded" if exit_code == 0 else "failed",
         "exit_code": exit_code,
         "started_at": started_at,
@@ -76,7 +79,9 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
             "by_reason": dict(reasons.most_common()),
         },
         "attempts": {"total": sum(outcome.attempts.values()), "retried_shards": retried,
-                     "actor_deaths": outcome.actor_deaths},
+                     "actor_deaths": outcome.actor_deaths,
+                     "device_errors": sum(is_device_error(e) for errors in outcome.errors.values()
+                                          for e in errors)},
         "failures": failures,
         "aborted": outcome.aborted,
         "pools": _pools(outcome.markers),
@@ -167,7 +172,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  fallback: {fb}")
     if report["attempts"]["retried_shards"]:
         lines.append(f"  retried shards: {len(report['attempts']['retried_shards'])}, "
-                     f"worker losses: {report['attempts']['actor_deaths']}")
+                     f"worker losses: {report['attempts']['actor_deaths']}, "
+                     f"device errors: {report['attempts']['device_errors']}")
     for reason, n in list(report["bad_rows"]["by_reason"].items())[:5]:
         lines.append(f"  dead letter: {n} x {reason}")
     for f in report["failures"][:10]:

@@ -98,8 +98,9 @@ class Runner:
     def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
                  shards: list[Shard], progress: ProgressSink | None = None,
                  placement: Placement | None = None,
-                 shipped_bundle: ShippedBundle | None = None):
+                 shipped_bundle: ShippedBundle | None = None, bundle_identity: str | None = None):
         self.spec = spec
+        self.bundle_identity = bundle_identity
         self.placement = placement or Placement()
         self.shipped_bundle = shipped_bundle
         self.pools = pool_plans(spec)
@@ -152,7 +153,8 @@ class Runner:
         if env:
             options["runtime_env"] = env
         handle = ray.remote(ShardWorker).options(**options).remote(
-            self.spec, self.fingerprint, self.read_columns, pool.settings, self.shipped_bundle)
+            self.spec, self.fingerprint, self.read_columns, pool.settings, self.shipped_bundle,
+            self.bundle_identity)
         self.workers[wid] = WorkerInfo(wid, pool.name, handle)
         # Shards go to a worker only once it answers: an actor that cannot be placed
         # (no resources) or cannot load the model never holds shards hostage.

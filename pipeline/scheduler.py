@@ -3,15 +3,21 @@
 Fast workers take more shards because every free slot pulls from the same queue. A retried
 shard waits (exponential backoff with jitter) and prefers a worker other than the one it
 failed on. The runner feeds events in and executes the assignments that come out.
+
+Every event costs O(1) or O(log n) in the number of shards (a deque of ready shards, a heap
+of backing-off ones), so a job of 100,000 shards does not slow the driver down.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+PICK_SCAN = 64  # ready shards a worker looks at before taking one that failed on it
 
 
 @dataclass
@@ -42,7 +48,9 @@ class Scheduler:
         self.clock = clock
         self.rng = random.Random(seed)
         self.states = {sid: ShardState(sid) for sid in shard_ids}
-        self.queue: deque[str] = deque(shard_ids)
+        self.ready: deque[str] = deque(shard_ids)  # may start now
+        self.backing_off: list[tuple[float, int, str]] = []  # heap of (not_before, seq, shard)
+        self._seq = 0
         self.in_flight: dict[str, set[str]] = {}  # worker -> shard ids
         self.done: set[str] = set()
         self.failed: dict[str, str] = {}  # shard id -> last error
@@ -68,10 +76,10 @@ class Scheduler:
     def assignments(self) -> list[tuple[str, str, int]]:
         """(worker, shard, attempt) for every free slot that a ready shard can fill."""
         out = []
-        now = self.clock()
+        self._promote(self.clock())
         for worker in sorted(self.in_flight, key=lambda w: len(self.in_flight[w])):
-            while len(self.in_flight[worker]) < self.max_in_flight:
-                sid = self._pick(worker, now)
+            while self.ready and len(self.in_flight[worker]) < self.max_in_flight:
+                sid = self._pick(worker)
                 if sid is None:
                     break
                 state = self.states[sid]
@@ -80,22 +88,29 @@ class Scheduler:
                 out.append((worker, sid, state.attempts))
         return out
 
-    def _pick(self, worker: str, now: float) -> str | None:
-        fallback = None
-        for sid in self.queue:
-            state = self.states[sid]
-            if state.not_before > now:
-                continue
-            if state.last_worker != worker or len(self.in_flight) == 1:
-                self.queue.remove(sid)
-                return sid
-            fallback = fallback or sid
-        others_free = any(len(shards) < self.max_in_flight
-                          for w, shards in self.in_flight.items() if w != worker)
-        if fallback is None or others_free:
-            return None  # leave a retried shard for a worker it has not failed on
-        self.queue.remove(fallback)
-        return fallback
+    def _promote(self, now: float) -> None:
+        while self.backing_off and self.backing_off[0][0] <= now:
+            self.ready.append(heapq.heappop(self.backing_off)[2])
+
+    def _pick(self, worker: str) -> str | None:
+        """The first ready shard, except one that failed on this worker while another worker
+        has a free slot for it. Only retried shards are ever skipped, so the scan is short."""
+        skipped: list[str] = []
+        chosen = None
+        while self.ready and len(skipped) < PICK_SCAN:
+            sid = self.ready.popleft()
+            if self.states[sid].last_worker != worker or len(self.in_flight) == 1:
+                chosen = sid
+                break
+            skipped.append(sid)
+        if chosen is None and skipped and not self._others_free(worker):
+            chosen = skipped.pop(0)
+        self.ready.extendleft(reversed(skipped))
+        return chosen
+
+    def _others_free(self, worker: str) -> bool:
+        return any(len(shards) < self.max_in_flight
+                   for w, shards in self.in_flight.items() if w != worker)
 
     # ----------------------------------------------------------------- outcomes
 
@@ -116,7 +131,8 @@ class Scheduler:
             return False
         if transient and state.attempts < self.policy.max_attempts:
             state.not_before = self.clock() + self.policy.delay(state.attempts, self.rng)
-            self.queue.append(sid)
+            self._seq += 1
+            heapq.heappush(self.backing_off, (state.not_before, self._seq, sid))
             return True
         self.failed[sid] = error
         return False
@@ -124,18 +140,19 @@ class Scheduler:
     # ----------------------------------------------------------------- progress
 
     def finished(self) -> bool:
-        return not self.queue and not any(self.in_flight.values())
+        return not self.ready and not self.backing_off and not any(self.in_flight.values())
 
     def wait_hint(self) -> float:
         """Seconds until the earliest queued shard may start (0 if one is ready now)."""
-        if not self.queue:
+        if self.ready:
+            return 0.0
+        if not self.backing_off:
             return 1.0
-        now = self.clock()
-        return max(0.0, min(self.states[s].not_before for s in self.queue) - now)
+        return max(0.0, self.backing_off[0][0] - self.clock())
 
     def remaining(self) -> int:
-        """Shards not finished yet: queued (waiting or backing off) or in flight."""
-        return len(self.queue) + self.in_flight_count()
+        """Shards not finished yet: ready, backing off or in flight."""
+        return len(self.ready) + len(self.backing_off) + self.in_flight_count()
 
     def in_flight_count(self) -> int:
         return sum(len(v) for v in self.in_flight.values())

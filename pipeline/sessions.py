@@ -46,6 +46,11 @@ class LoadedSession:
     fallback: str | None = None  # why the first requested provider is not the one running
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # Set by inference when the session stops being trustworthy (see pipeline.inference):
+    fallback_mid_job: str | None = None  # the provider changed after creation: from, to, why
+    broken: str | None = None  # why the session must not run again (a DeviceError's message)
+    # One row of model inputs this session has run without error: the health probe.
+    probe_feeds: dict[str, Any] | None = field(default=None, repr=False)
 
 
 _OPT_LEVELS = {
@@ -116,6 +121,18 @@ def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSessi
         input_names=[i.name for i in session.get_inputs()],
         output_names=[o.name for o in session.get_outputs()],
     )
+
+
+def running_provider(session: Any) -> str | None:
+    """Short name of the provider that runs ``session`` now, read back; None if it cannot say."""
+    get = getattr(session, "get_providers", None)
+    if get is None:
+        return None
+    try:
+        full = get()[0]
+    except Exception:  # a wrapper or a torn-down session: no evidence either way
+        return None
+    return SHORT_NAMES.get(full, full)
 
 
 def _ep_error(banner: str) -> str:

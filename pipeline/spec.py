@@ -70,10 +70,15 @@ TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec, Field(di
 class BatchingSpec(Strict):
     max_tokens: int = Field(16384, gt=0, description="token budget per batch (text tasks)")
     max_rows: int = Field(256, gt=0, description="rows per batch at most")
+    window_rows: int = Field(4096, gt=0, description="rows a worker reads, sorts and scores at "
+                             "once: its memory is bounded by this, not by the shard or file")
 
 
 class ShardingSpec(Strict):
     rows_per_shard: int = Field(10000, gt=0)
+    bytes_per_shard: int | None = Field(
+        None, gt=0, description="byte target for packing small files and splitting CSV/JSONL "
+        "(default: rows_per_shard x bytes per row measured on the first file)")
 
 
 class ElasticPool(Strict):

@@ -2,30 +2,42 @@
 
 Sessions and tasks are attributes of the worker, created inside its process (never pickled).
 Up to ``max_in_flight`` calls run in threads at once: one thread infers (a lock keeps the
-session to one caller, whose intra-op threads use the actor's CPUs) while others read the
-next shard or write the previous one, so I/O overlaps with inference.
+session to one caller, whose intra-op threads use the actor's CPUs) while others read or
+write, so I/O overlaps with inference. A shard streams through in windows of
+``batching.window_rows`` rows: read, tokenize and sort, infer, append to the part file.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.commit import META_FINGERPRINT, META_MODEL, META_SHARD, OutputLayout
-from pipeline.errors import ShardError, classify_io_error
+from pipeline.commit import (
+    META_BUNDLE,
+    META_FINGERPRINT,
+    META_MODEL,
+    META_SHARD,
+    OutputLayout,
+    ShardWriter,
+)
+from pipeline.errors import ModelError, ShardError, classify_io_error
 from pipeline.faults import maybe_inject
-from pipeline.formats import read_table
+from pipeline.formats import iter_piece
 from pipeline.inference import score_table
 from pipeline.models.bundle import fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
-from pipeline.plan import Shard
+from pipeline.plan import Piece, Shard
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.spec import JobSpec
 from pipeline.tasks import build_task
@@ -57,7 +69,8 @@ def ray_node() -> dict[str, str | None]:
 
 class ShardWorker:
     def __init__(self, spec: JobSpec, fingerprint: str, read_columns: list[str],
-                 pool: PoolSettings, shipped_bundle: ShippedBundle | None = None) -> None:
+                 pool: PoolSettings, shipped_bundle: ShippedBundle | None = None,
+                 bundle_identity: str | None = None) -> None:
         self.spec = spec
         self.fingerprint = fingerprint
         self.read_columns = read_columns
@@ -66,6 +79,10 @@ class ShardWorker:
         # A bundle only the driver can read arrives through the object store.
         self.bundle = install_bundle(shipped_bundle) if shipped_bundle else \
             fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
+        if bundle_identity and self.bundle.identity != bundle_identity:
+            raise ModelError(f"model bundle {spec.model.uri} changed since the job was planned "
+                             f"(identity {self.bundle.identity[:12]}, planned "
+                             f"{bundle_identity[:12]}); rerun the job")
         self.sessions = SessionCache()
         self.loaded = self.sessions.get(str(self.bundle.model_path), self.bundle.sha256,
                                         session_settings(spec, pool))
@@ -80,48 +97,24 @@ class ShardWorker:
                 "fallback": self.loaded.fallback, **self.node}
 
     def process(self, shard_data: dict[str, Any], attempt: int) -> dict[str, Any]:
+        self._exit_if_broken()
         shard = Shard.from_dict(shard_data)
         if shard.error:
             raise ShardError(f"{shard.uri}: {shard.error}")
         maybe_inject("worker.start", shard.id, attempt)
-        t0 = time.perf_counter()
-        table = self._read(shard)
-        # Tokenizing (thread-safe) happens outside the lock, overlapping another shard's inference.
-        t_read = time.perf_counter()
-        prepared = self.task.prepare(table)
-        t1 = time.perf_counter()
-        with self.infer_lock:  # time spent waiting here is neither reading nor inferring
-            waited = time.perf_counter() - t1
-            maybe_inject("worker.infer", shard.id, attempt)
-            scored = score_table(self.task, self.loaded, table, prepared)
-        t2 = time.perf_counter()
-        out = self._output_table(table, scored)
-        dead = self._dead_letter_table(table, scored.bad, shard.id)
+        stats = ShardStats()
+        metadata = {META_FINGERPRINT: self.fingerprint.encode(),
+                    META_MODEL: self.bundle.sha256.encode(),
+                    META_BUNDLE: self.bundle.identity.encode(), META_SHARD: shard.id.encode()}
         try:
-            self.layout.write_part(shard.id, out, self.spec.output.compression, {
-                META_FINGERPRINT: self.fingerprint.encode(),
-                META_MODEL: self.bundle.sha256.encode(),
-                META_SHARD: shard.id.encode(),
-            })
+            # Window by window: memory depends on batching.window_rows, not on the shard.
+            with self.layout.shard_writer(shard.id, self.spec.output.compression,
+                                          metadata) as out:
+                for piece in shard.pieces:
+                    for window in stats.timed_iter("read_s", self._windows(piece)):
+                        self._score_window(shard.id, attempt, piece, window, out, stats)
             maybe_inject("worker.after_part", shard.id, attempt)
-            self.layout.write_dead_letter(shard.id, dead)
-            reasons: dict[str, int] = {}
-            for reason in scored.bad.values():
-                reasons[reason] = reasons.get(reason, 0) + 1
-            marker = {
-                "shard_id": shard.id, "input": shard.uri, "row_groups": shard.row_groups,
-                "rows_in": table.num_rows, "rows_out": out.num_rows, "rows_bad": len(scored.bad),
-                "bad_reasons": reasons, "attempt": attempt, "worker": self.identity,
-                "pool": self.pool.name, **self.node, "provider": self.loaded.active,
-                "fallback": self.loaded.fallback, "batches": scored.batches,
-                "oom_splits": scored.oom_splits, "fingerprint": self.fingerprint,
-                "timings": {"read_s": round(t_read - t0, 4),
-                            "prepare_s": round(t1 - t_read, 4), "wait_s": round(waited, 4),
-                            "infer_s": round(t2 - t1 - waited, 4),
-                            "write_s": round(time.perf_counter() - t2, 4)},
-                "part": self.layout.part_path(shard.id).rsplit("/", 1)[-1],
-                "committed_at": time.time(),
-            }
+            marker = self._marker(shard, attempt, out, stats)
             self.layout.write_marker(shard.id, marker)
         except ShardError:
             raise
@@ -129,12 +122,63 @@ class ShardWorker:
             raise classify_io_error(exc, f"writing output of shard {shard.id}") from None
         return marker
 
-    def _read(self, shard: Shard) -> pa.Table:
-        fs, path = storage.filesystem(shard.uri, self.spec.input.storage_options)
+    def _windows(self, piece: Piece) -> Iterator[pa.Table]:
+        fs, path = storage.filesystem(piece.uri, self.spec.input.storage_options)
         try:
-            return read_table(fs, path, shard.format, self.read_columns, shard.row_groups)
+            yield from iter_piece(fs, path, piece, self.read_columns,
+                                  self.spec.batching.window_rows, piece.uri)
+        except ShardError:
+            raise
         except Exception as exc:
-            raise classify_io_error(exc, f"reading {shard.uri}") from None
+            raise classify_io_error(exc, f"reading {piece.uri}") from None
+
+    def _score_window(self, shard_id: str, attempt: int, piece: Piece, window: pa.Table,
+                      out: ShardWriter, stats: ShardStats) -> None:
+        # Tokenizing (thread-safe) happens outside the lock, overlapping another shard's inference.
+        with stats.timed("prepare_s"):
+            prepared = self.task.prepare(window)
+        waiting = time.perf_counter()
+        with self.infer_lock:  # time spent waiting here is neither reading nor inferring
+            stats.add("wait_s", time.perf_counter() - waiting)
+            self._exit_if_broken()  # a call that waited behind the one that broke the session
+            maybe_inject("worker.infer", shard_id, attempt)
+            with stats.timed("infer_s"):
+                scored = score_table(self.task, self.loaded, window, prepared)
+        with stats.timed("write_s"):
+            out.write(self._output_table(window, scored))
+            out.write_dead(self._dead_letter_table(window, scored.bad, shard_id, stats.rows_in,
+                                                   piece.uri))
+        stats.count(window.num_rows, scored)
+
+    def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
+                stats: ShardStats) -> dict[str, Any]:
+        return {
+            "shard_id": shard.id, "input": shard.uri, "files": len({p.uri for p in shard.pieces}),
+            "pieces": [p.key() for p in shard.pieces[:MARKER_PIECES]],
+            "rows_in": stats.rows_in, "rows_out": out.rows_out, "rows_bad": out.rows_bad,
+            "bad_reasons": stats.reasons, "attempt": attempt, "worker": self.identity,
+            "pool": self.pool.name, **self.node, "provider": self.loaded.active,
+            "fallback": self.loaded.fallback, "provider_after": stats.provider_after,
+            "probes": stats.probes, "batches": stats.batches,
+            "oom_splits": stats.oom_splits, "fingerprint": self.fingerprint,
+            "timings": {k: round(v, 4) for k, v in stats.timings.items()},
+            "peak_rss_mb": peak_rss_mb(),
+            "part": self.layout.part_path(shard.id).rsplit("/", 1)[-1],
+            "committed_at": time.time(),
+        }
+
+    def _exit_if_broken(self) -> None:
+        """After a DeviceError this process's session, and often its CUDA context, is unusable:
+        the actor exits so that the runner requeues its shards and starts a fresh process."""
+        if self.loaded.broken is None:
+            return
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+            print(f"worker {self.identity} exits, its session is broken: {self.loaded.broken}",
+                  file=sys.stderr, flush=True)
+            ray.actor.exit_actor()
+        # Outside an actor score_table raises DeviceError for a broken session.
 
     def _output_table(self, table: pa.Table, scored) -> pa.Table:
         take = pa.array(scored.rows, pa.int64())
@@ -145,14 +189,66 @@ class ShardWorker:
             return pa.table({})
         return pa.table(columns)
 
-    def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard_id: str):
+    def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard_id: str,
+                           offset: int, input_uri: str) -> pa.Table | None:
         if not bad:
             return None
         rows = sorted(bad)
         take = pa.array(rows, pa.int64())
         names = list(dict.fromkeys([*self.spec.passthrough, *self.task.input_columns]))
         columns = {n: table[n].take(take) for n in names if n in table.column_names}
-        columns["_row"] = pa.array(rows, pa.int64())
+        columns["_row"] = pa.array([offset + r for r in rows], pa.int64())  # within the shard
         columns["_reason"] = pa.array([bad[r] for r in rows], pa.string())
         columns["_shard_id"] = pa.array([shard_id] * len(rows), pa.string())
+        columns["_input"] = pa.array([input_uri] * len(rows), pa.string())
         return pa.table(columns)
+
+
+MARKER_PIECES = 32  # a packed shard of many small files names the first ones only
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class ShardStats:
+    """Counts and timings of one shard, summed over its windows."""
+
+    def __init__(self) -> None:
+        self.rows_in = 0
+        self.batches = 0
+        self.oom_splits = 0
+        self.probes = 0
+        self.provider_after: str | None = None
+        self.reasons: dict[str, int] = {}
+        self.timings = dict.fromkeys(("read_s", "prepare_s", "wait_s", "infer_s", "write_s"), 0.0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.timings[name] += seconds
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def timed_iter(self, name: str, items: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        iterator = iter(items)
+        while True:
+            with self.timed(name):
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+
+    def count(self, rows: int, scored: Any) -> None:
+        self.rows_in += rows
+        self.batches += scored.batches
+        self.oom_splits += scored.oom_splits
+        self.probes += scored.probes
+        self.provider_after = scored.provider_after
+        for reason in scored.bad.values():
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1

@@ -3,7 +3,7 @@
     python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
     python -m pipeline.models export-demo-tabular --out DIR
     python -m pipeline.models validate BUNDLE [--no-smoke]
-    python -m pipeline.models info BUNDLE [--json]
+    python -m pipeline.models info BUNDLE [--json]   (sha256 of the model, identity of the bundle)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("bundle")
     val.add_argument("--no-smoke", action="store_true", help="skip the smoke runs")
 
-    info = sub.add_parser("info", help="inputs, outputs, opsets, size, sha256, task")
+    info = sub.add_parser("info", help="inputs, outputs, opsets, size, sha256, identity, task")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true")
     return parser
@@ -52,7 +52,8 @@ def _export_bert(args: argparse.Namespace) -> int:
     spec = export_bert(args.src, args.out, pool_in_graph=not args.no_pool_in_graph,
                        pooling=args.pooling, normalize=args.normalize,
                        max_length=args.max_length)
-    print(f"wrote {args.out} (task {spec.task}, sha256 {spec.sha256[:12]}…)")
+    print(f"wrote {args.out} (task {spec.task}, sha256 {spec.sha256[:12]}…, "
+          f"identity {_identity(args.out)[:12]}…)")
     return 0
 
 
@@ -60,8 +61,15 @@ def _export_tabular(args: argparse.Namespace) -> int:
     from pipeline.demo.tabular import export_tabular_bundle
 
     spec = export_tabular_bundle(args.out)
-    print(f"wrote {args.out} (task {spec.task}, {len(spec.features or [])} features)")
+    print(f"wrote {args.out} (task {spec.task}, {len(spec.features or [])} features, "
+          f"identity {_identity(args.out)[:12]}…)")
     return 0
+
+
+def _identity(out: Path) -> str:
+    from pipeline.models.bundle import local_identity, read_bundle_spec
+
+    return local_identity(out, read_bundle_spec(str(out)))  # just written: the model is ours
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -85,6 +93,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"bundle   {info['uri']}")
     print(f"task     {info['task']}")
     print(f"sha256   {info['sha256']}")
+    print(f"identity {info['identity']}")
     print(f"size     {info['size_bytes'] / 1e6:.1f} MB")
     print(f"ir       {info['ir_version']}   opsets {info['opsets']}")
     for kind in ("inputs", "outputs"):

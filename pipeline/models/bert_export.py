@@ -8,13 +8,14 @@ fetch only [batch, hidden]. Batch and sequence axes are dynamic.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -95,10 +96,14 @@ def resolve_source(src: str) -> Path:
     path = Path(src)
     if path.is_dir():
         return _find_checkpoint(path, src)
+    return _find_checkpoint(_package_root(src), src)
+
+
+def _package_root(src: str) -> Path:
     spec = importlib.util.find_spec(src) if src.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"{src}: neither a directory nor an installed Python package")
-    return _find_checkpoint(Path(next(iter(spec.submodule_search_locations))), src)
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _find_checkpoint(root: Path, src: str) -> Path:
@@ -132,6 +137,34 @@ def sentence_options(ckpt: Path, cfg: BertConfig, tokenizer_cfg: dict) -> Senten
     return SentenceOptions(pooling, normalize, min(max_length, cfg.max_position_embeddings))
 
 
+def checkpoint_files(ckpt: Path) -> list[str]:
+    """The checkpoint files the export reads, relative to the checkpoint directory."""
+    names = ["config.json", "model.safetensors", "tokenizer.json"]
+    names += [n for n in ("tokenizer_config.json", "modules.json", "sentence_bert_config.json")
+              if (ckpt / n).exists()]
+    if (ckpt / "modules.json").exists():
+        for module in json.loads((ckpt / "modules.json").read_text()):
+            if module.get("type", "").endswith("Pooling"):
+                names.append(f"{module['path']}/config.json")
+    return names
+
+
+def provenance(src: str, ckpt: Path) -> dict[str, Any]:
+    """Where the checkpoint came from, by package and content, never by local path: the same
+    checkpoint exported in two checkouts or machines must give the same bundle bytes."""
+    source: dict[str, Any] = {}
+    if not Path(src).is_dir():  # an installed package: its distribution name and version
+        dists = importlib.metadata.packages_distributions().get(src) or [src]
+        source["package"] = dists[0]
+        try:
+            source["version"] = importlib.metadata.version(dists[0])
+        except importlib.metadata.PackageNotFoundError:
+            source["version"] = None
+        source["path"] = ckpt.relative_to(_package_root(src)).as_posix() or "."
+    source["files"] = {name: sha256_file(str(ckpt / name)) for name in checkpoint_files(ckpt)}
+    return source
+
+
 def load_weights(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -149,6 +182,7 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 
 class _BertGraph:
     def __init__(self, cfg: BertConfig, weights: dict[str, np.ndarray], where: str) -> None:
+        # ``where`` names the checkpoint in error messages only, never in the model.
         self.cfg = cfg
         self.w = weights
         self.where = where
@@ -254,7 +288,7 @@ class _BertGraph:
         norm = g.op("Max", [norm, g.const(1e-12, dtype=np.float32)])
         return g.op("Div", [pooled, norm], name="sentence_embedding")
 
-    def build(self, opts: SentenceOptions, pool_in_graph: bool) -> onnx.ModelProto:
+    def build(self, opts: SentenceOptions, pool_in_graph: bool, doc: str) -> onnx.ModelProto:
         g = self.g
         mask_float = g.op("Cast", ["attention_mask"], to=onnx.TensorProto.FLOAT)
         bias = self.attention_bias(mask_float)
@@ -271,7 +305,7 @@ class _BertGraph:
         else:
             g.op("Identity", [x], name="last_hidden_state")
             outputs = [float_output("last_hidden_state", ["batch", "sequence", hidden])]
-        return g.model(inputs, outputs, "bert_encoder", doc=f"exported from {self.where}")
+        return g.model(inputs, outputs, "bert_encoder", doc=doc)
 
 
 def export_bert(
@@ -302,8 +336,9 @@ def export_bert(
             f"{cfg.max_position_embeddings} of {ckpt}"
         )
 
+    source = provenance(src, ckpt)
     model = _BertGraph(cfg, load_weights(ckpt / "model.safetensors"), str(ckpt)).build(
-        opts, pool_in_graph
+        opts, pool_in_graph, _model_doc(source)
     )
     onnx.checker.check_model(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -325,11 +360,16 @@ def export_bert(
             normalize=opts.normalize,
             dim=cfg.hidden_size,
         ),
-        source={"exporter": "export-bert", "from": str(src), "checkpoint": str(ckpt),
-                "config": asdict(cfg)},
+        source={"exporter": "export-bert", **source, "config": asdict(cfg)},
     )
     write_bundle_spec(out, spec)
     return spec
+
+
+def _model_doc(source: dict[str, Any]) -> str:
+    # Content only: a new release of the same weights must not change the model's bytes.
+    return ("BERT encoder exported by export-bert from model.safetensors sha256 "
+            + source["files"]["model.safetensors"])
 
 
 def _write_tokenizer(src: Path, dst: Path) -> None:

@@ -1,14 +1,17 @@
 """Model bundles: a directory with model.onnx, bundle.yaml and (for text) tokenizer.json.
 
 ``fetch_bundle`` makes a bundle available on this node: local bundles are used in place,
-remote ones are copied once per node into a cache directory keyed by the model's sha256.
-Several processes on one node may fetch at once; a file lock makes one of them download
-while the others wait and then reuse the verified copy.
+remote ones are copied once per node into a cache directory keyed by the bundle's identity
+(``pipeline.models.identity``: model, canonical bundle.yaml, tokenizer), which is computed from
+the remote bundle.yaml and small files before the model is downloaded. Several processes on
+one node may fetch at once; a file lock makes one of them download while the others wait and
+then reuse the verified copy.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import uuid
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline import storage
 from pipeline.errors import ModelError
+from pipeline.models.identity import bundle_identity, read_files, sha256_bytes
 
 BUNDLE_FILE = "bundle.yaml"
 TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
@@ -102,6 +106,12 @@ class LocalBundle:
     def sha256(self) -> str:
         return self.spec.sha256
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """What the job fingerprint and caches key on: everything that changes outputs
+        (``pipeline.models.identity``). Computed once, when first asked for."""
+        return local_identity(self.path, self.spec)
+
 
 def parse_bundle_spec(text: str, where: str) -> BundleSpec:
     try:
@@ -147,6 +157,31 @@ def _verified_sha256(path: Path) -> str:
     return _verified[key]
 
 
+def local_identity(path: Path, spec: BundleSpec) -> str:
+    """The identity of the bundle directory ``path`` whose model matches ``spec.sha256``."""
+    files = {name: storage.sha256_file(str(path / name)) if (path / name).is_file() else None
+             for name in read_files(spec)}
+    return bundle_identity(spec, spec.sha256, files)
+
+
+def remote_identity(uri: str, spec: BundleSpec, storage_options: dict[str, Any] | None) -> str:
+    """The identity of a remote bundle, reading only its small files: the model counts by
+    the sha256 bundle.yaml declares, which the download then verifies."""
+    files = {name: sha256_bytes(_read_remote(storage.join(uri, name), storage_options, uri))
+             for name in read_files(spec)}
+    return bundle_identity(spec, spec.sha256, files)
+
+
+def _read_remote(where: str, storage_options: dict[str, Any] | None, uri: str) -> bytes | None:
+    try:
+        with storage.open_uri(where, "rb", storage_options) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ModelError(f"model bundle {uri}: cannot read {where} ({exc})") from None
+
+
 def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> None:
     if not path.exists():
         raise ModelError(f"model bundle {uri}: {spec.model_file} not found")
@@ -189,24 +224,31 @@ def fetch_bundle(
             f"model.sha256: pinned {pinned_sha256} but {uri} declares {spec.sha256}; "
             "update the pin or point model.uri at the pinned bundle"
         )
+    identity = remote_identity(uri, spec, storage_options)
     root = (cache_dir or default_cache_dir()) / "bundles"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / spec.sha256
-    with open(root / f"{spec.sha256}.lock", "w") as lock:
+    final = root / identity
+    with open(root / f"{identity}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other processes on this node wait here
-        if not _cached_copy_ok(final, spec):
-            _download(uri, storage_options, root, final, spec.sha256)
+        if not cached_copy_ok(final, identity):
+            _download(uri, storage_options, root, final, identity)
     spec = parse_bundle_spec((final / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
     _check_hash(final / spec.model_file, spec, uri, pinned_sha256)
     return LocalBundle(path=final, spec=spec, uri=uri)
 
 
-def _cached_copy_ok(final: Path, spec: BundleSpec) -> bool:
+def cached_copy_ok(final: Path, identity: str) -> bool:
+    """Whether the cache entry ``final`` is complete and still holds the bundle ``identity``.
+    A copy damaged on disk is fetched (or unpacked) again rather than failing every job."""
     if not (final / ".complete").exists():
         return False
-    model = final / spec.model_file
-    # A cached copy damaged on disk is fetched again rather than failing every job.
-    return model.exists() and _verified_sha256(model) == spec.sha256
+    try:
+        spec = parse_bundle_spec((final / BUNDLE_FILE).read_text(), str(final / BUNDLE_FILE))
+        model = final / spec.model_file
+        return (model.is_file() and _verified_sha256(model) == spec.sha256
+                and local_identity(final, spec) == identity)
+    except (ModelError, OSError):
+        return False
 
 
 @contextmanager
@@ -228,14 +270,15 @@ def cache_entry(root: Path, final: Path, marker: str, failure: str) -> Iterator[
 
 
 def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, final: Path,
-              expected: str) -> None:
+              identity: str) -> None:
     fs, base = storage.filesystem(uri, storage_options)
-    with cache_entry(root, final, expected, f"model bundle {uri}: download failed") as tmp:
+    with cache_entry(root, final, identity, f"model bundle {uri}: download failed") as tmp:
         fs.get(base.rstrip("/") + "/", str(tmp), recursive=True)
         spec = parse_bundle_spec((tmp / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
+        if local_identity(tmp, spec) != identity:
+            changed = " or ".join([BUNDLE_FILE, *read_files(spec)])
+            raise ModelError(f"model bundle {uri}: {changed} changed while downloading; retry")
         actual = storage.sha256_file(str(tmp / spec.model_file))
-        if spec.sha256 != expected:
-            raise ModelError(f"model bundle {uri}: bundle.yaml changed while downloading; retry")
         if actual != spec.sha256:
             raise ModelError(
                 f"model bundle {uri}: downloaded {spec.model_file} has sha256 {actual}, "

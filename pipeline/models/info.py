@@ -29,6 +29,7 @@ def bundle_info(uri: str) -> dict[str, Any]:
         "uri": uri,
         "task": bundle.spec.task,
         "sha256": bundle.sha256,
+        "identity": bundle.identity,
         "size_bytes": bundle.model_path.stat().st_size,
         "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},

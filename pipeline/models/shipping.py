@@ -1,10 +1,11 @@
 """Model bundles only the driver can read, shipped to every node through Ray's object store.
 
 The driver packs the bundle's files once per job and puts them into the object store. Each
-node unpacks them once into the bundle cache under a digest of every file (model,
-bundle.yaml, tokenizer, ...), so the actors of a node share one copy, and a later job with
-the same bundle skips the transfer.
-A per-digest file lock makes one process unpack while the others on the node wait.
+node unpacks them once into the bundle cache under the bundle's identity (model, canonical
+bundle.yaml, tokenizer: ``pipeline.models.identity``), so the actors of a node share one copy,
+and a later job with the same bundle skips the transfer. The identity is checked on the packed
+bytes, on the shipped bytes and on the unpacked copy; a copy damaged on disk is unpacked again.
+A per-identity file lock makes one process unpack while the others on the node wait.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import LocalBundle, cache_entry, default_cache_dir, open_local_bundle
+from pipeline.models.bundle import (
+    BUNDLE_FILE,
+    LocalBundle,
+    cache_entry,
+    cached_copy_ok,
+    default_cache_dir,
+    open_local_bundle,
+    parse_bundle_spec,
+)
+from pipeline.models.identity import bundle_identity, read_files, sha256_bytes
 
 COMPLETE = ".complete"
 
@@ -24,7 +34,7 @@ COMPLETE = ".complete"
 @dataclass(frozen=True)
 class ShippedBundle:
     uri: str  # where the driver read it, for messages
-    digest: str  # sha256 over every file's name and content
+    digest: str  # the bundle's identity (LocalBundle.identity)
     pinned_sha256: str | None = None
     # [ObjectRef of {relative path: bytes}]: inside a list, so Ray hands the reference to
     # the actor instead of fetching the bytes into every actor that already has a cached copy.
@@ -41,11 +51,21 @@ def bundle_files(path: Path) -> dict[str, bytes]:
     return files
 
 
-def content_digest(files: dict[str, bytes]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    return digest.hexdigest()
+def files_identity(files: dict[str, bytes], uri: str) -> str:
+    """The identity of a bundle held in memory as {relative path: bytes}, its model verified."""
+    if BUNDLE_FILE not in files:
+        raise ModelError(f"model bundle {uri}: {BUNDLE_FILE} not found")
+    spec = parse_bundle_spec(files[BUNDLE_FILE].decode("utf-8", errors="replace"),
+                             f"{uri}/{BUNDLE_FILE}")
+    if spec.model_file not in files:
+        raise ModelError(f"model bundle {uri}: {spec.model_file} not found "
+                         f"(found: {', '.join(files) or 'nothing'})")
+    actual = hashlib.sha256(files[spec.model_file]).hexdigest()
+    if actual != spec.sha256:
+        raise ModelError(f"model bundle {uri}: {spec.model_file} has sha256 {actual} but "
+                         f"bundle.yaml says {spec.sha256}; the bundle is corrupt or was edited")
+    hashes = {name: sha256_bytes(files.get(name)) for name in read_files(spec)}
+    return bundle_identity(spec, actual, hashes)
 
 
 @dataclass(frozen=True)
@@ -58,12 +78,15 @@ class PackedBundle:
 
 def pack_bundle(bundle: LocalBundle, pinned_sha256: str | None = None) -> PackedBundle:
     """Read the bundle's files into memory. Do it before connecting to Ray: in a job submitted
-    with a working directory, that directory may be gone once the driver has connected."""
+    with a working directory, that directory may be gone once the driver has connected.
+    The files must still be the bundle the job was planned with (``bundle.identity``)."""
     files = bundle_files(bundle.path)
-    if bundle.spec.model_file not in files:
-        raise ModelError(f"model bundle {bundle.uri}: {bundle.spec.model_file} not found in "
-                         f"{bundle.path} (found: {', '.join(files) or 'nothing'})")
-    return PackedBundle(bundle.uri, content_digest(files), pinned_sha256, files)
+    identity = files_identity(files, bundle.uri)
+    if identity != bundle.identity:
+        raise ModelError(f"model bundle {bundle.uri}: changed on disk while the job was being "
+                         f"planned (identity {bundle.identity[:12]}… is now {identity[:12]}…); "
+                         "run the job again")
+    return PackedBundle(bundle.uri, identity, pinned_sha256, files)
 
 
 def ship_bundle(packed: PackedBundle) -> ShippedBundle:
@@ -80,17 +103,21 @@ def install_bundle(shipped: ShippedBundle, cache_dir: Path | None = None) -> Loc
     final = root / f"shipped-{shipped.digest}"
     with open(root / f"shipped-{shipped.digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other processes on this node wait here
-        if not (final / COMPLETE).exists():
+        if not cached_copy_ok(final, shipped.digest):
             _unpack(shipped, root, final)
-    return open_local_bundle(final, shipped.uri, shipped.pinned_sha256)
+    bundle = open_local_bundle(final, shipped.uri, shipped.pinned_sha256)
+    if bundle.identity != shipped.digest:  # written and checked above: only a racing writer
+        raise ModelError(f"model bundle {shipped.uri}: the copy in {final} does not match "
+                         "the shipped bundle; remove it and run the job again")
+    return bundle
 
 
 def _unpack(shipped: ShippedBundle, root: Path, final: Path) -> None:
     import ray
 
     files: dict[str, bytes] = ray.get(shipped.files[0])
-    if content_digest(files) != shipped.digest:
-        raise ModelError(f"model bundle {shipped.uri}: shipped files do not match their digest")
+    if files_identity(files, shipped.uri) != shipped.digest:
+        raise ModelError(f"model bundle {shipped.uri}: shipped files do not match their identity")
     with cache_entry(root, final, shipped.digest,
                      f"model bundle {shipped.uri}: cannot unpack into {root}") as tmp:
         for name, data in files.items():

@@ -105,7 +105,7 @@ def test_planner_is_deterministic(small_text, tmp_path, text_rows):
     first = make_plan(str(small_text), None, {}, 100, ["text"])
     second = make_plan(str(small_text), None, {}, 100, ["text"])
     assert [s.id for s in first.shards] == [s.id for s in second.shards]
-    assert [s.row_groups for s in first.shards] == [s.row_groups for s in second.shards]
+    assert [s.pieces for s in first.shards] == [s.pieces for s in second.shards]
     # Another row-group size is another input: other shard ids.
     write_text_parquet(tmp_path / "a.parquet", text_rows[:250], 0, row_group_size=25)
     other = make_plan(str(tmp_path), None, {}, 100, ["text"])

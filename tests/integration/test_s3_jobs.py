@@ -57,8 +57,8 @@ def test_classify_job_round_trip_on_s3(s3_options, s3_bucket, breast_cancer_dir,
     want = estimator.predict_proba(features)
     got = np.array(out["probabilities"].to_pylist())
     assert np.abs(got - want).max() < 1e-5
-    # The model came through the node cache, keyed by its sha256.
-    assert (tmp_path / "cache" / "bundles" / report["model_sha256"] / ".complete").exists()
+    # The model came through the node cache, keyed by the bundle's identity.
+    assert (tmp_path / "cache" / "bundles" / report["bundle_identity"] / ".complete").exists()
 
 
 def test_embed_job_on_s3_with_env_credentials(s3_options, s3_bucket, minilm_dir, text_rows,

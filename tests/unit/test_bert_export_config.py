@@ -1,19 +1,26 @@
-"""export-bert: unsupported configs are rejected; a tiny random BERT matches a numpy forward."""
+"""export-bert: unsupported configs are rejected; a tiny random BERT matches a numpy forward;
+the same checkpoint exported from two places gives byte-identical bundles."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+import yaml
 from safetensors.numpy import save_file
 
 from pipeline.errors import ModelError
-from pipeline.models.bert_export import BertConfig, export_bert
+from pipeline.models.bert_export import BertConfig, export_bert, resolve_source
+from pipeline.models.bundle import fetch_bundle
+from pipeline.storage import sha256_file
 
 HIDDEN, HEADS, LAYERS, INTERMEDIATE, VOCAB, TYPES, MAX_POS = 32, 2, 2, 64, 100, 2, 64
 EPS = 1e-12
@@ -225,3 +232,66 @@ def test_tiny_bert_max_length_beyond_positions_is_rejected(tiny_checkpoint, tmp_
     ckpt, _ = tiny_checkpoint
     with pytest.raises(ModelError, match="max_position_embeddings 64"):
         export_bert(str(ckpt), tmp_path / "too-long", max_length=MAX_POS + 1)
+
+
+# ---- reproducible exports ------------------------------------------------------------------
+
+
+def _bundle_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _assert_no_path(data: bytes, *paths: Path) -> None:
+    for path in paths:
+        assert str(path).encode() not in data, path
+        assert path.name.encode() not in data, path.name
+
+
+def test_export_from_two_checkpoint_copies_is_byte_identical(tiny_checkpoint, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    copies = [tmp_path / "checkout-a" / "ckpt", tmp_path / "checkout-b" / "elsewhere"]
+    outs = [tmp_path / "out-a", tmp_path / "out-b"]
+    for copy, out in zip(copies, outs, strict=True):
+        shutil.copytree(ckpt, copy)
+        export_bert(str(copy), out)
+    first, second = (_bundle_bytes(o) for o in outs)
+    assert set(first) == {"bundle.yaml", "model.onnx", "tokenizer.json"}
+    assert first == second
+    assert fetch_bundle(str(outs[0])).identity == fetch_bundle(str(outs[1])).identity
+    for name in ("bundle.yaml", "model.onnx"):
+        _assert_no_path(first[name], *copies, ckpt, tmp_path)
+
+    # Provenance by content: the hash of every checkpoint file the export read.
+    source = yaml.safe_load(first["bundle.yaml"])["source"]
+    assert source["exporter"] == "export-bert"
+    assert source["files"] == {name: sha256_file(str(ckpt / name))
+                               for name in ("config.json", "model.safetensors", "tokenizer.json")}
+    model = onnx.load(str(outs[0] / "model.onnx"))
+    assert source["files"]["model.safetensors"] in model.doc_string
+    assert not model.metadata_props
+
+
+def test_export_from_a_package_records_name_not_location(tiny_checkpoint, tmp_path, monkeypatch):
+    ckpt, _ = tiny_checkpoint
+    package = "tiny_bert_weights_pkg"
+    sites = [tmp_path / "site-a", tmp_path / "venv-b" / "site-packages"]
+    for site in sites:
+        (site / package).mkdir(parents=True)
+        (site / package / "__init__.py").write_text("")
+        shutil.copytree(ckpt, site / package / "model")
+    outs = []
+    for i, site in enumerate(sites):
+        monkeypatch.syspath_prepend(str(site))
+        sys.modules.pop(package, None)
+        importlib.invalidate_caches()
+        assert resolve_source(package) == site / package / "model"
+        outs.append(tmp_path / f"out-{i}")
+        export_bert(package, outs[-1])
+    first, second = (_bundle_bytes(o) for o in outs)
+    assert first == second
+    source = yaml.safe_load(first["bundle.yaml"])["source"]
+    assert source["package"] == package
+    assert source["version"] is None  # not installed as a distribution: no version to record
+    assert source["path"] == "model"
+    for name in ("bundle.yaml", "model.onnx"):
+        _assert_no_path(first[name], *sites)

@@ -1,4 +1,4 @@
-"""fetch_bundle: local bundles in place, remote ones cached once per node by sha256."""
+"""fetch_bundle: local bundles in place, remote ones cached once per node by identity."""
 
 from __future__ import annotations
 
@@ -91,11 +91,13 @@ def test_local_directory_without_bundle_yaml(tmp_path):
 def test_remote_bundle_is_downloaded_into_cache(memory_bundle, breast_cancer_dir, tmp_path):
     _, _, uri = memory_bundle
     sha = _yaml_sha(breast_cancer_dir)
+    identity = fetch_bundle(str(breast_cancer_dir)).identity
     bundle = fetch_bundle(uri, cache_dir=tmp_path)
-    assert bundle.path == tmp_path / "bundles" / sha
+    assert bundle.path == tmp_path / "bundles" / identity
     assert bundle.uri == uri
     assert bundle.sha256 == sha
-    assert (bundle.path / ".complete").read_text() == sha
+    assert bundle.identity == identity
+    assert (bundle.path / ".complete").read_text() == identity
     original = (breast_cancer_dir / "model.onnx").read_bytes()
     assert (bundle.path / "model.onnx").read_bytes() == original
     assert not list((tmp_path / "bundles").glob(".tmp-*"))
@@ -161,3 +163,37 @@ def test_concurrent_fetches_download_once(memory_bundle, tmp_path, monkeypatch):
     assert (path / ".complete").exists()
     assert sha256_file(str(path / "model.onnx")) == results[0].sha256
     assert not list((tmp_path / "bundles").glob(".tmp-*"))
+
+
+def test_remote_bundle_yaml_value_change_is_a_new_cache_entry(memory_bundle, tmp_path):
+    fs, root, uri = memory_bundle
+    first = fetch_bundle(uri, cache_dir=tmp_path)
+    data = yaml.safe_load(fs.cat_file(f"{root}/bundle.yaml"))
+    data["labels"] = ["bad", "good"]
+    fs.pipe(f"{root}/bundle.yaml", yaml.safe_dump(data).encode())
+    second = fetch_bundle(uri, cache_dir=tmp_path)
+    assert second.identity != first.identity
+    assert second.path != first.path
+    assert second.spec.labels == ["bad", "good"]
+    assert first.spec.labels == ["malignant", "benign"]  # the old entry is left as it was
+
+
+def test_remote_provenance_edit_reuses_the_cache_entry(memory_bundle, tmp_path):
+    fs, root, uri = memory_bundle
+    first = fetch_bundle(uri, cache_dir=tmp_path)
+    data = yaml.safe_load(fs.cat_file(f"{root}/bundle.yaml"))
+    data["source"] = {"note": "re-uploaded"}
+    fs.pipe(f"{root}/bundle.yaml", ("# comment\n" + yaml.safe_dump(data, indent=4)).encode())
+    second = fetch_bundle(uri, cache_dir=tmp_path)
+    assert second.path == first.path
+    assert second.identity == first.identity
+
+
+def test_cached_copy_with_edited_values_is_fetched_again(memory_bundle, tmp_path):
+    _, _, uri = memory_bundle
+    first = fetch_bundle(uri, cache_dir=tmp_path)
+    text = (first.path / "bundle.yaml").read_text()
+    (first.path / "bundle.yaml").write_text(text.replace("- benign", "- tampered"))
+    second = fetch_bundle(uri, cache_dir=tmp_path)
+    assert second.path == first.path
+    assert second.spec.labels == ["malignant", "benign"]

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import yaml
 
+from pipeline.models.bundle import fetch_bundle
 from pipeline.models.onnx_graph import IR_VERSION, OPSET
 from pipeline.models.validate import RuntimeLimits, runtime_limits
 from pipeline.storage import sha256_file
@@ -103,6 +104,7 @@ def test_info_json(repo_root, models_dir, name, task, inputs, outputs):
     assert info["task"] == task
     assert info["sha256"] == _read_yaml(bundle)["sha256"]
     assert info["sha256"] == sha256_file(str(bundle / "model.onnx"))
+    assert info["identity"] == fetch_bundle(str(bundle)).identity != info["sha256"]
     assert info["size_bytes"] == (bundle / "model.onnx").stat().st_size
     assert info["ir_version"] == IR_VERSION
     assert info["opsets"]["ai.onnx"] == OPSET
@@ -111,6 +113,14 @@ def test_info_json(repo_root, models_dir, name, task, inputs, outputs):
     for item in info["inputs"] + info["outputs"]:
         assert item["type"] in ("float", "int64")
         assert isinstance(item["shape"], list) and item["shape"]
+
+
+def test_info_text_shows_sha256_and_identity(repo_root, breast_cancer_dir):
+    result = _cli(repo_root, "info", str(breast_cancer_dir))
+    assert result.returncode == 0, result.stderr
+    bundle = fetch_bundle(str(breast_cancer_dir))
+    assert f"sha256   {bundle.sha256}" in result.stdout.splitlines()
+    assert f"identity {bundle.identity}" in result.stdout.splitlines()
 
 
 def test_info_json_minilm_shapes(repo_root, minilm_dir):

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.commit import OutputLayout
-from pipeline.plan import list_input_files
+from pipeline.listing import list_input_files
 
 
 def test_failed_local_write_leaves_no_file(tmp_path):
@@ -38,8 +38,9 @@ def test_job_bookkeeping_is_never_input(tmp_path):
 def test_orphaned_parts_are_removed(tmp_path):
     layout = OutputLayout(str(tmp_path))
     for sid in ("keep", "orphan"):
-        layout.write_part(sid, pa.table({"id": [1]}), "zstd", {})
-        layout.write_dead_letter(sid, pa.table({"id": [1], "_reason": ["x"]}))
+        with layout.shard_writer(sid, "zstd", {}) as out:
+            out.write(pa.table({"id": [1]}))
+            out.write_dead(pa.table({"id": [1], "_reason": ["x"]}))
     assert layout.remove_orphans({"keep"}) == 2
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-keep.parquet"]
     assert [p.name for p in (tmp_path / "_pipeline" / "dead_letter").iterdir()] == ["keep.parquet"]

@@ -1,0 +1,185 @@
+"""Listing the input: one paginated listing gives every file's path, size and version.
+
+A file's version is what identifies its content without reading it: the etag (and version id)
+on object stores, size and modification time on local disks, so a file replaced by another of
+the same size is noticed. Footers are read only for the files that need them, in parallel with
+bounded concurrency (``inspect``), never one request per file just to learn its size.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import InputError
+from pipeline.formats import format_of, read_schema
+
+FOOTER_THREADS = 16
+GLOB_CHARS = "*?["
+SAMPLE_BYTES = 1 << 20
+
+
+@dataclass
+class InputFile:
+    uri: str
+    format: str
+    size: int
+    version: str  # etag (+ version id) on object stores, size and mtime on local disks
+    row_group_rows: list[int] | None = None  # Parquet, once its footer is read
+    num_batches: int | None = None  # Arrow IPC file format, once its footer is read
+    columns: list[str] | None = None  # once a footer or a first block is read
+    bytes_per_row: float | None = None  # measured on a sample, for sizing shards
+    error: str | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.uri.endswith(".gz")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.uri, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputFile:
+        return cls(**data)
+
+
+def _version(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        version_id = info.get("VersionId") or info.get("version_id")
+        return str(etag).strip('"') + (f"@{version_id}" if version_id else "")
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated")
+    mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else mtime
+    return f"size={int(info.get('size') or 0)},mtime={float(mtime or 0):.6f}"
+
+
+def _ignored(relative: str) -> bool:
+    # _SUCCESS, _pipeline/ (markers, dead letters), .tmp files: never input, at any depth.
+    return any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def list_input_files(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
+    return storage.with_retries(lambda: _list(uri, fmt, storage_options), f"listing {uri}")
+
+
+def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[InputFile]:
+    try:
+        fs, path = storage.filesystem(uri, storage_options)
+        if any(c in path for c in GLOB_CHARS):
+            infos = fs.glob(path, detail=True)
+        elif fs.isdir(path):
+            infos = fs.find(path, detail=True)
+        elif fs.exists(path):
+            infos = {path: fs.info(path)}
+        else:
+            raise InputError(f"input.uri: {uri} does not exist")
+    except InputError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:
+        # TypeError: storage_options the filesystem does not accept.
+        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: {exc})") from None
+    root = path.rstrip("/") + "/"
+    files = []
+    for name in sorted(infos):
+        info = infos[name]
+        relative = name[len(root):] if name.startswith(root) else name.rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") == "directory" or _ignored(relative):
+            continue
+        file_fmt = format_of(name, fmt) if fmt is None else (format_of(name, None) or fmt)
+        if file_fmt is None or (fmt is not None and file_fmt != fmt):
+            continue
+        files.append(InputFile(storage.full_uri(fs, name), file_fmt, int(info.get("size") or 0),
+                               _version(info)))
+    if not files:
+        raise InputError(f"input.uri: no {fmt or 'parquet/ipc/csv/jsonl'} files under {uri}")
+    return files
+
+
+def inspect(files: list[InputFile], storage_options: dict[str, Any], sample: bool = False) -> None:
+    """Read footers (Parquet row groups, IPC batch counts) and columns, in parallel; with
+    ``sample``, also measure bytes per row. A file that cannot be read is marked, not raised."""
+    if not files:
+        return
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
+        list(pool.map(lambda f: _inspect(f, storage_options, sample), files))
+
+
+def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> None:
+    fs, path = storage.filesystem(file.uri, storage_options)
+
+    def read() -> None:
+        if file.format == "parquet":
+            with fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+            file.row_group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            file.columns = list(meta.schema.to_arrow_schema().names)
+            rows = sum(file.row_group_rows)
+            file.bytes_per_row = file.size / rows if rows else None
+        elif file.format == "ipc" and not file.compressed:
+            with fs.open(path, "rb") as fh:
+                _inspect_ipc(file, fh)
+        else:
+            file.columns = list(read_schema(fs, path, file.format).names)
+            if sample:
+                file.bytes_per_row = _text_bytes_per_row(fs, path, file)
+
+    try:
+        # Throttling and resets are retried; what still fails marks the file, not the job.
+        storage.with_retries(read, f"reading {file.uri}")
+    except FileNotFoundError:
+        file.error = "file disappeared while planning"
+    except Exception as exc:  # corrupt or truncated files raise many arrow/OS error types
+        file.error = f"unreadable {file.format} file: {' '.join(str(exc).split())[:200]}"
+
+
+def _inspect_ipc(file: InputFile, fh: Any) -> None:
+    try:
+        reader = ipc.open_file(fh)
+    except pa.ArrowInvalid:  # the stream format has no footer: read as a whole
+        fh.seek(0)
+        file.columns = list(ipc.open_stream(fh).schema.names)
+        file.num_batches = None
+        return
+    file.columns = list(reader.schema.names)
+    file.num_batches = reader.num_record_batches
+    if file.num_batches:
+        first = reader.get_batch(0).num_rows
+        rows = first * file.num_batches
+        file.bytes_per_row = file.size / rows if rows else None
+
+
+def _text_bytes_per_row(fs: Any, path: str, file: InputFile) -> float | None:
+    """Bytes per line of the first block (compressed files: unknown, they are read whole)."""
+    if file.compressed:
+        return None
+    with fs.open(path, "rb") as fh:
+        head = fh.read(SAMPLE_BYTES)
+    lines = head.count(b"\n")
+    return len(head) / lines if lines else None
+
+
+def csv_header(fs: Any, path: str) -> bytes:
+    """The first line of a CSV file, with its newline: prepended to byte-range pieces."""
+    with fs.open(path, "rb") as fh:
+        buffer = io.BytesIO()
+        while chunk := fh.read(65536):
+            end = chunk.find(b"\n")
+            if end >= 0:
+                buffer.write(chunk[: end + 1])
+                return buffer.getvalue()
+            buffer.write(chunk)
+    return buffer.getvalue() + b"\n"
+
+
+__all__ = ["InputFile", "csv_header", "inspect", "list_input_files"]
