@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 
-.PHONY: install models data run score test lint chaos bench notebook clean
+.PHONY: install models data run score test lint chaos bench bench-memory bench-small-files bench-scale notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ chaos: models
 
 bench: models
 	$(PY) -m benchmarks.throughput
+
+bench-memory: models
+	$(PY) -m benchmarks.sizes memory
+
+bench-small-files: models
+	$(PY) -m benchmarks.sizes small-files
+
+bench-scale: models
+	$(PY) -m benchmarks.scale
 
 # Executes the example notebook; the copy with its outputs lands in out/notebook/.
 notebook: models

@@ -7,20 +7,22 @@
     <output>/_SUCCESS                        written last for the job
 
 Storage state is the truth: resume lists the markers. Local writes are temp-file + rename;
-object stores write each object in one PUT, so no reader ever sees half a file.
+object stores write each object in one PUT, so no reader ever sees half a file. A marker is
+created only if none exists, and an attempt publishes its files only while the shard has no
+marker (``ShardWriter``), so a late attempt never replaces what a shard committed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, TransientError, describe_access
 
 META_FINGERPRINT = b"pipeline.fingerprint"
 META_MODEL = b"pipeline.model_sha256"
@@ -29,11 +31,24 @@ META_SHARD = b"pipeline.shard_id"
 
 
 class ShardWriter:
-    """Streams one shard's part file and dead letters into place, a window at a time.
+    """Streams one shard's part file and dead letters, a window at a time, under names of this
+    attempt (``storage.StagedFile``), then commits them unless the shard is already committed.
 
-    Each file is written through ``storage.atomic_writer`` (temp file + rename, or a
-    multipart upload completed on close), so readers see the whole file or none; on an
-    error both are discarded. Memory is one window plus the writer's buffers.
+    ``commit(marker)``: finish both files (every byte written, nothing visible); then, under
+    the output's commit lock (local disks; object stores have none):
+      1. if the shard has a marker, discard this attempt's files and return that marker;
+      2. publish the part file, then the dead letters (or remove a stale dead-letter file);
+      3. create the marker exclusively; if another attempt created it first, return its marker.
+    So a late attempt (a worker the driver gave up on) never replaces a committed shard's files:
+    on local disks the lock makes 1-3 one step; on object stores a late attempt that reaches 1
+    after the commit discards its files, and the marker itself is never replaced (conditional
+    PUT). What remains there: an attempt that passes 1 just before another attempt creates the
+    marker can still publish its part and dead letters over the committed ones (the duration of
+    one or two requests); it then loses 3 and reports ``published`` (see the worker's note).
+
+    On an error, or a clean exit without ``commit``, nothing half-written is published (a clean
+    exit publishes the files without a marker, after the same check). Memory is one window plus
+    the writer's buffers.
     """
 
     def __init__(self, layout: OutputLayout, shard_id: str, compression: str,
@@ -44,47 +59,101 @@ class ShardWriter:
         self.metadata = metadata
         self.rows_out = 0
         self.rows_bad = 0
-        self._stack = contextlib.ExitStack()
-        self._part: pq.ParquetWriter | None = None
-        self._dead: pq.ParquetWriter | None = None
+        self.published = False  # this attempt's files replaced what was at the final names
+        self._files: dict[str, storage.StagedFile] = {}
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._done = False
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def _open(self, path: str, schema: pa.Schema, compression: str | None) -> pq.ParquetWriter:
-        fh = self._stack.enter_context(storage.atomic_writer(self.layout.fs, path))
-        return pq.ParquetWriter(fh, schema, compression=compression)
+    def _open(self, kind: str, path: str, schema: pa.Schema,
+              compression: str | None) -> pq.ParquetWriter:
+        staged = self._files[kind] = storage.StagedFile(self.layout.fs, path)
+        writer = self._writers[kind] = pq.ParquetWriter(staged.fh, schema, compression=compression)
+        return writer
 
     def write(self, table: pa.Table) -> None:
-        if self._part is None:
+        part = self._writers.get("part")
+        if part is None:
             schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self.metadata})
-            self._part = self._open(self.layout.part_path(self.shard_id), schema, self.compression)
-        self._part.write_table(_conform(table, self._part.schema))
+            part = self._open("part", self.layout.part_path(self.shard_id), schema, self.compression)
+        part.write_table(_conform(table, part.schema))
         self.rows_out += table.num_rows
 
     def write_dead(self, table: pa.Table | None) -> None:
         if table is None or table.num_rows == 0:
             return
-        if self._dead is None:
-            self._dead = self._open(self.layout.dead_letter_path(self.shard_id), table.schema, "zstd")
-        self._dead.write_table(_conform(table, self._dead.schema))
+        dead = self._writers.get("dead")
+        if dead is None:
+            dead = self._open("dead", self.layout.dead_letter_path(self.shard_id), table.schema,
+                              "zstd")
+        dead.write_table(_conform(table, dead.schema))
         self.rows_bad += table.num_rows
+
+    def _finish(self) -> None:
+        if "part" not in self._writers:  # no row at all: an empty part file still marks the shard
+            self.write(pa.table({}))
+        for kind, writer in self._writers.items():
+            writer.close()
+            self._files[kind].finish()
+
+    def _publish(self) -> dict[str, Any] | None:
+        """Steps 1-2 (caller holds the commit lock): the committed marker, or None once this
+        attempt's files are in place."""
+        committed = self.layout.committed_marker(self.shard_id)
+        if committed is not None:
+            self._discard()
+            return committed
+        self._files["part"].publish()
+        self.published = True
+        if "dead" in self._files:
+            self._files["dead"].publish()
+        else:  # a stale file from an earlier attempt must not outlive a clean retry
+            path = self.layout.dead_letter_path(self.shard_id)
+            self.layout.fs.invalidate_cache(path.rsplit("/", 1)[0])
+            if self.layout.fs.exists(path):
+                self.layout.fs.rm(path)
+        return None
+
+    def commit(self, marker: dict[str, Any],
+               before_marker: Callable[[], None] | None = None) -> tuple[dict[str, Any], bool]:
+        """Publish this attempt's files and create the marker; returns the shard's marker on
+        storage and whether it is this attempt's (False: committed by another attempt)."""
+        self._finish()
+        self._done = True
+        with storage.commit_lock(self.layout.fs, self.layout.shards_folder()):
+            committed = self._publish()
+            if committed is not None:
+                return committed, False
+            if before_marker is not None:
+                before_marker()
+            if self.layout.create_marker(self.shard_id, marker):
+                return marker, True
+            committed = self.layout.committed_marker(self.shard_id)
+        if committed is None:  # refused, yet gone: someone is wiping the output
+            raise TransientError(f"shard {self.shard_id}: its marker was refused as existing "
+                                 "but cannot be read")
+        # An earlier request of ours may have landed before a retried PUT was refused.
+        return committed, committed.get("attempt_token") == marker.get("attempt_token")
+
+    def _discard(self) -> None:
+        for staged in self._files.values():
+            staged.discard()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:  # discard both files: nothing half-written is published
-            self._stack.__exit__(exc_type, exc, tb)
+            self._discard()
             return
-        if self._part is None:  # no row at all: an empty part file still marks the shard
-            self.write(pa.table({}))
-        with self._stack:
-            for writer in (self._part, self._dead):
-                if writer is not None:
-                    writer.close()
-        if self._dead is None:
-            path = self.layout.dead_letter_path(self.shard_id)
-            # A stale file from an earlier attempt must not outlive a clean retry.
-            if self.layout.fs.exists(path):
-                self.layout.fs.rm(path)
+        if self._done:
+            return
+        try:  # no commit: publish the files without a marker (uncommitted, as a crash leaves)
+            self._finish()
+            with storage.commit_lock(self.layout.fs, self.layout.shards_folder()):
+                self._publish()
+        except BaseException:
+            self._discard()
+            raise
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -125,12 +194,25 @@ class OutputLayout:
                      metadata: dict[bytes, bytes]) -> ShardWriter:
         return ShardWriter(self, shard_id, compression, metadata)
 
-    def write_marker(self, shard_id: str, marker: dict[str, Any]) -> None:
+    def shards_folder(self) -> str:
+        return self._path("_pipeline", "shards")
+
+    def create_marker(self, shard_id: str, marker: dict[str, Any]) -> bool:
+        """Commit a shard: create its marker unless one exists (False: another attempt did)."""
         data = json.dumps(marker, indent=1, default=str).encode()
-        storage.write_bytes_atomic(self.fs, self.marker_path(shard_id), data)
+        return storage.create_exclusive(self.fs, self.marker_path(shard_id), data)
+
+    def committed_marker(self, shard_id: str) -> dict[str, Any] | None:
+        """The shard's marker as storage holds it now (no listing cache), or None."""
+        path = self.marker_path(shard_id)
+        self.fs.invalidate_cache(path.rsplit("/", 1)[0])
+        try:
+            return json.loads(self.fs.cat_file(path))  # one GET on object stores
+        except FileNotFoundError:
+            return None
 
     def committed_shards(self) -> set[str]:
-        folder = self._path("_pipeline", "shards")
+        folder = self.shards_folder()
         self.fs.invalidate_cache(folder)  # other processes wrote there: never trust a listing cache
         try:
             names = self.fs.ls(folder, detail=False)
@@ -153,7 +235,9 @@ class OutputLayout:
         try:
             with self.fs.open(self._path("_pipeline", name), "rb") as fh:
                 return json.loads(fh.read())
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if describe_access(exc) is not None:  # the bucket itself is missing
+                raise
             return None
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:

@@ -108,6 +108,9 @@ def classify_io_error(exc: BaseException, what: str) -> ShardError:
     """Turn an exception from storage I/O into a ShardError marked transient or terminal."""
     if isinstance(exc, ShardError):
         return exc
+    access = describe_access(exc)
+    if access is not None:  # credentials, permissions, a missing bucket: never transient
+        return ShardError(f"{what}: {access}")
     text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
     if isinstance(exc, FileNotFoundError):
         return ShardError(f"{what}: file not found ({text})")
@@ -118,3 +121,102 @@ def classify_io_error(exc: BaseException, what: str) -> ShardError:
         return TransientError(f"{what}: {text}")
     # Anything else (corrupt data, bad schema) fails the same way every time: not retried.
     return ShardError(f"{what}: {text}")
+
+
+# ----------------------------------------------------------------------------- access errors
+# Missing credentials, refused credentials and missing buckets: a retry cannot help and the
+# fix is the user's, so the driver stops with exit 2 naming the job key, and a worker fails the
+# shard at once. Exceptions are matched by type name and error code, never imported: botocore,
+# s3fs, gcsfs, adlfs and google-auth are optional.
+
+_NO_CREDENTIALS = ("NoCredentialsError", "DefaultCredentialsError")
+_BAD_CREDENTIALS = ("PartialCredentialsError", "CredentialRetrievalError", "RefreshError",
+                    "TokenRetrievalError", "ClientAuthenticationError", "UnauthorizedSSOTokenError")
+_CODES = {
+    "AccessDenied": "access denied (403)", "403": "access denied (403)",
+    "Forbidden": "access denied (403)", "AllAccessDisabled": "access denied (403)",
+    "AccountProblem": "access denied (403, AccountProblem)",
+    "AuthorizationFailure": "access denied (403)",
+    "AuthorizationPermissionMismatch": "access denied (403)",
+    "InvalidAccessKeyId": "access denied (403, InvalidAccessKeyId: the access key id is unknown)",
+    "SignatureDoesNotMatch": "access denied (403, SignatureDoesNotMatch: the secret does not "
+                             "match the access key)",
+    "ExpiredToken": "credentials expired (ExpiredToken)",
+    "TokenRefreshRequired": "credentials expired (TokenRefreshRequired)",
+    "InvalidToken": "access denied (InvalidToken: the session token is invalid)",
+    "401": "authentication failed (401)", "AuthenticationFailed": "authentication failed (401)",
+    "InvalidAuthenticationInfo": "authentication failed (401)",
+    "NoSuchBucket": "bucket does not exist", "ContainerNotFound": "container does not exist",
+}
+_NO_CREDENTIALS_HINT = {
+    "s3": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or {section}.storage_options",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS or {section}.storage_options.token",
+    "az": "set AZURE_STORAGE_CONNECTION_STRING or {section}.storage_options "
+          "(account_name with account_key, sas_token or a credential)",
+}
+_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az",
+            "abfss": "az", "adl": "az"}
+_ERROR_CLASSES = {"input": InputError, "model": ModelError, "output": OutputError}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (s3fs raises PermissionError from botocore's ClientError)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        current = current.__cause__
+    return seen
+
+
+def _code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    code = getattr(exc, "error_code", None)  # azure HttpResponseError
+    if code:
+        return str(code)
+    status = getattr(exc, "status_code", None) or getattr(exc, "code", None)  # azure, gcsfs
+    return str(status) if status in (401, 403) else None
+
+
+def describe_access(exc: BaseException, section: str = "", uri: str = "") -> str | None:
+    """What went wrong, in a few words, when ``exc`` is an access problem: no credentials,
+    refused credentials, access denied, a missing bucket. None for anything else."""
+    if isinstance(exc, PipelineError):
+        return None
+    chain = _chain(exc)
+    for err in chain:
+        code = _code(err)
+        if code in _CODES:
+            return _CODES[code]
+    for err in chain:
+        name = type(err).__name__
+        if name in _NO_CREDENTIALS:
+            if not section:
+                return "no credentials found"
+            hint = _NO_CREDENTIALS_HINT.get(_SCHEMES.get(uri.split("://", 1)[0], ""),
+                                            "set {section}.storage_options")
+            return f"no credentials found ({hint.format(section=section)})"
+        if name in _BAD_CREDENTIALS:
+            return f"credentials not usable ({name}: {' '.join(str(err).split())[:160]})"
+    text = " ".join(str(exc).split()).lower()
+    if "bucket does not exist" in text or "nosuchbucket" in text:
+        return "bucket does not exist"
+    if isinstance(exc, OSError) and text.startswith("forbidden:"):  # gcsfs's 403
+        return "access denied (403)"
+    if isinstance(exc, PermissionError):  # a local file, or a store's 403 without a code
+        return f"permission denied ({' '.join(str(exc).split())[:160]})"
+    return None
+
+
+def access_error(exc: BaseException, key: str, uri: str) -> PipelineError | None:
+    """A one-line exit-2 error for an access problem at job key ``key`` (``input.uri``,
+    ``model.uri``, ``output.uri``) on ``uri``; None when ``exc`` is not an access problem."""
+    section = key.split(".", 1)[0]
+    cause = describe_access(exc, section, uri)
+    if cause is None:
+        return None
+    return _ERROR_CLASSES.get(section, PipelineError)(f"{key}: {uri}: {cause}")

@@ -16,13 +16,14 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
-from pipeline.errors import ConfigError, InputError, OutputError, PipelineError
+from pipeline.errors import ConfigError, InputError, OutputError, PipelineError, access_error
 from pipeline.locality import check_placement, resolve_spec, ships_model
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import Plan, check_output_not_input, known_files, make_plan
 from pipeline.progress import Progress
+from pipeline.redaction import scrub
 from pipeline.report import build_report, read_markers, summary_lines
 from pipeline.spec import JobSpec, output_columns, redact
 from pipeline.storage import with_retries
@@ -96,16 +97,25 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
                                spec.input.uri, spec.input.storage_options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"output.storage_options: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"output.storage_options: {type(exc).__name__}: "
+                          f"{scrub(str(exc), spec.output.storage_options)}") from None
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
                       report.providers)
 
 
 def _earlier_plan(spec: JobSpec) -> dict[str, Any] | None:
-    """The plan an earlier run saved in the output: its footers need not be read again."""
+    """The plan an earlier run saved in the output: its footers need not be read again.
+
+    No output yet, or a plan.json that cannot be parsed or read right now: plan from scratch.
+    No credentials, access denied or a missing bucket: stop here (exit 2), before Ray starts,
+    since writing the output would fail the same way after planning the whole input.
+    """
     try:
         return OutputLayout(spec.output.uri, spec.output.storage_options).read_json(PLAN_FILE)
-    except Exception:  # no output yet, or unreadable: plan from scratch
+    except Exception as exc:
+        access = access_error(exc, "output.uri", spec.output.uri)
+        if access is not None:
+            raise access from None
         return None
 
 
@@ -152,8 +162,12 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     except PipelineError:
         raise
     except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
+        access = access_error(exc, "output.uri", layout.uri)
+        if access is not None:
+            raise access from None
+        text = " ".join(scrub(str(exc), spec.output.storage_options).split())[:200]
         raise OutputError(f"output.uri: cannot prepare {layout.uri} "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+                          f"({type(exc).__name__}: {text})") from None
     planned_ids = {s.id for s in planned.plan.shards}
     done = committed & planned_ids
     earlier = with_retries(lambda: read_markers(layout, sorted(done)), "reading shard markers")

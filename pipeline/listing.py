@@ -18,8 +18,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import InputError
+from pipeline.errors import InputError, access_error
 from pipeline.formats import format_of, read_schema
+from pipeline.redaction import scrub
 
 FOOTER_THREADS = 16
 GLOB_CHARS = "*?["
@@ -78,17 +79,28 @@ def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[In
         fs, path = storage.filesystem(uri, storage_options)
         if any(c in path for c in GLOB_CHARS):
             infos = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            infos = fs.find(path, detail=True)
-        elif fs.exists(path):
-            infos = {path: fs.info(path)}
-        else:
-            raise InputError(f"input.uri: {uri} does not exist")
+            if not infos:
+                storage.check_bucket(fs, path)
+        else:  # no isdir() first: on object stores it lists everything too
+            infos = _find(fs, path)
+            if not infos and fs.exists(path):
+                infos = {path: fs.info(path)}
+            if not infos:
+                storage.check_bucket(fs, path)  # a missing bucket reads as a missing path
+                raise InputError(f"input.uri: {uri} does not exist")
+            # find() on a single file may give it without details.
+            infos = {name: info if info else fs.info(name) for name, info in infos.items()}
     except InputError:
         raise
-    except (OSError, ValueError, TypeError) as exc:
+    except Exception as exc:
+        access = access_error(exc, "input.uri", uri)
+        if access is not None:  # no credentials, access denied, no bucket: exit 2, one line
+            raise access from None
+        if not isinstance(exc, (OSError, ValueError, TypeError)):
+            raise
         # TypeError: storage_options the filesystem does not accept.
-        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: "
+                         f"{scrub(str(exc), storage_options)})") from None
     root = path.rstrip("/") + "/"
     files = []
     for name in sorted(infos):
@@ -104,6 +116,24 @@ def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[In
     if not files:
         raise InputError(f"input.uri: no {fmt or 'parquet/ipc/csv/jsonl'} files under {uri}")
     return files
+
+
+def _find(fs: Any, path: str) -> dict[str, dict[str, Any]]:
+    """Every file below ``path``. The top level is listed once; its folders (partitions such
+    as ``date=.../``) are listed in parallel, skipping ``_``/``.`` folders (job bookkeeping)."""
+    try:
+        top = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    found = {e["name"]: e for e in top if e.get("type") != "directory"}
+    folders = [e["name"] for e in top if e.get("type") == "directory"
+               and not _ignored(e["name"].rstrip("/").rsplit("/", 1)[-1])
+               and e["name"].rstrip("/") != path.rstrip("/")]
+    if folders:
+        with ThreadPoolExecutor(min(FOOTER_THREADS, len(folders))) as pool:
+            for infos in pool.map(lambda folder: fs.find(folder, detail=True), folders):
+                found.update(infos)
+    return found
 
 
 def inspect(files: list[InputFile], storage_options: dict[str, Any], sample: bool = False) -> None:
@@ -137,10 +167,15 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
     try:
         # Throttling and resets are retried; what still fails marks the file, not the job.
         storage.with_retries(read, f"reading {file.uri}")
-    except FileNotFoundError:
-        file.error = "file disappeared while planning"
     except Exception as exc:  # corrupt or truncated files raise many arrow/OS error types
-        file.error = f"unreadable {file.format} file: {' '.join(str(exc).split())[:200]}"
+        access = access_error(exc, "input.uri", file.uri)
+        if access is not None:  # listing was allowed but reading is not: stop the job
+            raise access from None
+        if isinstance(exc, FileNotFoundError):
+            file.error = "file disappeared while planning"
+        else:
+            text = " ".join(scrub(str(exc), storage_options).split())[:200]
+            file.error = f"unreadable {file.format} file: {text}"
 
 
 def _inspect_ipc(file: InputFile, fh: Any) -> None:

@@ -22,6 +22,7 @@ from pipeline.locality import ClusterView, Placement
 from pipeline.models.shipping import ShippedBundle
 from pipeline.plan import Shard
 from pipeline.pools import PoolPlan, autoscaler_request, plan_starts, pool_plans
+from pipeline.redaction import scrub
 from pipeline.scheduler import RetryPolicy, Scheduler
 from pipeline.spec import JobSpec
 from pipeline.worker import ShardWorker
@@ -108,6 +109,8 @@ class Runner:
         self.read_columns = read_columns
         self.shards = {s.id: s for s in shards}
         self.progress = progress or _NoProgress()
+        self._storage_options = (spec.input.storage_options, spec.model.storage_options,
+                                 spec.output.storage_options)
         retry = spec.retry
         self.scheduler = Scheduler(
             [s.id for s in shards],
@@ -198,6 +201,7 @@ class Runner:
         self._starting.pop(wid, None)
         if info is None:
             return
+        reason = scrub(reason, *self._storage_options)
         self.outcome.actor_deaths += 1
         self._deaths_since_success += 1
         log.warning("worker %s lost: %s", wid, reason)
@@ -293,7 +297,7 @@ class Runner:
         except RayTaskError as exc:
             cause = exc.cause if exc.cause is not None else exc
             transient = bool(getattr(cause, "transient", not isinstance(cause, PipelineError)))
-            message = _short(cause)
+            message = scrub(_short(cause), *self._storage_options)  # it goes into report.json
             retry = self.scheduler.shard_failed(wid, sid, message, transient)
             if not retry:
                 self.progress.shard_failed()
@@ -305,8 +309,25 @@ class Runner:
             return
         self._deaths_since_success = 0
         self.scheduler.succeeded(wid, sid)
+        late = marker.pop("superseded", None)
+        if late:  # committed by another attempt first: its marker describes the files
+            self._note_superseded(sid, late, marker)
+        if sid in self.outcome.markers:  # counted once, whichever attempt reports it
+            return
         self.outcome.markers[sid] = marker
         self.progress.commit(marker["rows_in"])
+
+    def _note_superseded(self, sid: str, late: dict[str, Any], marker: dict[str, Any]) -> None:
+        note = (f"shard {sid}: attempt {late['attempt']} on {late['worker']} found it committed "
+                f"by attempt {marker.get('attempt')} on {marker.get('worker')}; its own files "
+                "were discarded")
+        if late.get("published"):  # object stores only: it published inside the commit window
+            note = (f"shard {sid}: attempt {late['attempt']} on {late['worker']} published its "
+                    f"files just as attempt {marker.get('attempt')} committed the shard; its "
+                    "part file may hold either attempt's rows (to recompute it, delete "
+                    f"_pipeline/shards/{sid}.json and rerun)")
+            log.warning(note)
+        self.outcome.notes.append(note)
 
     def _check_timeouts(self) -> None:
         limit = self.spec.retry.shard_timeout_s

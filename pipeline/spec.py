@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.redaction import redact as redact  # re-exported: job.json, tests
+from pipeline.redaction import redact_at
 
-SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|private|session|^key$)", re.I)
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-REDACTED = "***"
 
 
 class Strict(BaseModel):
@@ -282,12 +282,15 @@ def _format_error(exc: ValidationError, source: str) -> str:
     if len(alternatives) > 1:
         msg = " or ".join(dict.fromkeys(m.split(",")[0] for m in alternatives))
     more = len({_clean_loc(e["loc"]) for e in errors}) - 1
-    shown = "" if err["type"] == "missing" else f" (got {_short(err.get('input'))})"
+    # The value as job.json would show it: nothing under storage_options, no secret names.
+    path = key.split(".") if key != "(top level)" else []
+    value = redact_at(path, err.get("input"))
+    shown = "" if err["type"] == "missing" else f" (got {_short(value)})"
     return f"{source}: {key}: {msg}{shown}" + (f" (+{more} more)" if more > 0 else "")
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(redact(value) if isinstance(value, dict) else value, default=str)
+    text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -365,16 +368,6 @@ def load_spec(
     if isinstance(source, JobSpec) and not overrides:
         return source
     return validate_job(*read_job(source, overrides))
-
-
-def redact(value: Any) -> Any:
-    """A copy with secret-looking values (keys, tokens, passwords) replaced."""
-    if isinstance(value, dict):
-        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "")
-                else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def json_schema() -> dict[str, Any]:

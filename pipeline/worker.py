@@ -15,11 +15,13 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
@@ -33,11 +35,11 @@ from pipeline.commit import (
 )
 from pipeline.errors import ModelError, ShardError, classify_io_error
 from pipeline.faults import maybe_inject
-from pipeline.formats import iter_piece
+from pipeline.formats import iter_piece, windows
 from pipeline.inference import score_table
 from pipeline.models.bundle import fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
-from pipeline.plan import Piece, Shard
+from pipeline.plan import Shard
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.spec import JobSpec
 from pipeline.tasks import build_task
@@ -110,30 +112,46 @@ class ShardWorker:
             # Window by window: memory depends on batching.window_rows, not on the shard.
             with self.layout.shard_writer(shard.id, self.spec.output.compression,
                                           metadata) as out:
-                for piece in shard.pieces:
-                    for window in stats.timed_iter("read_s", self._windows(piece)):
-                        self._score_window(shard.id, attempt, piece, window, out, stats)
-            maybe_inject("worker.after_part", shard.id, attempt)
-            marker = self._marker(shard, attempt, out, stats)
-            self.layout.write_marker(shard.id, marker)
+                # Windows span pieces: a shard of many tiny files still infers full batches.
+                stream = windows(self._tables(shard), self.spec.batching.window_rows)
+                for window in stats.timed_iter("read_s", stream):
+                    self._score_window(shard, attempt, window, out, stats)
+                marker = self._marker(shard, attempt, out, stats)
+                # The part file is in place, the marker not yet: where a crash is injected.
+                committed, ours = out.commit(
+                    marker, before_marker=lambda: maybe_inject("worker.after_part", shard.id,
+                                                               attempt))
         except ShardError:
             raise
         except Exception as exc:
             raise classify_io_error(exc, f"writing output of shard {shard.id}") from None
-        return marker
+        if ours:
+            return marker
+        # Another attempt committed the shard first (this one was slow, or its worker was given
+        # up on): its files stand, this attempt's were discarded. The runner counts the shard
+        # once, from the marker on storage.
+        return {**committed, "superseded": {"attempt": attempt, "worker": self.identity,
+                                            "published": out.published}}
 
-    def _windows(self, piece: Piece) -> Iterator[pa.Table]:
-        fs, path = storage.filesystem(piece.uri, self.spec.input.storage_options)
-        try:
-            yield from iter_piece(fs, path, piece, self.read_columns,
-                                  self.spec.batching.window_rows, piece.uri)
-        except ShardError:
-            raise
-        except Exception as exc:
-            raise classify_io_error(exc, f"reading {piece.uri}") from None
+    def _tables(self, shard: Shard) -> Iterator[pa.Table]:
+        """The shard's rows piece after piece, each row tagged with its piece's index."""
+        window_rows = self.spec.batching.window_rows
+        for index, piece in enumerate(shard.pieces):
+            fs, path = storage.filesystem(piece.uri, self.spec.input.storage_options)
+            try:
+                for table in iter_piece(fs, path, piece, self.read_columns, window_rows, piece.uri):
+                    yield table.append_column(PIECE_COLUMN, pa.array(
+                        np.full(table.num_rows, index, dtype=np.int32), pa.int32()))
+            except ShardError:
+                raise
+            except Exception as exc:
+                raise classify_io_error(exc, f"reading {piece.uri}") from None
 
-    def _score_window(self, shard_id: str, attempt: int, piece: Piece, window: pa.Table,
+    def _score_window(self, shard: Shard, attempt: int, tagged: pa.Table,
                       out: ShardWriter, stats: ShardStats) -> None:
+        pieces = tagged[PIECE_COLUMN].to_numpy()
+        window = tagged.drop_columns([PIECE_COLUMN])
+        shard_id = shard.id
         # Tokenizing (thread-safe) happens outside the lock, overlapping another shard's inference.
         with stats.timed("prepare_s"):
             prepared = self.task.prepare(window)
@@ -147,7 +165,7 @@ class ShardWorker:
         with stats.timed("write_s"):
             out.write(self._output_table(window, scored))
             out.write_dead(self._dead_letter_table(window, scored.bad, shard_id, stats.rows_in,
-                                                   piece.uri))
+                                                   [shard.pieces[i].uri for i in pieces]))
         stats.count(window.num_rows, scored)
 
     def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
@@ -164,6 +182,7 @@ class ShardWorker:
             "timings": {k: round(v, 4) for k, v in stats.timings.items()},
             "peak_rss_mb": peak_rss_mb(),
             "part": self.layout.part_path(shard.id).rsplit("/", 1)[-1],
+            "attempt_token": uuid.uuid4().hex,  # tells this attempt's marker from another's
             "committed_at": time.time(),
         }
 
@@ -190,7 +209,7 @@ class ShardWorker:
         return pa.table(columns)
 
     def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard_id: str,
-                           offset: int, input_uri: str) -> pa.Table | None:
+                           offset: int, inputs: list[str]) -> pa.Table | None:
         if not bad:
             return None
         rows = sorted(bad)
@@ -200,10 +219,11 @@ class ShardWorker:
         columns["_row"] = pa.array([offset + r for r in rows], pa.int64())  # within the shard
         columns["_reason"] = pa.array([bad[r] for r in rows], pa.string())
         columns["_shard_id"] = pa.array([shard_id] * len(rows), pa.string())
-        columns["_input"] = pa.array([input_uri] * len(rows), pa.string())
+        columns["_input"] = pa.array([inputs[r] for r in rows], pa.string())
         return pa.table(columns)
 
 
+PIECE_COLUMN = "__pipeline_piece"  # which piece of the shard a row came from, while in flight
 MARKER_PIECES = 32  # a packed shard of many small files names the first ones only
 
 

@@ -25,8 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import storage
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, access_error
 from pipeline.models.identity import bundle_identity, read_files, sha256_bytes
+from pipeline.redaction import scrub
 
 BUNDLE_FILE = "bundle.yaml"
 TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
@@ -138,11 +139,29 @@ def read_bundle_spec(uri: str, storage_options: dict[str, Any] | None = None) ->
     try:
         with storage.open_uri(where, "rt", storage_options) as fh:
             text = fh.read()
-    except FileNotFoundError:
-        raise ModelError(f"model bundle {uri}: {BUNDLE_FILE} not found") from None
-    except OSError as exc:
-        raise ModelError(f"model bundle {uri}: cannot read {BUNDLE_FILE} ({exc})") from None
+    except Exception as exc:
+        raise _read_error(exc, uri, BUNDLE_FILE, storage_options) from None
     return parse_bundle_spec(text, where)
+
+
+def _read_error(exc: Exception, uri: str, name: str,
+                storage_options: dict[str, Any] | None) -> Exception:
+    """No credentials, access denied or no bucket: one exit-2 line naming model.uri."""
+    access = access_error(exc, "model.uri", uri)
+    if access is not None:
+        return access
+    if isinstance(exc, FileNotFoundError):
+        if not storage.is_local(uri):  # a missing bucket may read as a missing file
+            try:
+                storage.check_bucket(*storage.filesystem(uri, storage_options))
+            except Exception as probe:
+                return access_error(probe, "model.uri", uri) or ModelError(
+                    f"model bundle {uri}: {name} not found")
+        return ModelError(f"model bundle {uri}: {name} not found")
+    if isinstance(exc, OSError):
+        return ModelError(f"model bundle {uri}: cannot read {name} "
+                          f"({scrub(str(exc), storage_options)})")
+    return exc
 
 
 # Hashing a large model on every load is wasteful: remember what this process verified.
@@ -176,10 +195,13 @@ def _read_remote(where: str, storage_options: dict[str, Any] | None, uri: str) -
     try:
         with storage.open_uri(where, "rb", storage_options) as fh:
             return fh.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ModelError(f"model bundle {uri}: cannot read {where} ({exc})") from None
+    except FileNotFoundError as exc:
+        access = access_error(exc, "model.uri", uri)  # a missing bucket, not a missing file
+        if access is None:
+            return None
+        raise access from None
+    except Exception as exc:
+        raise _read_error(exc, uri, where.rsplit("/", 1)[-1], storage_options) from None
 
 
 def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> None:
@@ -273,7 +295,13 @@ def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, fina
               identity: str) -> None:
     fs, base = storage.filesystem(uri, storage_options)
     with cache_entry(root, final, identity, f"model bundle {uri}: download failed") as tmp:
-        fs.get(base.rstrip("/") + "/", str(tmp), recursive=True)
+        try:
+            fs.get(base.rstrip("/") + "/", str(tmp), recursive=True)
+        except Exception as exc:
+            access = access_error(exc, "model.uri", uri)
+            if access is not None:
+                raise access from None
+            raise
         spec = parse_bundle_spec((tmp / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
         if local_identity(tmp, spec) != identity:
             changed = " or ".join([BUNDLE_FILE, *read_files(spec)])
