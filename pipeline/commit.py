@@ -28,6 +28,7 @@ META_FINGERPRINT = b"pipeline.fingerprint"
 META_MODEL = b"pipeline.model_sha256"
 META_BUNDLE = b"pipeline.bundle_identity"
 META_SHARD = b"pipeline.shard_id"
+BROKEN = "_broken"  # committed_marker: a marker file whose content is not a marker
 
 
 class ShardWriter:
@@ -102,7 +103,7 @@ class ShardWriter:
         """Steps 1-2 (caller holds the commit lock): the committed marker, or None once this
         attempt's files are in place."""
         committed = self.layout.committed_marker(self.shard_id)
-        if committed is not None:
+        if committed is not None and not committed.get(BROKEN):
             self._discard()
             return committed
         self._files["part"].publish()
@@ -131,6 +132,12 @@ class ShardWriter:
             if self.layout.create_marker(self.shard_id, marker):
                 return marker, True
             committed = self.layout.committed_marker(self.shard_id)
+            if committed is not None and committed.get(BROKEN):
+                # A marker that is there but unreadable (seen with retried conditional PUTs on
+                # moto: an empty body): this attempt's files are published, so its marker
+                # replaces the broken one.
+                self.layout.replace_marker(self.shard_id, marker)
+                return marker, True
         if committed is None:  # refused, yet gone: someone is wiping the output
             raise TransientError(f"shard {self.shard_id}: its marker was refused as existing "
                                  "but cannot be read")
@@ -203,13 +210,27 @@ class OutputLayout:
         return storage.create_exclusive(self.fs, self.marker_path(shard_id), data)
 
     def committed_marker(self, shard_id: str) -> dict[str, Any] | None:
-        """The shard's marker as storage holds it now (no listing cache), or None."""
+        """The shard's marker as storage holds it now (no listing cache), None when there is
+        none, ``{BROKEN: reason}`` when it exists but cannot be read as a marker."""
         path = self.marker_path(shard_id)
         self.fs.invalidate_cache(path.rsplit("/", 1)[0])
         try:
-            return json.loads(self.fs.cat_file(path))  # one GET on object stores
+            data = self.fs.cat_file(path)  # one GET on object stores
         except FileNotFoundError:
             return None
+        except Exception as exc:
+            if "checksum" not in str(exc).lower():
+                raise
+            return {BROKEN: f"checksum mismatch: {exc}"}
+        try:
+            marker = json.loads(data)
+        except ValueError as exc:
+            return {BROKEN: f"not JSON ({len(data)} bytes): {exc}"}
+        return marker if isinstance(marker, dict) else {BROKEN: "not a JSON object"}
+
+    def replace_marker(self, shard_id: str, marker: dict[str, Any]) -> None:
+        data = json.dumps(marker, indent=1, default=str).encode()
+        storage.write_bytes_atomic(self.fs, self.marker_path(shard_id), data)
 
     def committed_shards(self) -> set[str]:
         folder = self.shards_folder()

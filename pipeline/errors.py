@@ -101,6 +101,7 @@ _TRANSIENT_HINTS = (
     "reset by peer", "broken pipe", "503", "500", "502", "504", "internalerror",
     "serviceunavailable", "too many requests", "429", "eof occurred", "disconnect",
     "could not connect", "reduce your request rate", "requesttimeout",
+    "checksum",  # a body that does not match its checksum was damaged on the way
 )
 
 

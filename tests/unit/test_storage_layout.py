@@ -44,3 +44,25 @@ def test_orphaned_parts_are_removed(tmp_path):
     assert layout.remove_orphans({"keep"}) == 2
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-keep.parquet"]
     assert [p.name for p in (tmp_path / "_pipeline" / "dead_letter").iterdir()] == ["keep.parquet"]
+
+
+def test_a_broken_marker_is_replaced_by_the_attempt_that_commits(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    (tmp_path / "_pipeline" / "shards").mkdir(parents=True)
+    (tmp_path / "_pipeline" / "shards" / "s1.json").write_bytes(b"")  # there, but not a marker
+    broken = layout.committed_marker("s1")
+    assert list(broken) == ["_broken"] and broken["_broken"].startswith("not JSON (0 bytes)")
+    with layout.shard_writer("s1", "zstd", {}) as out:
+        out.write(pa.table({"id": [7]}))
+        committed, ours = out.commit({"shard_id": "s1", "attempt": 2, "attempt_token": "t2"})
+    assert ours and committed["attempt"] == 2
+    assert layout.committed_marker("s1")["attempt_token"] == "t2"
+    assert pq.read_table(tmp_path / "part-s1.parquet")["id"].to_pylist() == [7]
+
+
+def test_checksum_mismatches_are_retried():
+    from pipeline.errors import classify_io_error
+
+    err = classify_io_error(RuntimeError("FlexibleChecksumError: Expected checksum x did not "
+                                         "match calculated checksum: AAAAAA=="), "reading m")
+    assert err.transient
