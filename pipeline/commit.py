@@ -282,18 +282,22 @@ class OutputLayout:
 
     def remove_orphans(self, keep: set[str]) -> int:
         """Delete part and dead-letter files of shards outside the plan (left by a failed
-        attempt before the input or sharding changed), so the folder holds one job's rows."""
-        removed = 0
+        attempt before the input or sharding changed), so the folder holds one job's rows;
+        and what killed attempts left: temp files, unfinished multipart uploads. Called when
+        the job's workers are gone."""
+        removed = storage.abort_uploads(self.fs, self.root)
         for folder, prefix, suffix in ((self.root, "part-", ".parquet"),
-                                       (self._path("_pipeline", "dead_letter"), "", ".parquet")):
+                                       (self._path("_pipeline", "dead_letter"), "", ".parquet"),
+                                       (self.shards_folder(), "\0", "")):
             self.fs.invalidate_cache(folder)
             try:
                 names = self.fs.ls(folder, detail=False)
             except FileNotFoundError:
                 continue
             doomed = [name for name in names
-                      if (base := name.rstrip("/").rsplit("/", 1)[-1]).startswith(prefix)
-                      and base.endswith(suffix) and base[len(prefix):-len(suffix)] not in keep]
+                      if (base := name.rstrip("/").rsplit("/", 1)[-1]).startswith(".tmp-")
+                      or (base.startswith(prefix) and base.endswith(suffix)
+                          and base[len(prefix):len(base) - len(suffix)] not in keep)]
             if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
                 self.fs.rm(doomed)
             removed += len(doomed)

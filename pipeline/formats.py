@@ -91,7 +91,7 @@ def iter_piece(fs, path: str, piece: Any, columns: list[str] | None, window_rows
         elif piece.format == "ipc":
             stream = _ipc_batches(fh, piece)
         elif piece.format in ("csv", "jsonl"):
-            stream = _text_batches(fs, path, fh, piece, columns)
+            stream = _text_batches(fs, path, fh, piece)
         else:
             raise ValueError(f"unknown format {piece.format}")
         for table in windows(stream, window_rows):
@@ -147,7 +147,11 @@ def _ipc_batches(fh, piece: Any) -> Iterator[pa.RecordBatch]:
         yield reader.get_batch(i)
 
 
-def _text_batches(fs, path: str, fh, piece: Any, columns: list[str] | None):
+def _text_batches(fs, path: str, fh, piece: Any) -> Iterator[pa.Table]:
+    """CSV / JSON Lines. A byte range or a small file is parsed as one block, so column types
+    are inferred over all of it (a streaming reader fixes them on its first block and then
+    fails on a later float or a new key); the block is at most about the shard's byte target.
+    Compressed files, which cannot be split, are streamed. Empty files give no rows."""
     if piece.kind == "bytes":
         # The lines that start in [start, end): fsspec's delimiter-aligned blocks give each
         # line to exactly one range. CSV ranges after the first get the header line again.
@@ -156,15 +160,21 @@ def _text_batches(fs, path: str, fh, piece: Any, columns: list[str] | None):
             from pipeline.listing import csv_header
 
             data = csv_header(fs, path) + data
-        if not data.strip():
+    elif not path.endswith(".gz"):
+        data = fh.read()
+    else:
+        if not fh.read(1):
             return
-        source = io.BytesIO(data)
-    else:
-        source = fh
+        fh.seek(0)
+        reader = pacsv.open_csv(fh) if piece.format == "csv" else pajson.open_json(fh)
+        yield from (pa.Table.from_batches([batch]) for batch in reader)
+        return
+    if not data.strip():
+        return
     if piece.format == "csv":  # all columns parsed: a missing one gets our own message
-        yield from pacsv.open_csv(source)
+        yield pacsv.read_csv(io.BytesIO(data))
     else:
-        yield from pajson.open_json(source)
+        yield pajson.read_json(io.BytesIO(data))
 
 
 def read_schema(fs, path: str, fmt: str) -> pa.Schema:

@@ -215,16 +215,14 @@ def cut_shards(files: list[InputFile], sizing: Sizing) -> list[Shard]:
 
 def measure_sizing(files: list[InputFile], rows_per_shard: int,
                    bytes_per_shard: int | None) -> Sizing:
-    """Byte targets per format: ``bytes_per_shard``, or rows_per_shard x bytes per row
-    measured on the sampled files."""
+    """Byte targets per format: ``bytes_per_shard``, or rows_per_shard x the bytes per row of
+    the first file of that format. Only that sample counts, never footers that happen to be
+    known (from plan.json), so the same input always gets the same targets and shards."""
     sizing = Sizing(rows_per_shard)
-    for fmt in {f.format for f in files}:
-        if bytes_per_shard:
-            sizing.bytes_per_shard[fmt] = bytes_per_shard
-            continue
-        rates = [f.bytes_per_row for f in files if f.format == fmt and f.bytes_per_row]
-        per_row = sorted(rates)[len(rates) // 2] if rates else FALLBACK_BYTES_PER_ROW
-        sizing.bytes_per_shard[fmt] = max(1, int(rows_per_shard * per_row))
+    for sample in _samples(files):
+        per_row = sample.bytes_per_row or FALLBACK_BYTES_PER_ROW
+        sizing.bytes_per_shard[sample.format] = bytes_per_shard or max(1, int(rows_per_shard
+                                                                              * per_row))
     return sizing
 
 
@@ -232,7 +230,8 @@ def _samples(files: list[InputFile]) -> list[InputFile]:
     """The first file of each format: its columns are checked and its rows sized."""
     first: dict[str, InputFile] = {}
     for f in files:
-        first.setdefault(f.format, f)
+        if f.size > 0 or f.format in ("parquet", "ipc"):  # an empty text file tells nothing
+            first.setdefault(f.format, f)
     return list(first.values())
 
 

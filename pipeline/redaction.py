@@ -43,7 +43,14 @@ def redact(value: Any, _options: bool = False) -> Any:
         return [redact(v, _options) for v in value]
     if _options and not (value is None or isinstance(value, bool) or value == ""):
         return REDACTED  # a value under storage_options without a harmless key
+    if isinstance(value, str):  # a password inside any URI: https://user:pass@host/...
+        return _USERINFO.sub(r"\1***@", value)
     return value
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without the password of a ``user:password@`` part, for markers and reports."""
+    return _USERINFO.sub(r"\1***@", uri)
 
 
 def _redact_entry(key: str, value: Any, options: bool) -> Any:

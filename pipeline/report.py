@@ -11,6 +11,7 @@ from pipeline.commit import OutputLayout
 from pipeline.errors import is_device_error
 from pipeline.models.bundle import LocalBundle
 from pipeline.plan import Plan
+from pipeline.redaction import redact_uri
 from pipeline.runner import RunOutcome
 
 
@@ -39,7 +40,8 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
     budget_exceeded = bad_fraction > max_bad_fraction
     shards = {s.id: s for s in plan.shards}
     failures = [
-        {"shard": sid, "input": shards[sid].uri, "pieces": [p.key() for p in shards[sid].pieces],
+        {"shard": sid, "input": redact_uri(shards[sid].uri),
+         "pieces": [[redact_uri(p.uri), *p.key()[1:]] for p in shards[sid].pieces],
          "attempts": outcome.attempts.get(sid, 0), "last_error": err,
          "errors": outcome.errors.get(sid, [])}
         for sid, err in sorted(outcome.failed.items())

@@ -126,6 +126,8 @@ class Runner:
         self._retired: list[dict[str, Any]] = []
         self._pool_of: dict[str, PoolPlan] = {}
         self._starting: dict[str, float] = {}  # worker -> when it was asked to start
+        self._most_actors = 0  # the largest pool size so far: losing a whole node is no abort
+        self._workless_since = time.monotonic()  # since when no worker is ready (None: one is)
         self._next_grow = 0.0
         self._requested: list[dict[str, float]] | None = None  # last autoscaler request
 
@@ -163,6 +165,7 @@ class Runner:
         # (no resources) or cannot load the model never holds shards hostage.
         self.info_refs[handle.info.remote()] = wid
         self._starting[wid] = time.monotonic()
+        self._most_actors = max(self._most_actors, len(self.workers))
         self._pool_of[wid] = pool
 
     def _grow(self, force: bool = False) -> None:
@@ -212,7 +215,7 @@ class Runner:
             ray.kill(info.handle, no_restart=True)
         self._retired.append(self._worker_summary(info))
         self._pool_of.pop(wid)
-        limit = 2 * len(self._pool_of) + 3
+        limit = 2 * self._most_actors + 3
         if self._deaths_since_success > limit:
             self.outcome.aborted = f"workers keep dying without committing a shard: {reason}"
             return
@@ -333,8 +336,12 @@ class Runner:
         limit = self.spec.retry.shard_timeout_s
         now = time.monotonic()
         start_limit = self.spec.workers.start_timeout_s
+        if self.scheduler.workers:
+            self._workless_since = None
+        elif self._workless_since is None:  # every ready worker is gone: the clock restarts
+            self._workless_since = now
         if not self.scheduler.workers and self._starting and \
-                now - min(self._starting.values()) > start_limit:
+                now - self._workless_since > start_limit:
             self.outcome.aborted = (
                 f"no worker started within workers.start_timeout_s={start_limit:g}s; the "
                 f"cluster may lack the resources asked for ({self._resources_text()})")

@@ -204,6 +204,20 @@ def commit_lock(fs, folder: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def abort_uploads(fs, root: str) -> int:
+    """Abort unfinished multipart uploads below ``root`` (S3): an attempt killed between
+    writing its part file and committing leaves one, which S3 would keep (and bill) forever."""
+    if protocol_of(fs) not in ("s3", "s3a"):
+        return 0
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.rstrip("/") + "/" if key else ""
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    for upload in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                   UploadId=upload["UploadId"])
+    return len(uploads)
+
+
 def create_exclusive(fs, path: str, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists; False when it did (nothing written).
 

@@ -69,7 +69,9 @@ def check_for_cluster(spec: JobSpec) -> None:
 
 def stage(data: dict[str, Any], spec: JobSpec, folder: Path) -> None:
     """Write the working directory: the job file and, for a local model, the bundle."""
-    if is_node_local(spec.model.uri) and not spec.storage.shared_filesystem:
+    model_path = spec.model.uri.split("://", 1)[-1]
+    on_shared_fs = spec.storage.shared_filesystem and model_path.startswith("/")
+    if is_node_local(spec.model.uri) and not on_shared_fs:  # else the nodes see it as it is
         from pipeline.models.bundle import fetch_bundle
 
         bundle = fetch_bundle(spec.model.uri, None, spec.model.sha256)  # hash checked here

@@ -40,6 +40,7 @@ from pipeline.inference import score_table
 from pipeline.models.bundle import fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
+from pipeline.redaction import redact_uri
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.spec import JobSpec
 from pipeline.tasks import build_task
@@ -165,14 +166,16 @@ class ShardWorker:
         with stats.timed("write_s"):
             out.write(self._output_table(window, scored))
             out.write_dead(self._dead_letter_table(window, scored.bad, shard_id, stats.rows_in,
-                                                   [shard.pieces[i].uri for i in pieces]))
+                                                   [redact_uri(shard.pieces[i].uri)
+                                                    for i in pieces]))
         stats.count(window.num_rows, scored)
 
     def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
                 stats: ShardStats) -> dict[str, Any]:
         return {
-            "shard_id": shard.id, "input": shard.uri, "files": len({p.uri for p in shard.pieces}),
-            "pieces": [p.key() for p in shard.pieces[:MARKER_PIECES]],
+            "shard_id": shard.id, "input": redact_uri(shard.uri),
+            "files": len({p.uri for p in shard.pieces}),
+            "pieces": [[redact_uri(p.uri), *p.key()[1:]] for p in shard.pieces[:MARKER_PIECES]],
             "rows_in": stats.rows_in, "rows_out": out.rows_out, "rows_bad": out.rows_bad,
             "bad_reasons": stats.reasons, "attempt": attempt, "worker": self.identity,
             "pool": self.pool.name, **self.node, "provider": self.loaded.active,

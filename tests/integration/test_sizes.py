@@ -112,6 +112,38 @@ def test_resume_reuses_saved_footers_and_notices_a_replaced_file(tmp_path, monke
     assert main([_write(tmp_path, job), "--no-progress"]) == 2
 
 
+def test_the_same_input_gives_the_same_shards_on_every_run(tmp_path):
+    # Files of many sizes: some packed, some split. Footers the first run saved must not move
+    # the byte targets of the second (it would cut other shards and refuse to resume).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    start = 0
+    for i, rows in enumerate([5, 400, 17, 900, 3, 250, 60, 1200, 8, 33] * 3):
+        pq.write_table(make_scoring_table(rows, seed=i, start_id=start),
+                       folder / f"f{i:02d}.parquet", row_group_size=100)
+        start += rows
+    job = tabular_job(str(folder), str(tmp_path / "out"), sharding={"rows_per_shard": 300})
+    first = pipeline.run_job(job, progress=False)
+    assert first.exit_code == 0
+    again = pipeline.run_job(job, progress=False)
+    assert again.exit_code == 0
+    assert again.report["totals"]["run_now"] == 0
+    assert again.report["totals"]["resumed"] == first.report["totals"]["shards"]
+    assert output_ids(tmp_path / "out") == list(range(start))
+
+
+def test_empty_text_files_among_others_give_no_rows(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    table = make_scoring_table(40, seed=3)
+    pacsv.write_csv(table, folder / "a.csv")
+    (folder / "b.csv").write_bytes(b"")
+    (folder / "c.jsonl").write_bytes(b"")
+    result = pipeline.run_job(tabular_job(str(folder), str(tmp_path / "out")), progress=False)
+    assert result.exit_code == 0
+    assert output_ids(tmp_path / "out") == sorted(table["id"].to_pylist())
+
+
 def _write(tmp_path: Path, job: dict) -> str:
     import yaml
 
