@@ -27,8 +27,8 @@ from packaging.version import Version
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli there
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "infra" / "Dockerfile"
