@@ -98,10 +98,22 @@ def plan_starts(pools: list[PoolPlan], live: dict[str, int], waiting: dict[str, 
     return starts
 
 
+REQUEST_CAP = 1024  # actors per pool asked of the autoscaler at most (no cluster is bigger)
+
+
 def autoscaler_request(pools: list[PoolPlan], remaining_shards: int) -> list[dict[str, float]]:
     """Resource bundles to ask the autoscaler for: every actor the elastic pools want."""
     bundles: list[dict[str, float]] = []
     for pool in pools:
         if pool.elastic:
-            bundles += [dict(pool.shape)] * pool.target(remaining_shards)
+            bundles += [dict(pool.shape)] * min(REQUEST_CAP, pool.target(remaining_shards))
     return bundles
+
+
+def request_changed(sent: list[dict[str, float]] | None, wanted: list[dict[str, float]]) -> bool:
+    """Whether to send a new request: the first one, the last (empty) one, or one that moves
+    by a tenth; not one per committed shard, which would flood the cluster's control plane."""
+    if sent is None or not wanted:
+        return sent != wanted
+    return abs(len(wanted) - len(sent)) * 10 >= len(sent) or \
+        {tuple(sorted(b.items())) for b in wanted} != {tuple(sorted(b.items())) for b in sent}

@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.locality import ClusterView, Placement
 from pipeline.models.shipping import ShippedBundle
 from pipeline.plan import Shard
-from pipeline.pools import PoolPlan, autoscaler_request, plan_starts, pool_plans
+from pipeline.pools import PoolPlan, autoscaler_request, plan_starts, pool_plans, request_changed
 from pipeline.redaction import scrub
 from pipeline.scheduler import RetryPolicy, Scheduler
 from pipeline.spec import JobSpec
@@ -189,7 +189,7 @@ class Runner:
     def _request_resources(self, bundles: list[dict[str, float]]) -> None:
         if self.placement.pin_node:
             bundles = []  # new nodes could not run these workers
-        if bundles == self._requested:
+        if not request_changed(self._requested, bundles):
             return
         self._requested = bundles
         try:

@@ -165,9 +165,8 @@ class ShardWorker:
                 scored = score_table(self.task, self.loaded, window, prepared)
         with stats.timed("write_s"):
             out.write(self._output_table(window, scored))
-            out.write_dead(self._dead_letter_table(window, scored.bad, shard_id, stats.rows_in,
-                                                   [redact_uri(shard.pieces[i].uri)
-                                                    for i in pieces]))
+            out.write_dead(self._dead_letter_table(window, scored.bad, shard, stats.rows_in,
+                                                   pieces))
         stats.count(window.num_rows, scored)
 
     def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
@@ -211,8 +210,8 @@ class ShardWorker:
             return pa.table({})
         return pa.table(columns)
 
-    def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard_id: str,
-                           offset: int, inputs: list[str]) -> pa.Table | None:
+    def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard: Shard,
+                           offset: int, pieces: np.ndarray) -> pa.Table | None:
         if not bad:
             return None
         rows = sorted(bad)
@@ -221,8 +220,9 @@ class ShardWorker:
         columns = {n: table[n].take(take) for n in names if n in table.column_names}
         columns["_row"] = pa.array([offset + r for r in rows], pa.int64())  # within the shard
         columns["_reason"] = pa.array([bad[r] for r in rows], pa.string())
-        columns["_shard_id"] = pa.array([shard_id] * len(rows), pa.string())
-        columns["_input"] = pa.array([inputs[r] for r in rows], pa.string())
+        columns["_shard_id"] = pa.array([shard.id] * len(rows), pa.string())
+        columns["_input"] = pa.array([redact_uri(shard.pieces[pieces[r]].uri) for r in rows],
+                                     pa.string())
         return pa.table(columns)
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.pools import PoolPlan, autoscaler_request, fits, plan_starts, pool_plans
+from pipeline.pools import (
+    REQUEST_CAP,
+    PoolPlan,
+    autoscaler_request,
+    fits,
+    plan_starts,
+    pool_plans,
+    request_changed,
+)
 from pipeline.spec import load_spec
 from pipeline.worker import PoolSettings
 
@@ -86,3 +94,13 @@ def test_autoscaler_request_covers_elastic_pools_only():
     assert autoscaler_request([bounded_gpu, fixed], remaining_shards=10) == [GPU.shape] * 2
     assert autoscaler_request([CPU], remaining_shards=3) == [{"CPU": 1.0}] * 3
     assert autoscaler_request([CPU], remaining_shards=0) == []
+
+
+def test_autoscaler_requests_are_capped_and_not_resent_for_every_shard():
+    assert len(autoscaler_request([CPU], remaining_shards=100_000)) == REQUEST_CAP
+    sent = [{"CPU": 1.0}] * 100
+    assert request_changed(None, sent)
+    assert not request_changed(sent, [{"CPU": 1.0}] * 95)  # a few shards finished
+    assert request_changed(sent, [{"CPU": 1.0}] * 89)
+    assert request_changed(sent, [])  # the job ends: release everything
+    assert request_changed(sent, [{"CPU": 1.0}] * 99 + [{"CPU": 2.0, "GPU": 1.0}])
