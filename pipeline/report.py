@@ -73,6 +73,9 @@ def build_report(*, name: str, layout: OutputLayout, plan: Plan, fingerprint: st
             "rows_out": rows_out,
             "rows_bad": rows_bad,
             "rows_per_s": round(run_rows / wall, 1) if wall > 0 else None,
+            # Start-up cost as users feel it: Ray, planning, model load, first shard.
+            "first_shard_s": round(min(m["committed_at"] for m in outcome.markers.values())
+                                   - started_at, 3) if outcome.markers else None,
             "input_bytes": plan.total_bytes,
         },
         "bad_rows": {
@@ -147,7 +150,7 @@ def _workers(outcome: RunOutcome) -> list[dict[str, Any]]:
         w = per.setdefault(m["worker"], {"worker": m["worker"], "pool": m["pool"],
                                          "provider": m["provider"], "fallback": m["fallback"],
                                          "node_id": m.get("node_id"), "node_ip": m.get("node_ip"),
-                                         "shards": 0, "rows": 0, "read_s": 0.0,
+                                         "session": m.get("session"), "shards": 0, "rows": 0, "read_s": 0.0,
                                          "infer_s": 0.0, "write_s": 0.0})
         w["shards"] += 1
         w["rows"] += m["rows_in"]
@@ -170,6 +173,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append("  nodes: " + ", ".join(
             f"{n['node_ip']}/{n['node_id'][:8]} ({n['shards']} shards, {n['rows']:,} rows)"
             for n in report["nodes"]))
+    sessions = {_session_line(w) for w in report["workers"] if w.get("session")}
+    for line in sorted(sessions)[:4]:
+        lines.append(f"  session: {line}")
     for fb in report["fallbacks"]:
         lines.append(f"  fallback: {fb}")
     if report["attempts"]["retried_shards"]:
@@ -185,3 +191,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  aborted: {report['aborted']}")
     lines.append(f"  output: {report['output']}")
     return lines
+
+
+def _session_line(worker: dict[str, Any]) -> str:
+    """One worker's session set-up in words: pool, provider, threads, graph, batch sizes."""
+    s = worker["session"]
+    b = s.get("batching", {})
+    threads = s.get("intra_op_threads")
+    return (f"{worker.get('pool')} pool on {', '.join(s.get('providers', [])[:1]) or '?'}, "
+            f"{threads} intra-op thread{'s' if threads != 1 else ''}, graph {s.get('graph')}, "
+            f"batches of {b.get('max_tokens')} tokens / {b.get('max_rows')} rows")

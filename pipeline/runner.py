@@ -58,6 +58,7 @@ class WorkerInfo:
     identity: str | None = None
     node_id: str | None = None
     node_ip: str | None = None
+    session: dict[str, Any] | None = None  # how its session runs (threads, graph, batch sizes)
 
 
 @dataclass
@@ -231,7 +232,7 @@ class Runner:
     def _worker_summary(self, info: WorkerInfo) -> dict[str, Any]:
         return {"id": info.id, "pool": info.pool, "worker": info.identity,
                 "provider": info.provider, "fallback": info.fallback, "node_id": info.node_id,
-                "node_ip": info.node_ip}
+                "node_ip": info.node_ip, "session": info.session}
 
     # ------------------------------------------------------------------ main loop
 
@@ -291,6 +292,7 @@ class Runner:
             worker.provider, worker.fallback = info["provider"], info["fallback"]
             worker.identity = info["worker"]
             worker.node_id, worker.node_ip = info.get("node_id"), info.get("node_ip")
+            worker.session = info.get("session")
             self.scheduler.add_worker(wid)
 
     def _collect_result(self, ref: Any) -> None:

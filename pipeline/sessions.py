@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import logging
+import os
+import platform
 import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
@@ -36,6 +41,11 @@ class SessionSettings:
     intra_op_threads: int = 0  # 0: let onnxruntime pick
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # disable | basic | extended | all
+    # Session config entries (onnxruntime's add_session_config_entry), e.g. spinning.
+    config: tuple[tuple[str, str], ...] = ()
+    # Where a CPU session keeps its optimized graph for the next process on this node; None:
+    # optimize in memory every time.
+    optimized_cache_dir: str | None = None
 
 
 @dataclass
@@ -51,6 +61,11 @@ class LoadedSession:
     broken: str | None = None  # why the session must not run again (a DeviceError's message)
     # One row of model inputs this session has run without error: the health probe.
     probe_feeds: dict[str, Any] | None = field(default=None, repr=False)
+    # How the session was set up, for markers and the report (see ``tuning_record``).
+    tuning: dict[str, Any] = field(default_factory=dict)
+    # The GPU a CUDA or TensorRT session runs on: its runs go through an IOBinding
+    # (pipeline.providers.run_bound) that copies back only the outputs asked for.
+    gpu_device_id: int | None = None
 
 
 _OPT_LEVELS = {
@@ -78,14 +93,13 @@ def _preload_gpu_libraries() -> None:
         log.debug("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split())[:300])
 
 
-def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSession:
+def create_session(model: str | bytes, settings: SessionSettings,
+                   model_sha256: str | None = None) -> LoadedSession:
+    """A session for ``model``; ``model_sha256`` (of a path) lets a CPU session reuse the graph
+    an earlier process on this node optimized (``settings.optimized_cache_dir``)."""
+    started = time.perf_counter()
     if {"cuda", "tensorrt"} & set(settings.providers):
         _preload_gpu_libraries()
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
-    opts.intra_op_num_threads = settings.intra_op_threads
-    opts.inter_op_num_threads = settings.inter_op_threads
-    opts.log_severity_level = 4  # our errors say what failed, in one line; no C++ log spam
     available = set(ort.get_available_providers())
     options = dict(settings.provider_options)
     chain: list[tuple[str, dict[str, Any]]] = []
@@ -95,15 +109,32 @@ def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSessi
             chain.append((full, dict(options.get(short, ()))))
     if not any(p == "CPUExecutionProvider" for p, _ in chain):
         chain.append(("CPUExecutionProvider", {}))
+    cache = OptimizedGraphCache.for_session(model, settings, model_sha256, chain)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
+    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.inter_op_num_threads = settings.inter_op_threads
+    opts.log_severity_level = 4  # our errors say what failed, in one line; no C++ log spam
+    for key, value in settings.config:
+        opts.add_session_config_entry(key, value)
+    source = model
+    if cache is not None:
+        source = cache.prepare(opts) or model
     printed = io.StringIO()
     # onnxruntime prints its own provider fallback banner; keep it for our message instead.
     with contextlib.redirect_stdout(printed):
-        session = ort.InferenceSession(
-            model,
-            sess_options=opts,
-            providers=[p for p, _ in chain],
-            provider_options=[o for _, o in chain],
-        )
+        try:
+            session = ort.InferenceSession(source, sess_options=opts,
+                                           providers=[p for p, _ in chain],
+                                           provider_options=[o for _, o in chain])
+        except Exception:
+            if source is model:
+                raise
+            # A saved graph that no longer loads (a damaged disk, a swapped library): drop it
+            # and start from the model.
+            cache.discard()
+            return create_session(model, settings, model_sha256)
+    graph = cache.finish() if cache is not None else "optimized in memory"
     active = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     fallback = None
     if active != settings.providers[0]:
@@ -120,7 +151,120 @@ def create_session(model: str | bytes, settings: SessionSettings) -> LoadedSessi
         fallback=fallback,
         input_names=[i.name for i in session.get_inputs()],
         output_names=[o.name for o in session.get_outputs()],
+        tuning=tuning_record(session, settings, graph, time.perf_counter() - started),
+        gpu_device_id=_gpu_device_id(session) if active in ("cuda", "tensorrt") else None,
     )
+
+
+def _gpu_device_id(session: ort.InferenceSession) -> int:
+    options = session.get_provider_options().get(session.get_providers()[0], {})
+    try:
+        return int(options.get("device_id", 0))
+    except ValueError:
+        return 0
+
+
+def tuning_record(session: ort.InferenceSession, settings: SessionSettings, graph: str,
+                  create_s: float) -> dict[str, Any]:
+    """What the session runs with, read back where onnxruntime can say (providers, options)."""
+    running = session.get_providers()
+    applied = session.get_provider_options()
+    record: dict[str, Any] = {
+        "providers": [SHORT_NAMES.get(p, p) for p in running],
+        "intra_op_threads": settings.intra_op_threads or "onnxruntime default",
+        "graph": graph,
+        "create_s": round(create_s, 3),
+        **{k.removeprefix("session."): v for k, v in settings.config},
+    }
+    for full in running[:1]:
+        if full != "CPUExecutionProvider":  # the GPU provider's options as it reports them
+            asked = dict(dict(settings.provider_options).get(SHORT_NAMES.get(full, full), ()))
+            record["provider_options"] = {k: v for k, v in applied.get(full, {}).items()
+                                          if k in asked or k in _REPORTED_OPTIONS}
+    return record
+
+
+# Provider options worth a line in the report even where the job did not set them.
+_REPORTED_OPTIONS = ("device_id", "trt_fp16_enable", "trt_engine_cache_enable",
+                     "trt_engine_cache_path", "trt_timing_cache_enable", "trt_profile_min_shapes",
+                     "trt_profile_opt_shapes", "trt_profile_max_shapes")
+
+
+class OptimizedGraphCache:
+    """The CPU provider's optimized graph, saved once per node and loaded by later sessions.
+
+    Optimizing a transformer graph (fusions, layout) takes a good part of session creation, and
+    every worker process on a node repeats it. The saved graph is only valid for the same model,
+    onnxruntime version, provider, optimization level and CPU (layout transforms depend on the
+    instruction set), so all of those make up its name. It is written under a temporary name
+    and renamed, so a concurrent process sees a whole file or none.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._saving: Path | None = None
+
+    @classmethod
+    def for_session(cls, model: str | bytes, settings: SessionSettings, sha256: str | None,
+                    chain: list[tuple[str, dict[str, Any]]]) -> OptimizedGraphCache | None:
+        if (settings.optimized_cache_dir is None or sha256 is None or not isinstance(model, str)
+                or [p for p, _ in chain] != ["CPUExecutionProvider"]
+                or settings.graph_optimization == "disable"
+                or os.path.getsize(model) > _LARGEST_CACHED_MODEL):
+            return None
+        key = "-".join([sha256[:32], f"ort{ort.__version__}", "cpu", settings.graph_optimization,
+                        _cpu_signature()])
+        return cls(Path(settings.optimized_cache_dir) / "optimized" / f"{key}.onnx")
+
+    def prepare(self, opts: ort.SessionOptions) -> str | None:
+        """The saved graph's path to load instead of the model, or None (then save it)."""
+        if self.path.is_file():
+            # Already optimized for this machine: optimizing again would only cost time.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only cache: optimize in memory as before
+            log.debug("optimized graph cache unavailable: %s", exc)
+            return None
+        self._saving = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        opts.optimized_model_filepath = str(self._saving)
+        return None
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def finish(self) -> str:
+        if self._saving is None:
+            return "loaded from the node cache"
+        try:
+            os.replace(self._saving, self.path)
+        except OSError as exc:
+            log.debug("could not keep the optimized graph: %s", exc)
+            return "optimized in memory"
+        return "optimized and saved to the node cache"
+
+
+# Past protobuf's 2 GB limit the saved graph would need external data files; such models are
+# optimized in memory every time.
+_LARGEST_CACHED_MODEL = 1 << 30
+
+
+@functools.cache
+def _cpu_signature() -> str:
+    """A short digest of this CPU's model and instruction-set flags."""
+    fields = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags")):
+                    fields.append(line.split(":", 1)[1].strip())
+                if len(fields) >= 3:
+                    break
+    except OSError:
+        fields.append(platform.processor())
+    return hashlib.sha256("|".join(fields).encode()).hexdigest()[:12]
 
 
 def running_provider(session: Any) -> str | None:
@@ -154,7 +298,7 @@ class SessionCache:
     def get(self, model_path: str, sha256: str, settings: SessionSettings) -> LoadedSession:
         key = (sha256, settings)
         if key not in self._sessions:
-            self._sessions[key] = create_session(model_path, settings)
+            self._sessions[key] = create_session(model_path, settings, sha256)
         return self._sessions[key]
 
     def clear(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import providers, storage
 from pipeline.commit import (
     META_BUNDLE,
     META_FINGERPRINT,
@@ -37,7 +37,7 @@ from pipeline.errors import ModelError, ShardError, classify_io_error
 from pipeline.faults import maybe_inject
 from pipeline.formats import iter_piece, windows
 from pipeline.inference import score_table
-from pipeline.models.bundle import fetch_bundle
+from pipeline.models.bundle import LocalBundle, default_cache_dir, fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
 from pipeline.redaction import redact_uri
@@ -53,11 +53,42 @@ class PoolSettings:
     threads: int
 
 
-def session_settings(spec: JobSpec, pool: PoolSettings) -> SessionSettings:
-    options = tuple((p, tuple(sorted(spec.providers.options.get(p, {}).items())))
-                    for p in pool.providers)
-    return SessionSettings(providers=pool.providers, provider_options=options,
-                           intra_op_threads=pool.threads)
+def session_settings(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle) -> SessionSettings:
+    """How this worker's session is set up. CPU pools: one intra-op thread per reserved CPU,
+    spinning on, the optimized graph cached per node. GPU pools: the device Ray assigned, CUDA
+    and TensorRT options tuned for batch work (``pipeline.providers``), spinning off."""
+    user = spec.providers.options
+    if pool.name == "gpu":
+        device_id = providers.assigned_gpu_device_id()
+        options = providers.provider_options(pool.providers, user, device_id,
+                                             _tensorrt_context(spec, pool, bundle, device_id))
+        if "tensorrt" in options:
+            providers.make_cache_dirs(options["tensorrt"])
+    else:
+        options = {p: dict(user.get(p, {})) for p in pool.providers}
+    return SessionSettings(
+        providers=pool.providers,
+        provider_options=tuple((p, tuple(sorted(options.get(p, {}).items())))
+                               for p in pool.providers),
+        intra_op_threads=pool.threads,
+        config=tuple(sorted(providers.session_config(pool.providers).items())),
+        optimized_cache_dir=str(default_cache_dir()))
+
+
+def _tensorrt_context(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle,
+                      device_id: int) -> providers.TensorrtContext | None:
+    """Engine caches on this node's disk and profile shapes from the GPU batch sizes: without
+    explicit shapes TensorRT builds a new engine for every new batch shape."""
+    if "tensorrt" not in pool.providers:
+        return None
+    text = bundle.spec.text
+    batching = spec.batching.for_device("gpu", text=text is not None)
+    return providers.TensorrtContext(
+        cache_dir=providers.tensorrt_cache_dir(default_cache_dir(), bundle.sha256,
+                                               providers.gpu_name(device_id)),
+        roles=bundle.spec.inputs, shapes=providers.graph_input_shapes(bundle.model_path),
+        max_rows=batching.max_rows, max_tokens=batching.max_tokens,
+        max_length=text.max_length if text else None)
 
 
 def ray_node() -> dict[str, str | None]:
@@ -88,16 +119,22 @@ class ShardWorker:
                              f"{bundle_identity[:12]}); rerun the job")
         self.sessions = SessionCache()
         self.loaded = self.sessions.get(str(self.bundle.model_path), self.bundle.sha256,
-                                        session_settings(spec, pool))
+                                        session_settings(spec, pool, self.bundle))
         types = {i.name: i.type for i in self.loaded.session.get_inputs()}
-        self.task = build_task(self.bundle, spec.task, spec.batching, types)
+        # Batch sizes follow the provider that runs, not the one asked for: a GPU pool that
+        # fell back to the CPU batches as the CPU likes.
+        self.task = build_task(self.bundle, spec.task, spec.batching, types, self.loaded.active)
+        b = self.task.batching
+        # Recorded in every marker and the report: how this worker's session really runs.
+        self.tuning = {**self.loaded.tuning, "batching": {
+            "max_tokens": b.max_tokens, "max_rows": b.max_rows, "window_rows": b.window_rows}}
         self.infer_lock = threading.Lock()
         self.identity = f"{pool.name}@{socket.gethostname()}:{os.getpid()}"
         self.node = ray_node()
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.identity, "pool": self.pool.name, "provider": self.loaded.active,
-                "fallback": self.loaded.fallback, **self.node}
+                "fallback": self.loaded.fallback, "session": self.tuning, **self.node}
 
     def process(self, shard_data: dict[str, Any], attempt: int) -> dict[str, Any]:
         self._exit_if_broken()
@@ -179,7 +216,7 @@ class ShardWorker:
             "bad_reasons": stats.reasons, "attempt": attempt, "worker": self.identity,
             "pool": self.pool.name, **self.node, "provider": self.loaded.active,
             "fallback": self.loaded.fallback, "provider_after": stats.provider_after,
-            "probes": stats.probes, "batches": stats.batches,
+            "probes": stats.probes, "batches": stats.batches, "session": self.tuning,
             "oom_splits": stats.oom_splits, "fingerprint": self.fingerprint,
             "timings": {k: round(v, 4) for k, v in stats.timings.items()},
             "peak_rss_mb": peak_rss_mb(),

@@ -12,8 +12,11 @@ def build_task(
     spec: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
     batching: BatchingSpec,
     input_types: dict[str, str],
+    device: str = "cpu",
 ) -> Task:
-    """The task for a job; ``input_types`` are the graph's input types by name."""
+    """The task for a job; ``input_types`` are the graph's input types by name. ``device`` is
+    the provider that runs the session ("cpu", "cuda", ...): it picks the batch sizes the job
+    left out."""
     from pipeline.tasks.classify import ClassifyTask
     from pipeline.tasks.embed import EmbedTask
     from pipeline.tasks.tensor import TensorTask
@@ -25,6 +28,7 @@ def build_task(
             f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
         )
     kinds = {"embed": EmbedTask, "classify": ClassifyTask, "tensor": TensorTask}
+    batching = batching.for_device(device, text=bundle.spec.text is not None)
     return kinds[spec.kind](bundle, spec, batching, input_types)
 
 

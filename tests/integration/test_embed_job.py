@@ -13,6 +13,7 @@ import pytest
 import pipeline
 from pipeline.commit import META_FINGERPRINT, META_MODEL
 from pipeline.plan import make_plan
+from pipeline.report import summary_lines
 from tests.support.fixtures import write_text_parquet
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -67,6 +68,27 @@ def test_job_commits_every_shard_and_writes_layout(finished_job, small_text):
     assert report["status"] == "succeeded" and report["providers"] == {"cpu": len(plan.shards)}
     assert {w["pool"] for w in report["workers"]} == {"cpu"}
     assert sum(w["rows"] for w in report["workers"]) == 400
+
+
+def test_markers_and_report_say_how_sessions_ran(finished_job):
+    """Each worker's session set-up, as it really ran, is in its markers and the report: one
+    thread per reserved CPU, spinning for batch work, the graph optimized once per node, and
+    the CPU's batch sizes since the job sets none."""
+    _, out = finished_job
+    report = json.loads((out / "_pipeline" / "report.json").read_text())
+    markers = [json.loads(p.read_text()) for p in (out / "_pipeline" / "shards").glob("*.json")]
+    for m in markers:
+        session = m["session"]
+        assert session["providers"][0] == "cpu" and session["intra_op_threads"] == 1
+        assert session["intra_op.allow_spinning"] == "1"
+        assert session["batching"] == {"max_tokens": 2048, "max_rows": 64, "window_rows": 4096}
+        assert session["graph"] in ("optimized and saved to the node cache",
+                                    "loaded from the node cache")
+    assert all(w["session"] == next(m["session"] for m in markers if m["worker"] == w["worker"])
+               for w in report["workers"] if w["shards"])
+    assert report["totals"]["first_shard_s"] > 0
+    assert any(line.startswith("  session: cpu pool on cpu, 1 intra-op thread")
+               for line in summary_lines(report))
 
 
 def test_every_input_id_exactly_once_and_matches_in_process_scoring(finished_job, text_rows,
