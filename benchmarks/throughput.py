@@ -7,6 +7,7 @@ Every variant runs in its own process over the same texts, so peak RSS is its ow
 
 - pipeline: ``python -m pipeline.run`` over Parquet files, start-up included (Ray, planning,
   model load), the job's defaults for the machine (no batching or worker settings)
+- pipeline-wide: the same with one actor of every core instead of one 1-CPU actor per core
 - raw: the floor: tokenize, sort by length, batches of 32 rows, ``--threads`` intra-op threads,
   no I/O, no Ray
 - ray-data: Ray Data as its batch-inference guide shows (benchmarks/ray_data_guide.py)
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.demo.text import make_text_table
 
 ST_PYTHON = Path(".venv-st/bin/python")
-VARIANTS = ("pipeline", "raw", "ray-data", "st", "fused", "int8", "policies")
+VARIANTS = ("pipeline", "pipeline-wide", "raw", "ray-data", "st", "fused", "int8", "policies")
 
 
 # ---------------------------------------------------------------- the raw loop (a subprocess)
@@ -149,13 +151,17 @@ def child(kind: str, model: str, texts_file: Path, threads: int, vectors: Path) 
                      "--vectors", str(vectors)])
 
 
-def pipeline_command(input_dir: Path, model: str, work: Path) -> dict[str, Any]:
+def pipeline_command(input_dir: Path, model: str, work: Path,
+                     workers: dict[str, Any] | None = None) -> dict[str, Any]:
     """The command users run, timed from outside: start-up and all."""
-    out = work / "out-pipeline"
+    name = "pipeline-wide" if workers else "pipeline"
+    out = work / f"out-{name}"
     job = {"name": "bench", "input": {"uri": str(input_dir)}, "model": {"uri": model},
            "task": {"kind": "embed", "text_column": "text"}, "passthrough": ["id"],
            "sharding": {"rows_per_shard": 2000}, "output": {"uri": str(out)}}
-    job_file = work / "job.json"
+    if workers:
+        job["workers"] = workers
+    job_file = work / f"{name}.json"
     job_file.write_text(json.dumps(job))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress"],
@@ -257,6 +263,9 @@ def main() -> int:
     measure("raw", lambda: child("raw", model, texts_file, args.threads, work / "raw.npy"))
     raw_vectors = np.load(work / "raw.npy") if "seconds" in results.get("raw", {}) else None
     measure("pipeline", lambda: pipeline_command(input_dir, model, work))
+    # One actor holding every core, against the default of one 1-CPU actor per core.
+    measure("pipeline-wide", lambda: pipeline_command(
+        input_dir, model, work, {"cpu": {"replicas": 1, "cpus": args.threads}}))
     measure("ray-data", lambda: ray_data(input_dir, model, work, args.threads))
     measure("st", lambda: sentence_transformers(texts_file, args.threads, work / "st.npy"))
     for level in ("fused", "int8"):
@@ -272,20 +281,19 @@ def main() -> int:
     policy_texts.write_text(json.dumps(texts[:args.policy_rows]))
     measure("policies", lambda: child("policies", model, policy_texts, args.threads,
                                       work / "unused.npy"))
-    if raw_vectors is not None:
-        for name in ("pipeline", "st"):
-            if "vectors" in results.get(name, {}) or (name == "st" and "seconds" in results.get(
-                    name, {})):
-                vectors = results[name].pop("vectors", None)
-                if vectors is None:
-                    vectors = np.load(work / "st.npy")
-                results[name]["min_cosine_here"] = min_cosine(vectors, raw_vectors)
+    for name in ("pipeline", "pipeline-wide"):
+        vectors = results.get(name, {}).pop("vectors", None)
+        if vectors is not None and raw_vectors is not None:
+            results[name]["min_cosine_here"] = min_cosine(vectors, raw_vectors)
+    if "seconds" in results.get("st", {}) and raw_vectors is not None:
+        results["st"]["min_cosine_here"] = min_cosine(np.load(work / "st.npy"), raw_vectors)
     print_results(args, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": args.rows, "threads": args.threads,
                                      "cpus": os.cpu_count(), "results": results,
                                      "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2,
                                     default=str))
+    shutil.rmtree(work, ignore_errors=True)
     return 0 if "seconds" in results.get("pipeline", {"seconds": 0}) else 1
 
 
@@ -294,7 +302,7 @@ def print_results(args: argparse.Namespace, results: dict[str, dict[str, Any]]) 
     print(f"\n{args.rows:,} texts, {args.threads} threads per variant, {os.cpu_count()} CPUs\n")
     print("| variant | rows/s | vs raw loop | first shard (s) | peak RSS (MB) | note |")
     print("|---|---|---|---|---|---|")
-    for name in ("pipeline", "raw", "ray-data", "st", "fused", "int8"):
+    for name in VARIANTS[:-1]:
         r = results.get(name)
         if r is None:
             continue
