@@ -36,7 +36,9 @@ def main() -> int:
     seconds = time.perf_counter() - started
     if args.vectors:
         np.save(args.vectors, np.asarray(vectors, dtype=np.float32))
-    print(json.dumps({"rows": len(texts), "seconds": round(seconds, 3),
+    with open("/proc/self/status") as fh:  # VmHWM: this process's own peak, not its parent's
+        peak = next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+    print(json.dumps({"rows": len(texts), "seconds": round(seconds, 3), "peak_rss_mb": peak,
                       "torch": torch.__version__, "threads": args.threads}))
     return 0
 

@@ -4,6 +4,8 @@
     python -m pipeline.models export-demo-tabular --out DIR
     python -m pipeline.models validate BUNDLE [--no-smoke]
     python -m pipeline.models info BUNDLE [--json]   (sha256 of the model, identity of the bundle)
+    python -m pipeline.models optimize BUNDLE --level fused|fp16|int8 --out DIR
+        [--provider cpu|cuda] [--sample FILE.parquet] [--rows N] [--min-cosine X] [--max-prob-error X]
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli_common import run_cli
+from pipeline.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="inputs, outputs, opsets, size, sha256, identity, task")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true")
+    _optimize_parser(sub)
     return parser
+
+
+def _optimize_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.models.optimize import LEVELS, GateSettings
+
+    default = GateSettings()
+    opt = sub.add_parser("optimize", help="a fused, fp16 or int8 copy of a bundle, written only "
+                         "if it matches the source on a sample (the accuracy gate)")
+    opt.add_argument("bundle")
+    opt.add_argument("--level", required=True, choices=LEVELS)
+    opt.add_argument("--out", required=True, type=Path)
+    opt.add_argument("--provider", choices=["cpu", "cuda"], default=default.provider,
+                     help="where the gate runs the new model (fp16 is meant for cuda)")
+    opt.add_argument("--sample", type=Path, help="Parquet file with the task's input columns "
+                     "(default for text bundles: demo texts; required for feature bundles)")
+    opt.add_argument("--rows", type=int, default=default.rows, help="demo texts in the sample")
+    opt.add_argument("--min-cosine", type=float, default=default.min_cosine,
+                     help="embeddings: lowest cosine to the source on any row")
+    opt.add_argument("--max-prob-error", type=float, default=default.max_prob_error,
+                     help="classifiers: largest absolute probability difference")
 
 
 def _export_bert(args: argparse.Namespace) -> int:
@@ -105,8 +129,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    from pipeline.models.optimize import GateSettings, optimize_bundle
+
+    if args.rows < 1:
+        raise ConfigError(f"--rows: {args.rows}; use 1 or more")
+    gate = GateSettings(provider=args.provider, sample=args.sample, rows=args.rows,
+                        min_cosine=args.min_cosine, max_prob_error=args.max_prob_error)
+    done = optimize_bundle(args.bundle, args.out, args.level, gate)
+    print(f"wrote {done.path} ({args.level}: {done.gate.describe()}; "
+          f"{done.size_bytes / 1e6:.1f} MB, sha256 {done.spec.sha256[:12]}…)")
+    if done.fusions:
+        print("  fused: " + ", ".join(f"{op} {n}" for op, n in done.fusions.items()))
+    note = done.spec.source["optimization"]["gate"].get("note")
+    if note:
+        print(f"  note: {note}")
+    return 0
+
+
 COMMANDS = {"export-bert": _export_bert, "export-demo-tabular": _export_tabular,
-            "validate": _validate, "info": _info}
+            "validate": _validate, "info": _info, "optimize": _optimize}
 
 
 def main(argv: list[str] | None = None) -> int:
