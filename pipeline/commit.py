@@ -68,9 +68,13 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
+    def _stage(self, kind: str, path: str) -> storage.StagedFile:
+        """Where a file of this attempt is written before it is published (sinks override)."""
+        return storage.StagedFile(self.layout.fs, path)
+
     def _open(self, kind: str, path: str, schema: pa.Schema,
               compression: str | None) -> pq.ParquetWriter:
-        staged = self._files[kind] = storage.StagedFile(self.layout.fs, path)
+        staged = self._files[kind] = self._stage(kind, path)
         writer = self._writers[kind] = pq.ParquetWriter(staged.fh, schema, compression=compression)
         return writer
 
@@ -106,7 +110,7 @@ class ShardWriter:
         if committed is not None and not committed.get(BROKEN):
             self._discard()
             return committed
-        self._files["part"].publish()
+        self._publish_part()
         self.published = True
         if "dead" in self._files:
             self._files["dead"].publish()
@@ -116,6 +120,14 @@ class ShardWriter:
             if self.layout.fs.exists(path):
                 self.layout.fs.rm(path)
         return None
+
+    def _publish_part(self) -> None:
+        """Make the staged part file the shard's rows (table sinks: write its table files)."""
+        self._files["part"].publish()
+
+    def marker_extra(self) -> dict[str, Any]:
+        """What a sink records in the marker about the published rows (table files)."""
+        return {}
 
     def commit(self, marker: dict[str, Any],
                before_marker: Callable[[], None] | None = None) -> tuple[dict[str, Any], bool]:
@@ -127,6 +139,7 @@ class ShardWriter:
             committed = self._publish()
             if committed is not None:
                 return committed, False
+            marker.update(self.marker_extra())
             if before_marker is not None:
                 before_marker()
             if self.layout.create_marker(self.shard_id, marker):
@@ -185,6 +198,9 @@ class OutputLayout:
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def pipeline_path(self, *parts: str) -> str:
+        return self._path("_pipeline", *parts)
 
     def part_path(self, shard_id: str) -> str:
         return self._path(f"part-{shard_id}.parquet")
@@ -280,13 +296,15 @@ class OutputLayout:
         except FileNotFoundError:
             return False
 
-    def remove_orphans(self, keep: set[str]) -> int:
+    def remove_orphans(self, keep: set[str], parts: bool = True) -> int:
         """Delete part and dead-letter files of shards outside the plan (left by a failed
         attempt before the input or sharding changed), so the folder holds one job's rows;
         and what killed attempts left: temp files, unfinished multipart uploads. Called when
         the job's workers are gone."""
         removed = storage.abort_uploads(self.fs, self.root)
-        for folder, prefix, suffix in ((self.root, "part-", ".parquet"),
+        # Table outputs (parts=False): a part file outside the plan may be one an earlier
+        # table version reads; only temp files go (vacuum removes the rest).
+        for folder, prefix, suffix in ((self.root, "part-" if parts else "\0", ".parquet"),
                                        (self._path("_pipeline", "dead_letter"), "", ".parquet"),
                                        (self.shards_folder(), "\0", "")):
             self.fs.invalidate_cache(folder)
@@ -303,8 +321,9 @@ class OutputLayout:
             removed += len(doomed)
         return removed
 
-    def wipe(self) -> None:
-        """Remove what a job writes (and nothing else that may live in the folder)."""
+    def wipe(self, table_dirs: tuple[str, ...] = ()) -> None:
+        """Remove what a job writes (and nothing else that may live in the folder); a table
+        output's folders too (``table_dirs``: ``_delta_log``, Lance's), history included."""
         self.fs.invalidate_cache(self.root)
         try:
             names = self.fs.ls(self.root, detail=False)
@@ -315,17 +334,25 @@ class OutputLayout:
                   or base == "_SUCCESS"]
         if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
             self.fs.rm(doomed)
-        if any(name.rstrip("/").rsplit("/", 1)[-1] == "_pipeline" for name in names):
-            self.fs.rm(self._path("_pipeline"), recursive=True)  # batched the same way
+        present = {name.rstrip("/").rsplit("/", 1)[-1] for name in names}
+        for folder in ("_pipeline", *table_dirs):
+            if folder in present:
+                self.fs.rm(self._path(folder), recursive=True)  # batched the same way
         self.fs.invalidate_cache(self.root)
 
 
-def prepare_output(layout: OutputLayout, mode: str, fresh: bool, fingerprint: str) -> set[str]:
+def prepare_output(layout: OutputLayout, mode: str, fresh: bool, fingerprint: str,
+                   fmt: str = "parquet", table_dirs: tuple[str, ...] = ()) -> set[str]:
     """Apply the output mode; returns the ids of shards already committed (resume)."""
     if fresh or mode == "overwrite":
-        layout.wipe()
+        layout.wipe(table_dirs)
         return set()
     previous = layout.read_job()
+    earlier_format = ((previous or {}).get("spec", {}).get("output") or {}).get("format",
+                                                                               "parquet")
+    if previous is not None and earlier_format != fmt:
+        raise OutputError(f"output.format: {layout.uri} holds {earlier_format} output, this job "
+                          f"writes {fmt}; use another output.uri, or --fresh to replace it")
     if mode == "fail_if_exists" and (previous or layout.has_output()):
         raise OutputError(f"output.uri: {layout.uri} already holds output "
                           "(output.mode is fail_if_exists; use --fresh to replace it)")

@@ -7,24 +7,34 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import onnxruntime as ort
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.commit import OutputLayout, prepare_output
 from pipeline.errors import ConfigError, InputError, OutputError, PipelineError, access_error
+from pipeline.increment import Increment, plan_increment
 from pipeline.locality import check_placement, resolve_spec, ships_model
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
-from pipeline.plan import Plan, check_output_not_input, known_files, make_plan
+from pipeline.plan import Plan, check_output_not_input, cut_shards, known_files, make_plan, survey
 from pipeline.progress import Progress
 from pipeline.redaction import scrub
 from pipeline.report import build_report, read_markers, summary_lines
+from pipeline.runs import (
+    RunLog,
+    finish_run,
+    listed,
+    public_view,
+    read_runs,
+    sizing_record,
+    start_run,
+)
+from pipeline.sinks import RunCommit, sink_for
 from pipeline.spec import JobSpec, output_columns, redact
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task
@@ -39,22 +49,17 @@ class JobResult:
     report: dict[str, Any]
     output_uri: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    format: str = "parquet"
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
 
     def read(self) -> pa.Table:
-        """All committed part files (shards with a marker) as one table."""
+        """The output as a reader of its format sees it: every committed part file (Parquet),
+        or the table's current version (Delta, Lance)."""
         layout = OutputLayout(self.output_uri, self.storage_options)
-        ids = sorted(layout.committed_shards())
-        tables = []
-        for sid in ids:
-            with layout.fs.open(layout.part_path(sid), "rb") as fh:
-                tables.append(pq.read_table(fh))
-        if not tables:
-            return pa.table({})
-        return pa.concat_tables(tables, promote_options="default")
+        return sink_for(self.format).read(layout)
 
 
 @dataclass
@@ -66,6 +71,8 @@ class PlannedJob:
     read_columns: list[str]
     provider_checks: list[Any]
     plan_s: float = 0.0  # planning time: bundle fetch and smoke run, listing, footers
+    increment: Increment | None = None  # incremental mode: what this run keeps and changes
+    runs: RunLog = field(default_factory=RunLog)
 
 
 def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
@@ -90,9 +97,14 @@ def plan_job(spec: JobSpec) -> PlannedJob:
     clash = set(output_columns(spec.task)) & set(spec.passthrough)
     if clash:
         raise ConfigError(f"passthrough: {sorted(clash)[0]!r} clashes with a task output column")
-    plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
-                     spec.sharding.rows_per_shard, read_columns, spec.sharding.bytes_per_shard,
-                     known=known_files(_earlier_plan(spec)))
+    known = known_files(_earlier_plan(spec))
+    increment, runs = None, RunLog()
+    if spec.output.mode == "incremental":
+        plan, increment, runs = _plan_incremental(spec, read_columns, known)
+    else:
+        plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
+                         spec.sharding.rows_per_shard, read_columns,
+                         spec.sharding.bytes_per_shard, known=known)
     if plan.files and all(f.error for f in plan.files):
         raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
     try:
@@ -102,7 +114,40 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         raise ConfigError(f"output.storage_options: {type(exc).__name__}: "
                           f"{scrub(str(exc), spec.output.storage_options)}") from None
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
-                      report.providers, time.perf_counter() - started)
+                      report.providers, time.perf_counter() - started, increment, runs)
+
+
+def _plan_incremental(spec: JobSpec, read_columns: list[str],
+                      known: dict) -> tuple[Plan, Increment, RunLog]:
+    """The input as listed now against the shards the output holds (see ``increment``)."""
+    layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    try:
+        runs = read_runs(layout)
+        committed = layout.committed_shards()
+    except Exception as exc:
+        access = access_error(exc, "output.uri", spec.output.uri)
+        if access is not None:
+            raise access from None
+        runs, committed = RunLog(), set()
+    sh = spec.sharding
+    files, sizing = survey(spec.input.uri, spec.input.format, spec.input.storage_options,
+                           sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
+                           sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard))
+    ledger = runs.ledger()
+    if not ledger:  # an output written before runs had manifests: its shards as cut today
+        ledger = {s.id: s for s in cut_shards(files, sizing)}
+    held = [ledger[sid] for sid in sorted(committed) if sid in ledger]
+    increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")
+    return Plan(increment.shards, files, read_columns, sizing), increment, runs
+
+
+def _replanned_fresh(planned: PlannedJob) -> PlannedJob:
+    """--fresh over an incremental output: everything is new (the output was wiped)."""
+    plan = planned.plan
+    assert plan.sizing is not None
+    increment = plan_increment(plan.files, plan.sizing, [], False)
+    new_plan = Plan(increment.shards, plan.files, plan.read_columns, plan.sizing)
+    return replace(planned, plan=new_plan, increment=increment, runs=RunLog())
 
 
 def _earlier_plan(spec: JobSpec) -> dict[str, Any] | None:
@@ -154,15 +199,21 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     startup["ray_s"] = max(0.0, round(time.time() - started - startup["pack_s"], 3))
     placement = check_placement(spec, cluster_view())  # before anything is written
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    sink = sink_for(spec.output.format)
     document = job_document(planned)
     try:
         committed = with_retries(
-            lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint),
+            lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint,
+                                   spec.output.format, sink.table_dirs()),
             f"preparing {layout.uri}")
-        check_not_stale(planned, committed, layout.uri)
+        if planned.increment is not None and fresh:
+            planned = _replanned_fresh(planned)  # the output was wiped: everything is new
+        if planned.increment is None:
+            check_not_stale(planned, committed, layout.uri)
         with_retries(lambda: layout.write_json("job.json", document), "writing job.json")
         with_retries(lambda: layout.write_json(PLAN_FILE, planned.plan.document()),
                      f"writing {PLAN_FILE}")
+        runs = with_retries(lambda: read_runs(layout), "reading run manifests")
     except PipelineError:
         raise
     except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
@@ -174,8 +225,13 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
                           f"({type(exc).__name__}: {text})") from None
     planned_ids = {s.id for s in planned.plan.shards}
     done = committed & planned_ids
+    dropped = sorted(committed - planned_ids)  # incremental: replaced, retired, orphaned
     earlier = with_retries(lambda: read_markers(layout, sorted(done)), "reading shard markers")
     pending = [s for s in planned.plan.shards if s.id not in done]
+    up_to_date = not pending and not dropped and runs.open is None and runs.complete is not None
+    manifest = None if up_to_date else with_retries(
+        lambda: start_run(layout, runs, _run_record(planned, runs, dropped)),
+        "writing the run manifest")
 
     bar = Progress(planned.plan.total_rows, len(planned.plan.shards),
                    sum(m["rows_in"] for m in earlier.values()), len(done), enabled=progress)
@@ -188,7 +244,12 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     else:
         from pipeline.runner import RunOutcome
 
-        outcome = RunOutcome(notes=["every shard was already committed"])
+        note = (f"nothing new since run {runs.complete['run']}" if up_to_date and runs.complete
+                else "every shard was already committed")
+        if up_to_date and planned.increment is not None and planned.increment.files_deleted:
+            note += (f" ({len(planned.increment.files_deleted)} deleted input files; their rows "
+                     "are kept, as output.deleted_inputs says)")
+        outcome = RunOutcome(notes=[note])
     bar.close()
 
     report = build_report(name=spec.name, layout=layout, plan=planned.plan,
@@ -198,14 +259,65 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     if outcome.first_worker_at is not None:
         startup["first_worker_ready_s"] = round(outcome.first_worker_at - started, 3)
     report["startup"] = {**startup, "first_shard_s": report["totals"]["first_shard_s"]}
+    if manifest is not None and report["exit_code"] == 0:
+        live = {**earlier, **{sid: m for sid, m in outcome.markers.items() if sid in planned_ids}}
+        gone = with_retries(lambda: read_markers(layout, dropped), "reading dropped markers")
+        index = spec.output.index.model_dump() if spec.output.index else None
+        commit = RunCommit(int(manifest["run"]), planned.fingerprint, live, gone, index)
+        _count_rows(manifest, live, gone)
+        manifest = finish_run(layout, sink, manifest, commit, dropped)
+    latest = manifest or runs.complete
+    if latest is not None:
+        report["run"] = public_view(latest)
     with_retries(lambda: layout.write_json("report.json", report), "writing report.json")
     if report["exit_code"] == 0:
-        with_retries(lambda: layout.remove_orphans(planned_ids), "removing orphaned part files")
+        with_retries(lambda: layout.remove_orphans(planned_ids, parts=not sink.keeps_dropped_files),
+                     "removing orphaned part files")
         # Last: only a complete output carries it.
         with_retries(layout.write_success, "writing _SUCCESS")
     if echo:
         print("\n".join(summary_lines(report)), flush=True)
-    return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options)
+    return JobResult(report["exit_code"], report, layout.uri, spec.output.storage_options,
+                     spec.output.format)
+
+
+def _run_record(planned: PlannedJob, runs: RunLog, dropped: list[str]) -> dict[str, Any]:
+    """What a run's manifest says at its start: mode, input delta, shards, the ledger."""
+    spec, plan, inc = planned.spec, planned.plan, planned.increment
+    before = runs.complete["ledger"] if runs.complete else []
+    held_before = {s["id"] for s in before}
+    if inc is not None:
+        files = {"new": listed(inc.files_new), "changed": listed(inc.files_changed),
+                 "deleted": listed(inc.files_deleted), "unchanged": inc.files_unchanged}
+        replaced, retired = sorted(set(inc.replaced) & set(dropped)), sorted(
+            set(dropped) - set(inc.replaced))
+    else:
+        files = {"new": listed([f.uri for f in plan.files])} if not held_before else {}
+        replaced, retired = [], sorted(dropped)
+    record: dict[str, Any] = {
+        "mode": spec.output.mode, "format": spec.output.format,
+        "fingerprint": planned.fingerprint, "input_files": files,
+        "shards": {"total": len(plan.shards),
+                   "added": sorted(s.id for s in plan.shards if s.id not in held_before),
+                   "kept": sum(1 for s in plan.shards if s.id in held_before),
+                   "replaced": replaced, "retired": retired},
+        "ledger": [s.to_dict() for s in plan.shards],
+    }
+    if inc is not None and inc.lost_with_deleted:
+        record["deleted_rows_not_kept"] = listed(inc.lost_with_deleted)
+    if plan.sizing is not None:
+        record["sizing"] = sizing_record(plan.sizing, spec.sharding.bytes_per_shard)
+    return record
+
+
+def _count_rows(manifest: dict[str, Any], live: dict[str, dict[str, Any]],
+                gone: dict[str, dict[str, Any]]) -> None:
+    added = set(manifest["shards"]["added"])
+    manifest["rows"] = {
+        "total": sum(m.get("rows_out", 0) for m in live.values()),
+        "added": sum(m.get("rows_out", 0) for sid, m in live.items() if sid in added),
+        "removed": sum(m.get("rows_out", 0) for m in gone.values()),
+    }
 
 
 def _replicas_text(pool: Any, cpus: float | None, shards: int) -> str:

@@ -263,6 +263,23 @@ def make_plan(
     known: dict[tuple[str, str], InputFile] | None = None,
 ) -> Plan:
     """List, read the footers that splitting needs (reusing ``known`` ones), cut shards."""
+    files, sizing = survey(uri, fmt, storage_options, rows_per_shard, needed_columns,
+                           bytes_per_shard, known)
+    return Plan(cut_shards(files, sizing), files, needed_columns, sizing)
+
+
+def survey(
+    uri: str,
+    fmt: str | None,
+    storage_options: dict[str, Any],
+    rows_per_shard: int,
+    needed_columns: list[str],
+    bytes_per_shard: int | None = None,
+    known: dict[tuple[str, str], InputFile] | None = None,
+    sizing: Sizing | None = None,
+) -> tuple[list[InputFile], Sizing]:
+    """The input files with the footers that splitting needs, and the shard size targets
+    (``sizing`` when given: an incremental output keeps the targets of its first run)."""
     files = list_input_files(uri, fmt, storage_options)
     known = known or {}
     for i, f in enumerate(files):
@@ -270,10 +287,10 @@ def make_plan(
         if cached is not None and cached.format == f.format and cached.error is None:
             files[i] = InputFile.from_dict(cached.to_dict())
     inspect([f for f in _samples(files) if f.columns is None], storage_options, sample=True)
-    sizing = measure_sizing(files, rows_per_shard, bytes_per_shard)
+    sizing = sizing or measure_sizing(files, rows_per_shard, bytes_per_shard)
     inspect([f for f in files if _needs_footer(f, sizing)], storage_options)
     check_columns(files, needed_columns)
-    return Plan(cut_shards(files, sizing), files, needed_columns, sizing)
+    return files, sizing
 
 
 def known_files(document: dict[str, Any] | None) -> dict[tuple[str, str], InputFile]:

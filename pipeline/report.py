@@ -189,8 +189,28 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"attempts: {f['last_error']}")
     if report.get("aborted"):
         lines.append(f"  aborted: {report['aborted']}")
+    if report.get("run"):
+        lines.append("  " + run_line(report["run"]))
     lines.append(f"  output: {report['output']}")
     return lines
+
+
+def run_line(run: dict[str, Any]) -> str:
+    """The run in one line: its id, state, input delta, shards, rows and table version."""
+    sh, files = run.get("shards", {}), run.get("input_files", {})
+    text = f"run {run['run']} ({run.get('mode')}, {run.get('status')})"
+    if files and any(k in files for k in ("changed", "deleted")):
+        text += (f": files +{files['new']['count']} new, {files['changed']['count']} changed, "
+                 f"{files['deleted']['count']} deleted, {files['unchanged']} unchanged")
+    text += (f"; shards +{len(sh.get('added', []))}, kept {sh.get('kept', 0)}, "
+             f"replaced {len(sh.get('replaced', []))}, retired {len(sh.get('retired', []))}")
+    rows = run.get("rows")
+    if rows:
+        text += f"; rows +{rows['added']:,} -{rows['removed']:,} = {rows['total']:,}"
+    table = run.get("table") or {}
+    if table.get("version") is not None:
+        text += f"; {table['format']} version {table['version']}"
+    return text
 
 
 def _session_line(worker: dict[str, Any]) -> str:

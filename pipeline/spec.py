@@ -159,11 +159,36 @@ class ProvidersSpec(Strict):
         return self
 
 
+class IndexSpec(Strict):
+    """A vector index over the embeddings, built after each run's commit (Lance output)."""
+
+    column: str | None = Field(None, description="default: the embed task's output column")
+    metric: Literal["cosine", "l2", "dot"] = "cosine"
+    type: Literal["IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ", "IVF_HNSW_PQ"] = "IVF_PQ"
+    num_partitions: int | None = Field(None, ge=1, description="default: about sqrt(rows)")
+    num_sub_vectors: int | None = Field(None, ge=1, description="PQ only; default: dim / 16")
+
+
 class OutputSpec(Strict):
     uri: str
+    format: Literal["parquet", "delta", "lance"] = Field(
+        "parquet", description="parquet: a part file per shard, visible as it commits; delta, "
+        "lance: a table, one version per run, committed when the run's last shard is")
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    mode: Literal["resume", "overwrite", "fail_if_exists"] = "resume"
+    mode: Literal["resume", "incremental", "overwrite", "fail_if_exists"] = Field(
+        "resume", description="resume: finish the job over an unchanged input; incremental: "
+        "every run processes new and changed input files and retires deleted ones")
+    deleted_inputs: Literal["retire", "keep"] = Field(
+        "retire", description="incremental: what happens to the rows of input files that no "
+        "longer exist")
+    index: IndexSpec | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _index_needs_lance(self) -> OutputSpec:
+        if self.index is not None and self.format != "lance":
+            raise ValueError("output.index needs output.format: lance")
+        return self
 
 
 class StorageSpec(Strict):

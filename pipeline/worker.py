@@ -42,6 +42,7 @@ from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
 from pipeline.redaction import redact_uri
 from pipeline.sessions import SessionCache, SessionSettings
+from pipeline.sinks import sink_for
 from pipeline.spec import JobSpec
 from pipeline.tasks import build_task
 
@@ -110,6 +111,7 @@ class ShardWorker:
         self.read_columns = read_columns
         self.pool = pool
         self.layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+        self.sink = sink_for(spec.output.format)
         # A bundle only the driver can read arrives through the object store.
         self.bundle = install_bundle(shipped_bundle) if shipped_bundle else \
             fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
@@ -148,8 +150,8 @@ class ShardWorker:
                     META_BUNDLE: self.bundle.identity.encode(), META_SHARD: shard.id.encode()}
         try:
             # Window by window: memory depends on batching.window_rows, not on the shard.
-            with self.layout.shard_writer(shard.id, self.spec.output.compression,
-                                          metadata) as out:
+            with self.sink.shard_writer(self.layout, shard.id, self.spec.output.compression,
+                                        metadata) as out:
                 # Windows span pieces: a shard of many tiny files still infers full batches.
                 stream = windows(self._tables(shard), self.spec.batching.window_rows)
                 for window in stats.timed_iter("read_s", stream):

@@ -1,0 +1,163 @@
+"""Incremental runs over a growing input: each run equals a from-scratch run over the same
+input, row for row, and recomputes only new and changed files (real Ray, real model)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline.commit import OutputLayout
+from pipeline.demo.tabular import make_scoring_table
+from pipeline.errors import OutputError
+from pipeline.runs import read_runs
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+COLUMNS = ["id", "label", "score"]
+
+
+def write_file(folder: Path, name: str, rows: int, seed: int, start_id: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    table = make_scoring_table(rows, seed=seed, start_id=start_id)
+    path = folder / name
+    pq.write_table(table, path, row_group_size=40)
+    # Local versions are size + mtime: make a rewrite visible even within one second.
+    stamp = 1_700_000_000 + seed
+    os.utime(path, (stamp, stamp))
+
+
+def job(models_dir: Path, input_dir: Path, output: Path, **output_extra) -> dict:
+    return {
+        "name": "incremental",
+        "input": {"uri": str(input_dir)},
+        "model": {"uri": str(models_dir / "breast_cancer")},
+        "task": {"kind": "classify"},
+        "passthrough": ["id"],
+        "sharding": {"rows_per_shard": 40},
+        "workers": {"cpu": {"replicas": 2, "cpus": 1}},
+        "output": {"uri": str(output), "mode": "incremental", **output_extra},
+    }
+
+
+def rows_of(table: pa.Table) -> list[tuple]:
+    return sorted(zip(*(table[c].to_pylist() for c in COLUMNS), strict=True))
+
+
+def from_scratch(models_dir: Path, input_dir: Path, out: Path) -> list[tuple]:
+    result = pipeline.run_job(job(models_dir, input_dir, out), progress=False, fresh=True)
+    assert result.ok
+    return rows_of(result.read())
+
+
+def markers(output: Path) -> dict[str, dict]:
+    layout = OutputLayout(str(output))
+    return {sid: layout.read_marker(sid) for sid in layout.committed_shards()}
+
+
+def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: Path) -> None:
+    data, out, scratch = tmp_path / "in", tmp_path / "out", tmp_path / "scratch"
+    write_file(data, "a.parquet", 100, seed=1, start_id=0)  # split: 40 + 40 + 20 rows
+    write_file(data, "b.parquet", 8, seed=2, start_id=1000)  # small files are packed
+    write_file(data, "c.parquet", 8, seed=3, start_id=2000)
+    write_file(data, "d.parquet", 8, seed=4, start_id=3000)
+
+    # Run 1: everything is new.
+    first = pipeline.run_job(job(models_dir, data, out), progress=False)
+    assert first.ok
+    assert rows_of(first.read()) == from_scratch(models_dir, data, scratch)
+    assert first.report["run"]["run"] == 1 and first.report["run"]["status"] == "complete"
+    before = markers(out)
+
+    # Run 2: e and f are new, b changed (more rows), a, c, d untouched.
+    write_file(data, "b.parquet", 12, seed=5, start_id=1000)
+    write_file(data, "e.parquet", 50, seed=6, start_id=4000)
+    write_file(data, "f.parquet", 8, seed=7, start_id=5000)
+    second = pipeline.run_job(job(models_dir, data, out), progress=False)
+    assert second.ok
+    assert rows_of(second.read()) == from_scratch(models_dir, data, scratch)
+    run = second.report["run"]
+    assert run["run"] == 2
+    assert run["input_files"]["new"]["count"] == 2
+    assert [Path(u).name for u in run["input_files"]["changed"]["first"]] == ["b.parquet"]
+    assert run["input_files"]["deleted"]["count"] == 0
+    assert len(run["shards"]["replaced"]) == 1 and not run["shards"]["retired"]
+    after = markers(out)
+    a_shards = [sid for sid, m in before.items() if m["input"].endswith("a.parquet")]
+    assert len(a_shards) == 3
+    for sid in a_shards:  # never recomputed: the very same commit
+        assert after[sid]["attempt_token"] == before[sid]["attempt_token"]
+    assert second.report["totals"]["run_now"] == len(set(after) - set(before))
+    new = set(after) - set(before)
+    assert run["rows"]["added"] == sum(after[sid]["rows_out"] for sid in new)
+    assert run["rows"]["removed"] == sum(before[sid]["rows_out"] for sid in run["shards"]["replaced"])
+    assert run["rows"]["total"] == second.report["totals"]["rows_out"]
+
+    # Run 3: c deleted, a changed, g new.
+    (data / "c.parquet").unlink()
+    write_file(data, "a.parquet", 90, seed=8, start_id=0)
+    write_file(data, "g.parquet", 8, seed=9, start_id=6000)
+    third = pipeline.run_job(job(models_dir, data, out), progress=False)
+    assert third.ok
+    expected = from_scratch(models_dir, data, scratch)
+    assert rows_of(third.read()) == expected
+    ids = [r[0] for r in expected]
+    assert len(ids) == len(set(ids)) and not any(2000 <= i < 2100 for i in ids)
+    run = third.report["run"]
+    assert [Path(u).name for u in run["input_files"]["deleted"]["first"]] == ["c.parquet"]
+    assert run["shards"]["retired"] or run["shards"]["replaced"]
+    # Parquet output holds exactly the live shards' part files.
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert parts == sorted(f"part-{sid}.parquet" for sid in markers(out))
+
+    # Run 4: nothing changed -> nothing runs and no new manifest.
+    fourth = pipeline.run_job(job(models_dir, data, out), progress=False)
+    assert fourth.ok and fourth.report["totals"]["run_now"] == 0
+    assert fourth.report["run"]["run"] == 3
+    assert read_runs(OutputLayout(str(out))).last["run"] == 3
+    assert (out / "_SUCCESS").exists()
+    manifests = sorted(p.name for p in (out / "_pipeline" / "runs").iterdir())
+    assert manifests == ["000001.json", "000002.json", "000003.json"]
+    third_manifest = json.loads((out / "_pipeline" / "runs" / "000003.json").read_text())
+    assert third_manifest["status"] == "complete"
+    assert {s["id"] for s in third_manifest["ledger"]} == set(markers(out))
+
+
+def test_deleted_inputs_keep(models_dir: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_file(data, "a.parquet", 60, seed=11, start_id=0)
+    write_file(data, "b.parquet", 60, seed=12, start_id=1000)
+    spec = job(models_dir, data, out, deleted_inputs="keep")
+    assert pipeline.run_job(spec, progress=False).ok
+    (data / "b.parquet").unlink()
+    result = pipeline.run_job(spec, progress=False)
+    assert result.ok
+    ids = {r[0] for r in rows_of(result.read())}
+    assert ids == set(range(60)) | set(range(1000, 1060))  # b's rows stay
+    # Nothing to compute or retire: no new run, and the report says why.
+    assert result.report["run"]["run"] == 1 and result.report["totals"]["run_now"] == 0
+    assert "1 deleted input files; their rows are kept" in result.report["notes"][0]
+    write_file(data, "a.parquet", 30, seed=13, start_id=0)  # a changes: b's rows still kept
+    result = pipeline.run_job(spec, progress=False)
+    assert result.ok and result.report["run"]["run"] == 2
+    ids = {r[0] for r in rows_of(result.read())}
+    assert ids == set(range(30)) | set(range(1000, 1060))
+    assert result.report["run"]["input_files"]["deleted"]["count"] == 1
+    assert not result.report["run"]["shards"]["retired"]
+
+
+def test_changed_model_is_refused_unless_fresh(models_dir: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_file(data, "a.parquet", 20, seed=21, start_id=0)
+    assert pipeline.run_job(job(models_dir, data, out), progress=False).ok
+    changed = job(models_dir, data, out)
+    changed["task"] = {"kind": "classify", "score_column": "p"}
+    with pytest.raises(OutputError, match="fingerprint"):
+        pipeline.run_job(changed, progress=False)
+    result = pipeline.run_job(changed, progress=False, fresh=True)
+    assert result.ok and result.report["run"]["run"] == 1
+    assert "p" in result.read().column_names
