@@ -104,7 +104,7 @@ class DeltaSink:
 
     @staticmethod
     def _files(table: Any, layout: OutputLayout) -> dict[str, int]:
-        actions = table.get_add_actions(flatten=True)
+        actions = pa.table(table.get_add_actions(flatten=True))  # arro3 -> pyarrow (C stream)
         data = actions.select(["path", "size_bytes"]).to_pylist()
         return {row["path"].rsplit("/", 1)[-1]: row["size_bytes"] for row in data}
 
