@@ -165,7 +165,7 @@ class IndexSpec(Strict):
     column: str | None = Field(None, description="default: the embed task's output column")
     metric: Literal["cosine", "l2", "dot"] = "cosine"
     type: Literal["IVF_PQ", "IVF_FLAT", "IVF_HNSW_SQ", "IVF_HNSW_PQ"] = "IVF_PQ"
-    num_partitions: int | None = Field(None, ge=1, description="default: about sqrt(rows)")
+    num_partitions: int | None = Field(None, ge=1, description="IVF partitions; default: lance chooses")
     num_sub_vectors: int | None = Field(None, ge=1, description="PQ only; default: dim / 16")
 
 
