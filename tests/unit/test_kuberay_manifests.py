@@ -173,7 +173,7 @@ def test_job_file_loads_with_load_spec(job_file):
     spec = load_spec(job_file)  # the dict form: no file, no environment needed
     assert spec.task.kind == "embed" and spec.task.text_column == "text"
     assert spec.passthrough == ["id"]
-    assert spec.output.mode == "resume"
+    assert spec.output.mode == "incremental"  # nightly: only new work
     for name in ("input", "model", "output"):
         uri = getattr(spec, name).uri
         assert uri.startswith("s3://"), f"{name}.uri {uri!r}: a multi-node cluster needs object storage"
@@ -306,7 +306,8 @@ def test_every_container_uses_the_same_image(job_specs):
 
 
 def test_retries_rely_on_resume(job_specs, job_file):
-    assert load_spec(job_file).output.mode == "resume"
+    # A retry resumes the open run; the next night starts a new one over what changed.
+    assert load_spec(job_file).output.mode == "incremental"
     for where, spec in job_specs.items():
         assert spec["backoffLimit"] >= 1, where
         assert spec["submissionMode"] != "InteractiveMode", f"{where}: InteractiveMode allows no retries"
