@@ -94,7 +94,7 @@ def _fragment_paths(fragment: dict[str, Any]) -> list[str]:
 
 
 class LanceShardWriter(ShardWriter):
-    """Stages the part file locally; publishing writes it as uncommitted Lance fragments."""
+    """Stages the part file locally, then writes it as uncommitted Lance fragments."""
 
     def __init__(self, sink: LanceSink, layout: OutputLayout, shard_id: str, compression: str,
                  metadata: dict[bytes, bytes]) -> None:
@@ -110,7 +110,18 @@ class LanceShardWriter(ShardWriter):
                              f"part-{self.shard_id}-{uuid.uuid4().hex}.parquet")
         return storage.StagedFile(fsspec.filesystem("file"), local)
 
+    def _finish(self) -> None:
+        # The fragments are written here, before the commit step and outside the output's
+        # commit lock (local disks), so that workers of one machine encode in parallel. An
+        # attempt that then finds the shard committed leaves fragments no commit names:
+        # invisible, and removed by ``cleanup_old_versions``.
+        super()._finish()
+        self._write_fragments()
+
     def _publish_part(self) -> None:
+        """Nothing to move: the fragments are written, and only a run's commit shows them."""
+
+    def _write_fragments(self) -> None:
         staged = self._files["part"]
         staged.finish()
         try:

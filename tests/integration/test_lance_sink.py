@@ -137,12 +137,14 @@ def test_uncommitted_fragments_stay_invisible(tmp_path, local_tmp):
     assert len(data_files(str(root)) - files) == 1
     # A shard committed by a worker but not part of the run (e.g. outside the plan).
     y = write_shard(sink, layout, "y", rows(600, 3))
-    # A late attempt for a committed shard discards its rows: no fragment, the first marker.
+    # A late attempt for a committed shard: its fragment is written (before the commit step,
+    # outside the lock) but the first marker stands, and no commit ever names the fragment.
     with sink.shard_writer(layout, "a", "zstd", {}) as late:
         late.write(rows(900, 8))
         marker, ours = late.commit({"shard_id": "a", "attempt_token": "late"})
     assert not ours and marker["attempt_token"] == "tok-a"
-    assert len(data_files(str(root)) - files) == 2  # x and y only
+    assert layout.committed_marker("a")["lance"] == a["lance"]
+    assert len(data_files(str(root)) - files) == 3  # x, y and the late attempt's
 
     result = sink.commit_run(layout, RunCommit(2, FINGERPRINT, live={"a": a}))
     assert not result["committed"] and result["rows"] == 6
