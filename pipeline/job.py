@@ -376,6 +376,13 @@ def describe_plan(planned: PlannedJob) -> list[str]:
         note = f" ({loaded.fallback})" if loaded.fallback else ""
         lines.append(f"providers {pool}: asked {', '.join(providers)}; "
                      f"here runs on {loaded.active}{note}")
-    lines.append(f"output {storage.join(spec.output.uri, '')} (mode {spec.output.mode}); "
-                 "dry run: nothing written")
+    inc = planned.increment
+    if inc is not None:
+        held = len(inc.kept)
+        lines.append(f"incremental: files +{len(inc.files_new)} new, {len(inc.files_changed)} "
+                     f"changed, {len(inc.files_deleted)} deleted, {inc.files_unchanged} "
+                     f"unchanged; shards: keep {held}, compute up to {len(plan.shards) - held}, "
+                     f"replace {len(inc.replaced)}, retire {len(inc.retired)}")
+    lines.append(f"output {storage.join(spec.output.uri, '')} (format {spec.output.format}, "
+                 f"mode {spec.output.mode}); dry run: nothing written")
     return lines
