@@ -15,7 +15,9 @@ import pipeline
 from pipeline.commit import OutputLayout
 from pipeline.demo.tabular import make_scoring_table
 from pipeline.errors import OutputError
+from pipeline.job import describe_plan, plan_job
 from pipeline.runs import read_runs
+from pipeline.spec import load_spec
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 COLUMNS = ["id", "label", "score"]
@@ -77,6 +79,9 @@ def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: P
     write_file(data, "b.parquet", 12, seed=5, start_id=1000)
     write_file(data, "e.parquet", 50, seed=6, start_id=4000)
     write_file(data, "f.parquet", 8, seed=7, start_id=5000)
+    dry = describe_plan(plan_job(load_spec(job(models_dir, data, out))))
+    assert any(line.startswith("incremental: files +2 new, 1 changed, 0 deleted, 3 unchanged")
+               for line in dry), dry
     second = pipeline.run_job(job(models_dir, data, out), progress=False)
     assert second.ok
     assert rows_of(second.read()) == from_scratch(models_dir, data, scratch)
