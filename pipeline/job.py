@@ -265,7 +265,14 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
         index = spec.output.index.model_dump() if spec.output.index else None
         commit = RunCommit(int(manifest["run"]), planned.fingerprint, live, gone, index)
         _count_rows(manifest, live, gone)
-        manifest = finish_run(layout, sink, manifest, commit, dropped)
+        try:  # every step repeats safely: a retry after a transient error commits once
+            manifest = with_retries(lambda: finish_run(layout, sink, manifest, commit, dropped),
+                                    f"committing run {commit.run_id}")
+        except Exception as exc:  # the shards stand; the next invocation commits the run
+            text = " ".join(scrub(str(exc), spec.output.storage_options).split())[:300]
+            report.update(exit_code=1, status="failed", aborted=(
+                f"run {commit.run_id}: the {sink.format} commit failed, every shard is committed "
+                f"and a rerun commits the run ({type(exc).__name__}: {text})"))
     latest = manifest or runs.complete
     if latest is not None:
         report["run"] = public_view(latest)

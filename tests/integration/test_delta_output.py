@@ -112,3 +112,20 @@ def test_delta_on_s3(models_dir: Path, tmp_path: Path, s3_bucket: str, s3_option
     part = sorted(p for p in layout.fs.ls(layout.root) if p.rsplit("/", 1)[-1].startswith("part-"))[0]
     with layout.fs.open(part, "rb") as fh:
         assert pq.read_schema(fh).metadata[b"pipeline.fingerprint"] == second.report["fingerprint"].encode()
+
+
+def test_failed_table_commit_exits_1_and_the_rerun_commits(models_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_file(data, "a.parquet", 30, seed=61, start_id=0)
+    spec = job(models_dir, data, out, format="delta")
+    monkeypatch.setenv("PIPELINE_FAULTS", json.dumps(
+        [{"point": "driver.before_table_commit", "action": "raise"}]))
+    failed = pipeline.run_job(spec, progress=False)
+    assert failed.exit_code == 1 and "the delta commit failed" in failed.report["aborted"]
+    assert not (out / "_delta_log").exists() and not (out / "_SUCCESS").exists()
+    monkeypatch.delenv("PIPELINE_FAULTS")
+    again = pipeline.run_job(spec, progress=False)
+    assert again.ok and again.report["totals"]["run_now"] == 0
+    assert again.report["run"]["run"] == 1 and DeltaTable(str(out)).version() == 0
+    assert len(delta_rows(str(out))) == 30
