@@ -19,6 +19,7 @@ from ray.exceptions import ActorUnschedulableError, RayError, RayTaskError
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.locality import ClusterView, Placement
+from pipeline.metrics import JobMetrics
 from pipeline.models.shipping import ShippedBundle
 from pipeline.plan import Shard
 from pipeline.pools import PoolPlan, autoscaler_request, plan_starts, pool_plans, request_changed
@@ -112,6 +113,7 @@ class Runner:
         self.read_columns = read_columns
         self.shards = {s.id: s for s in shards}
         self.progress = progress or _NoProgress()
+        self.metrics = JobMetrics(spec.name, [p.name for p in self.pools])
         self._storage_options = (spec.input.storage_options, spec.model.storage_options,
                                  spec.output.storage_options)
         retry = spec.retry
@@ -213,7 +215,11 @@ class Runner:
         log.warning("worker %s lost: %s", wid, reason)
         for ref in [r for r, (w, _, _) in self.refs.items() if w == wid]:
             del self.refs[ref]
-        self.scheduler.remove_worker(wid, f"worker lost: {reason}")
+        for sid in self.scheduler.remove_worker(wid, f"worker lost: {reason}"):
+            if sid in self.scheduler.failed:
+                self.metrics.shard_failed(info.pool)
+            elif sid not in self.scheduler.done:
+                self.metrics.shard_retried(info.pool)
         with contextlib.suppress(Exception):  # already gone
             ray.kill(info.handle, no_restart=True)
         self._retired.append(self._worker_summary(info))
@@ -248,9 +254,12 @@ class Runner:
                 self._collect()
                 self._check_timeouts()
                 self.progress.tick()
+                self.metrics.tick(lambda: Counter(self.workers[w].pool for w, _, _ in
+                                                  self.refs.values()))
                 if self.spec.retry.fail_fast and self.scheduler.failed:
                     self.outcome.aborted = "retry.fail_fast: a shard failed after all attempts"
         finally:
+            self.metrics.finish()
             self._shutdown()
         return self._finish()
 
@@ -297,10 +306,13 @@ class Runner:
             worker.identity = info["worker"]
             worker.node_id, worker.node_ip = info.get("node_id"), info.get("node_ip")
             worker.session = info.get("session")
+            if worker.fallback:
+                self.metrics.worker_fallback(worker.pool, self._pool_of[wid].settings.providers[0],
+                                             worker.provider)
             self.scheduler.add_worker(wid)
 
     def _collect_result(self, ref: Any) -> None:
-        wid, sid, _ = self.refs.pop(ref)
+        wid, sid, dispatched = self.refs.pop(ref)
         try:
             marker = ray.get(ref)
         except RayTaskError as exc:
@@ -310,6 +322,10 @@ class Runner:
             retry = self.scheduler.shard_failed(wid, sid, message, transient)
             if not retry:
                 self.progress.shard_failed()
+            if retry:
+                self.metrics.shard_retried(self.workers[wid].pool)
+            elif sid in self.scheduler.failed:  # not when another attempt committed it
+                self.metrics.shard_failed(self.workers[wid].pool)
             log.warning("shard %s failed on %s (%s): %s", sid, wid,
                         "will retry" if retry else "giving up", message)
             return
@@ -325,6 +341,8 @@ class Runner:
             return
         self.outcome.markers[sid] = marker
         self.progress.commit(marker["rows_in"])
+        self.metrics.shard_committed(marker.get("pool", "?"), marker["rows_in"],
+                                     marker.get("rows_bad", 0), time.monotonic() - dispatched)
 
     def _note_superseded(self, sid: str, late: dict[str, Any], marker: dict[str, Any]) -> None:
         note = (f"shard {sid}: attempt {late['attempt']} on {late['worker']} found it committed "
