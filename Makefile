@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 
-.PHONY: install models data run score test lint chaos bench bench-st-env bench-memory bench-small-files bench-scale notebook clean
+.PHONY: install models data run score test lint chaos bench bench-st-env bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,9 @@ bench-small-files: models
 
 bench-scale: models
 	$(PY) -m benchmarks.scale
+
+bench-incremental: models
+	$(PY) -m benchmarks.incremental
 
 # Executes the example notebook; the copy with its outputs lands in out/notebook/.
 notebook: models
