@@ -60,14 +60,16 @@ class DeltaSink:
         )
 
         table = self._open(layout)
-        if table is not None:
-            done = table.transaction_version(run.fingerprint)
-            if done is not None and done >= run.run_id:  # committed before a crash or retry
-                return {"version": table.version(), "committed": False,
-                        "note": f"run {run.run_id} was already committed"}
+        done = table.transaction_version(run.fingerprint) if table is not None else None
         wanted = {layout.part_path(sid).rsplit("/", 1)[-1]: marker
                   for sid, marker in run.live.items() if marker.get("rows_out", 0) > 0}
         present = self._files(table, layout) if table is not None else {}
+        in_sync = set(wanted) == set(present)
+        if done is not None and done >= run.run_id and in_sync:
+            # Committed before a crash or a retry. (A resumed run whose input changed again
+            # after its commit is not in sync: it commits the difference, same run id.)
+            return {"version": table.version(), "committed": False,
+                    "note": f"run {run.run_id} was already committed"}
         sizes = self._sizes(layout)
         now = int(time.time() * 1000)
         adds = []

@@ -90,6 +90,19 @@ def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
     # Part files of retired shards stay for time travel; version 1 still reads whole.
     assert delta_rows(str(out), version=1) == run2
 
+    # Run 4 is killed after its commit, and the input changes again before the rerun: the
+    # resumed run 4 commits the difference too (a second version for run 4), nothing is lost.
+    write_file(data, "d.parquet", 20, seed=35, start_id=3000)
+    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert DeltaTable(str(out)).version() == 3
+    write_file(data, "e.parquet", 20, seed=36, start_id=4000)
+    fourth = pipeline.run_job(spec, progress=False)
+    assert fourth.ok and fourth.report["run"]["run"] == 4
+    assert fourth.report["run"]["table"]["committed"] is True
+    assert DeltaTable(str(out)).version() == 4
+    assert delta_rows(str(out)) == from_scratch(models_dir, data, scratch)
+
 
 def test_delta_on_s3(models_dir: Path, tmp_path: Path, s3_bucket: str, s3_options: dict) -> None:
     data, scratch = tmp_path / "in", tmp_path / "scratch"

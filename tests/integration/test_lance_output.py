@@ -58,6 +58,17 @@ def test_lance_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
     assert lance.dataset(str(out)).version == v1 + 2
     assert rows_of(lance.dataset(str(out)).to_table()) == from_scratch(models_dir, data, scratch)
 
+    # Run 4 killed after its commit, the input changed again before the rerun: the resumed
+    # run commits the difference as well.
+    write_file(data, "d.parquet", 20, seed=55, start_id=3000)
+    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    write_file(data, "e.parquet", 20, seed=56, start_id=4000)
+    fourth = pipeline.run_job(spec, progress=False)
+    assert fourth.ok and fourth.report["run"]["run"] == 4
+    assert lance.dataset(str(out)).version == v1 + 4
+    assert rows_of(lance.dataset(str(out)).to_table()) == from_scratch(models_dir, data, scratch)
+
 
 def test_lance_embeddings_with_vector_index_on_s3(minilm_dir: Path, text_rows: list[str],
                                                   tmp_path: Path, s3_bucket: str,
