@@ -344,10 +344,15 @@ class OutputLayout:
 def prepare_output(layout: OutputLayout, mode: str, fresh: bool, fingerprint: str,
                    fmt: str = "parquet", table_dirs: tuple[str, ...] = ()) -> set[str]:
     """Apply the output mode; returns the ids of shards already committed (resume)."""
-    if fresh or mode == "overwrite":
-        layout.wipe(table_dirs)
-        return set()
     previous = layout.read_job()
+    if fresh or mode == "overwrite":
+        # The table folders of the format written before go too (delta -> lance, say).
+        from pipeline.sinks import sink_for
+
+        earlier = ((previous or {}).get("spec", {}).get("output") or {}).get("format")
+        older = sink_for(earlier).table_dirs() if earlier else ()
+        layout.wipe(tuple(dict.fromkeys([*table_dirs, *older])))
+        return set()
     earlier_format = ((previous or {}).get("spec", {}).get("output") or {}).get("format",
                                                                                "parquet")
     if previous is not None and earlier_format != fmt:

@@ -51,6 +51,12 @@ def plan_increment(files: list[InputFile], sizing: Sizing, held: list[Shard],
             kept.append(shard)
         else:
             stale.append(shard)
+    # Kept shards must cover each file's rows at most once. Two cuts of one file can both be
+    # held (rows_per_shard changed, then a run died before dropping the old cut): all of
+    # them go stale and the file is cut again; shards of the new cut keep their ids.
+    overlapping = _overlapping(kept)
+    stale += [s for s in kept if s.id in overlapping]
+    kept = [s for s in kept if s.id not in overlapping]
     kept_ids = {s.id for s in kept}
     whole = {(p.uri, p.version) for s in kept for p in s.pieces if p.kind == "file"}
     to_cut = [f for f in files if f.key not in whole and not _all_kept(f, sizing, kept_ids)]
@@ -70,6 +76,8 @@ def plan_increment(files: list[InputFile], sizing: Sizing, held: list[Shard],
             still.append(shard)
     increment = Increment(shards=still + fresh, kept=[s.id for s in still])
     for shard in stale:
+        if shard.id in fresh_ids:  # cut again the same way: committed, counts as done
+            continue
         off = [p for p in shard.pieces if current.get(p.uri) != p.version]
         if not off or any(p.uri in current for p in off):
             increment.replaced.append(shard.id)  # a file changed, or the shard was re-cut
@@ -93,3 +101,22 @@ def _all_kept(file: InputFile, sizing: Sizing, kept_ids: set[str]) -> bool:
     """A split file whose every shard (cut as before) is held and kept."""
     cut = cut_file(file, sizing)
     return bool(cut) and all(s.id in kept_ids for s in cut)
+
+
+def _overlapping(shards: list[Shard]) -> set[str]:
+    """Ids of shards whose pieces cover rows of one file version that another shard covers."""
+    by_file: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+    for shard in shards:
+        for p in shard.pieces:
+            span = (0, 1 << 62) if p.kind == "file" else (p.start, p.end)
+            by_file.setdefault((p.uri, p.version), []).append((*span, shard.id))
+    clash: set[str] = set()
+    for spans in by_file.values():
+        spans.sort()
+        reach = -1  # the furthest row covered so far
+        for start, end, _ in spans:
+            if start < reach or (start == reach == end):  # an empty range counts too
+                clash.update(sid for *_, sid in spans)  # the whole file is cut again
+                break
+            reach = max(reach, end)
+    return clash

@@ -21,7 +21,16 @@ from pipeline.locality import check_placement, resolve_spec, ships_model
 from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
-from pipeline.plan import Plan, check_output_not_input, cut_shards, known_files, make_plan, survey
+from pipeline.plan import (
+    Piece,
+    Plan,
+    Shard,
+    check_output_not_input,
+    known_files,
+    make_plan,
+    shard_id,
+    survey,
+)
 from pipeline.progress import Progress
 from pipeline.redaction import scrub
 from pipeline.report import build_report, read_markers, summary_lines
@@ -121,24 +130,44 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str],
                       known: dict) -> tuple[Plan, Increment, RunLog]:
     """The input as listed now against the shards the output holds (see ``increment``)."""
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-    try:
-        runs = read_runs(layout)
-        committed = layout.committed_shards()
+    try:  # never guess: an output read as empty would recompute (and drop) everything
+        runs = with_retries(lambda: read_runs(layout), "reading run manifests")
+        committed = with_retries(layout.committed_shards, "listing shard markers")
+    except PipelineError:
+        raise
     except Exception as exc:
         access = access_error(exc, "output.uri", spec.output.uri)
         if access is not None:
             raise access from None
-        runs, committed = RunLog(), set()
+        text = " ".join(scrub(str(exc), spec.output.storage_options).split())[:200]
+        raise OutputError(f"output.uri: cannot read the runs of {layout.uri} "
+                          f"({type(exc).__name__}: {text})") from None
     sh = spec.sharding
     files, sizing = survey(spec.input.uri, spec.input.format, spec.input.storage_options,
                            sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
                            sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard))
     ledger = runs.ledger()
-    if not ledger:  # an output written before runs had manifests: its shards as cut today
-        ledger = {s.id: s for s in cut_shards(files, sizing)}
+    if not ledger and committed:  # an output written before runs had manifests
+        markers = with_retries(lambda: read_markers(layout, sorted(committed)),
+                               "reading shard markers")
+        ledger = shards_from_markers(markers)
     held = [ledger[sid] for sid in sorted(committed) if sid in ledger]
     increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")
     return Plan(increment.shards, files, read_columns, sizing), increment, runs
+
+
+def shards_from_markers(markers: dict[str, dict[str, Any]]) -> dict[str, Shard]:
+    """Committed shards with their pieces, as their markers name them. A shard whose named
+    pieces do not hash to its id (a marker names 32 pieces at most; a redacted URI) is left
+    out: it is dropped, and its files are computed again."""
+    shards = {}
+    for sid, marker in markers.items():
+        named = marker.get("pieces") or []
+        pieces = tuple(Piece(uri, version, "", kind, start, end)
+                       for uri, version, kind, start, end in named)
+        if pieces and shard_id(pieces) == sid:
+            shards[sid] = Shard(sid, pieces, marker.get("rows_in"), 0)
+    return shards
 
 
 def _replanned_fresh(planned: PlannedJob) -> PlannedJob:

@@ -111,16 +111,20 @@ def start_run(layout: OutputLayout, log: RunLog, base: dict[str, Any]) -> dict[s
         manifest["resumed"] = int(manifest.get("resumed", 0)) + 1
         # A crash after some dropped shards were deleted: they are gone from storage now,
         # but this run still replaced or retired them.
-        base = {**base, "shards": _merged(log.open.get("shards", {}), base["shards"])}
+        live = {s["id"] for s in base.get("ledger", [])}
+        base = {**base, "shards": _merged(log.open.get("shards", {}), base["shards"], live)}
     manifest.update(base, status=RUNNING)
     write_manifest(layout, manifest)
     return manifest
 
 
-def _merged(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+def _merged(before: dict[str, Any], now: dict[str, Any], live: set[str]) -> dict[str, Any]:
+    """Shards the open run dropped before it died, and those it drops now; never a shard the
+    output holds after the run."""
     out = dict(now)
     for key in ("replaced", "retired"):
-        out[key] = sorted(set(before.get(key, [])) | set(now.get(key, [])))
+        out[key] = sorted((set(before.get(key, [])) | set(now.get(key, []))) - live)
+    out["retired"] = sorted(set(out["retired"]) - set(out["replaced"]))
     return out
 
 
@@ -145,13 +149,15 @@ def finish_run(layout: OutputLayout, sink: Any, manifest: dict[str, Any],
 
 
 def remove_shards(layout: OutputLayout, shard_ids: list[str], parts: bool) -> None:
-    """Delete dropped shards: part files (Parquet output), dead letters, then markers."""
+    """Delete dropped shards: markers first (a crash then leaves orphan files, which the
+    next complete run removes, never a marker without its rows), dead letters, part files
+    (Parquet output)."""
     if not shard_ids:
         return
-    groups = [[layout.dead_letter_path(s) for s in shard_ids],
-              [layout.marker_path(s) for s in shard_ids]]
+    groups = [[layout.marker_path(s) for s in shard_ids],
+              [layout.dead_letter_path(s) for s in shard_ids]]
     if parts:
-        groups.insert(0, [layout.part_path(s) for s in shard_ids])
+        groups.append([layout.part_path(s) for s in shard_ids])
     for paths in groups:
         folder = paths[0].rsplit("/", 1)[0]
         layout.fs.invalidate_cache(folder)

@@ -83,6 +83,9 @@ class DeltaSink:
                                   json.dumps({"numRecords": int(marker["rows_out"])})))
         removes = [RemoveAction(name, True, now, size, {})
                    for name, size in sorted(present.items()) if name not in wanted]
+        if table is None and not wanted:  # no row yet: Delta takes no table without columns
+            return {"version": None, "committed": False,
+                    "note": f"run {run.run_id} has no rows: no Delta table yet"}
         schema = self._schema(layout, [a.path for a in adds] or sorted(wanted), table)
         commit = CommitProperties(
             app_transactions=[Transaction(run.fingerprint, run.run_id)],

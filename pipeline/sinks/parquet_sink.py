@@ -31,7 +31,8 @@ class ParquetSink:
                 tables.append(pq.read_table(fh))
         if not tables:
             return pa.table({})
-        return pa.concat_tables(tables, promote_options="default")
+        # Files of one output may differ in types (an int32 id in a later input file).
+        return pa.concat_tables(tables, promote_options="permissive")
 
     def table_dirs(self) -> tuple[str, ...]:
         return ()

@@ -142,3 +142,20 @@ def test_failed_table_commit_exits_1_and_the_rerun_commits(models_dir: Path, tmp
     assert again.ok and again.report["totals"]["run_now"] == 0
     assert again.report["run"]["run"] == 1 and DeltaTable(str(out)).version() == 0
     assert len(delta_rows(str(out))) == 30
+
+
+def test_delta_first_run_without_rows_then_rows(models_dir: Path, tmp_path: Path) -> None:
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_file(data, "a.parquet", 0, seed=71, start_id=0)
+    spec = job(models_dir, data, out, format="delta")
+    first = pipeline.run_job(spec, progress=False)
+    assert first.ok and first.report["run"]["table"]["version"] is None
+    assert not (out / "_delta_log").exists()
+    write_file(data, "b.parquet", 12, seed=72, start_id=100)
+    second = pipeline.run_job(spec, progress=False)
+    assert second.ok and DeltaTable(str(out)).version() == 0
+    assert len(delta_rows(str(out))) == 12
+    # --fresh into another format removes the Delta table, not only the new format's folders.
+    lance_spec = job(models_dir, data, out, format="lance")
+    assert pipeline.run_job(lance_spec, progress=False, fresh=True).ok
+    assert not (out / "_delta_log").exists() and (out / "_versions").exists()

@@ -199,3 +199,32 @@ def test_incremental_on_s3_follows_etags(models_dir: Path, tmp_path: Path, s3_bu
     expected = rows_of(pipeline.run_job(scratch, progress=False, fresh=True).read())
     assert rows_of(second.read()) == expected
     assert {r[0] // 1000 for r in expected} == {0, 1, 3}
+
+
+def test_adopts_an_output_written_in_resume_mode(models_dir: Path, tmp_path: Path) -> None:
+    """No run manifests yet: committed shards are matched to files through their markers, so
+    unchanged files are kept, a changed one recomputed, and a deleted one's rows kept."""
+    data, out = tmp_path / "in", tmp_path / "out"
+    write_file(data, "a.parquet", 60, seed=81, start_id=0)
+    write_file(data, "b.parquet", 60, seed=82, start_id=1000)
+    write_file(data, "c.parquet", 60, seed=83, start_id=2000)
+    resume = job(models_dir, data, out)
+    resume["output"]["mode"] = "resume"
+    assert pipeline.run_job(resume, progress=False).ok
+    import shutil
+
+    shutil.rmtree(out / "_pipeline" / "runs")  # as an output from before manifests existed
+    before = markers(out)
+    (data / "b.parquet").unlink()
+    write_file(data, "c.parquet", 30, seed=84, start_id=2000)
+    result = pipeline.run_job(job(models_dir, data, out, deleted_inputs="keep"), progress=False)
+    assert result.ok
+    files = result.report["run"]["input_files"]
+    assert (files["new"]["count"], files["changed"]["count"], files["deleted"]["count"],
+            files["unchanged"]) == (0, 1, 1, 1)
+    after = markers(out)
+    for sid, marker in before.items():
+        if not marker["input"].endswith("c.parquet"):  # a and b: the very same commits
+            assert after[sid]["attempt_token"] == marker["attempt_token"]
+    ids = {r[0] for r in rows_of(result.read())}
+    assert ids == set(range(60)) | set(range(1000, 1060)) | set(range(2000, 2030))

@@ -95,3 +95,19 @@ def test_recut_after_a_size_change_replaces_the_old_cut() -> None:
     inc = plan_increment(files, bigger, held[:3])  # a crash committed 3 of 4 shards
     assert set(inc.replaced) == ids(held[:3])
     assert ids(inc.shards) == ids(cut_shards(files, bigger))
+
+
+def test_two_cuts_of_one_file_held_at_once_keep_only_the_current_cut() -> None:
+    """rows_per_shard changed and the run died before dropping the old cut: both cuts are
+    committed. Only the cut of today's sizing stays; its shards count as done."""
+    files = [big("a", groups=4)]
+    old = cut_shards(files, SIZING)
+    bigger = Sizing(rows_per_shard=200, bytes_per_shard={"parquet": 20_000})
+    new = cut_shards(files, bigger)
+    for sizing, current in ((bigger, new), (SIZING, old)):  # and reverting the change
+        inc = plan_increment(files, sizing, [*old, *new])
+        assert ids(inc.shards) == ids(current)
+        assert set(inc.replaced) == ids(old + new) - ids(current)
+        rows = sorted((p.start, p.end) for s in inc.shards for p in s.pieces)
+        step = 200 if current is new else 100
+        assert rows == [(a, a + step) for a in range(0, 400, step)]  # each row once
