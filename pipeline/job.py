@@ -28,6 +28,7 @@ from pipeline.plan import (
     check_output_not_input,
     known_files,
     make_plan,
+    measure_sizing,
     shard_id,
     survey,
 )
@@ -172,10 +173,10 @@ def shards_from_markers(markers: dict[str, dict[str, Any]]) -> dict[str, Shard]:
 
 def _replanned_fresh(planned: PlannedJob) -> PlannedJob:
     """--fresh over an incremental output: everything is new (the output was wiped)."""
-    plan = planned.plan
-    assert plan.sizing is not None
-    increment = plan_increment(plan.files, plan.sizing, [], False)
-    new_plan = Plan(increment.shards, plan.files, plan.read_columns, plan.sizing)
+    plan, sharding = planned.plan, planned.spec.sharding
+    sizing = measure_sizing(plan.files, sharding.rows_per_shard, sharding.bytes_per_shard)
+    increment = plan_increment(plan.files, sizing, [], False)
+    new_plan = Plan(increment.shards, plan.files, plan.read_columns, sizing)
     return replace(planned, plan=new_plan, increment=increment, runs=RunLog())
 
 

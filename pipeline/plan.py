@@ -287,7 +287,12 @@ def survey(
         if cached is not None and cached.format == f.format and cached.error is None:
             files[i] = InputFile.from_dict(cached.to_dict())
     inspect([f for f in _samples(files) if f.columns is None], storage_options, sample=True)
-    sizing = sizing or measure_sizing(files, rows_per_shard, bytes_per_shard)
+    measured = measure_sizing(files, rows_per_shard, bytes_per_shard)
+    if sizing is None:
+        sizing = measured
+    else:  # kept targets; a format the input did not have before gets its own
+        for fmt, target in measured.bytes_per_shard.items():
+            sizing.bytes_per_shard.setdefault(fmt, target)
     inspect([f for f in files if _needs_footer(f, sizing)], storage_options)
     check_columns(files, needed_columns)
     return files, sizing
