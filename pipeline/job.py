@@ -94,6 +94,7 @@ def plan_job(spec: JobSpec) -> PlannedJob:
     """Everything that can fail before a worker starts (exit 2 territory)."""
     started = time.perf_counter()
     spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
+    check_table_library(spec.output.format)
     bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
     report = validate_bundle(bundle, smoke=True, providers=["cpu"])
     task = build_task(bundle, spec.task, spec.batching, {})
@@ -125,6 +126,19 @@ def plan_job(spec: JobSpec) -> PlannedJob:
                           f"{scrub(str(exc), spec.output.storage_options)}") from None
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
                       report.providers, time.perf_counter() - started, increment, runs)
+
+
+TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
+
+
+def check_table_library(fmt: str) -> None:
+    """A table format whose library is missing: exit 2 before anything runs."""
+    import importlib.util
+
+    module = TABLE_LIBRARIES.get(fmt)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"output.format: {fmt} needs the {module} package, which is not "
+                          "installed (pip install 'onnx-ray-pipeline[tables]')")
 
 
 def _plan_incremental(spec: JobSpec, read_columns: list[str],

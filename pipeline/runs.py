@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.commit import OutputLayout
+from pipeline.faults import maybe_inject
 from pipeline.plan import Shard, Sizing
 
 FOLDER = "runs"
@@ -133,8 +134,6 @@ def finish_run(layout: OutputLayout, sink: Any, manifest: dict[str, Any],
     """Every shard of the run is committed: publish the run in the sink (one table commit),
     delete what dropped shards left, and mark the run complete. Each step can be repeated
     after a crash: the next invocation resumes the run and finds the same work done."""
-    from pipeline.faults import maybe_inject
-
     run_id = int(manifest["run"])
     manifest["status"] = COMMITTING
     write_manifest(layout, manifest)

@@ -1,21 +1,21 @@
-"""Output sinks: where shards' rows go and how a run becomes visible (see ``base``)."""
+"""Output sinks: where shards' rows go and how a run becomes visible (see ``base``).
+
+Every sink module is imported here, up front: under ``ray job submit`` the job's working
+directory may be gone once the driver has connected, so nothing of ours is imported late.
+The table libraries themselves (deltalake, lance: the ``tables`` extra) load on first use.
+"""
 
 from __future__ import annotations
 
 from pipeline.sinks.base import RunCommit, Sink
+from pipeline.sinks.delta_sink import DeltaSink
+from pipeline.sinks.lance_sink import LanceSink
+from pipeline.sinks.parquet_sink import ParquetSink
 
 __all__ = ["RunCommit", "Sink", "sink_for"]
 
+SINKS: dict[str, type] = {"parquet": ParquetSink, "delta": DeltaSink, "lance": LanceSink}
+
 
 def sink_for(fmt: str) -> Sink:
-    if fmt == "delta":
-        from pipeline.sinks.delta_sink import DeltaSink
-
-        return DeltaSink()
-    if fmt == "lance":
-        from pipeline.sinks.lance_sink import LanceSink
-
-        return LanceSink()
-    from pipeline.sinks.parquet_sink import ParquetSink
-
-    return ParquetSink()
+    return SINKS.get(fmt, ParquetSink)()

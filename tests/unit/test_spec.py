@@ -57,3 +57,14 @@ def test_json_schema_lists_top_level_keys():
     schema = json_schema()
     assert {"input", "model", "task", "output", "retry", "bad_rows"} <= set(schema["properties"])
     assert set(schema["required"]) == {"input", "model", "task", "output"}
+
+
+def test_table_format_without_its_library_is_a_one_line_error(monkeypatch):
+    from pipeline import job
+    from pipeline.errors import ConfigError
+
+    job.check_table_library("delta")  # installed with the tables extra: no error
+    monkeypatch.setitem(job.TABLE_LIBRARIES, "delta", "no_such_module_here")
+    with pytest.raises(ConfigError, match=r"output.format: delta needs the no_such_module_here "
+                                          r"package.*\[tables\]"):
+        job.check_table_library("delta")
