@@ -342,21 +342,18 @@ class OutputLayout:
 
 
 def prepare_output(layout: OutputLayout, mode: str, fresh: bool, fingerprint: str,
-                   fmt: str = "parquet", table_dirs: tuple[str, ...] = ()) -> set[str]:
-    """Apply the output mode; returns the ids of shards already committed (resume)."""
+                   fmt: str = "parquet",
+                   table_dirs: dict[str, tuple[str, ...]] | None = None) -> set[str]:
+    """Apply the output mode; returns the ids of shards already committed (resume).
+    ``table_dirs``: each format's table folders, wiped with the output by --fresh."""
     previous = layout.read_job()
+    earlier = ((previous or {}).get("spec", {}).get("output") or {}).get("format", "parquet")
     if fresh or mode == "overwrite":
-        # The table folders of the format written before go too (delta -> lance, say).
-        from pipeline.sinks import sink_for
-
-        earlier = ((previous or {}).get("spec", {}).get("output") or {}).get("format")
-        older = sink_for(earlier).table_dirs() if earlier else ()
-        layout.wipe(tuple(dict.fromkeys([*table_dirs, *older])))
+        dirs = table_dirs or {}  # the format written before goes too (delta -> lance, say)
+        layout.wipe(tuple(dict.fromkeys([*dirs.get(fmt, ()), *dirs.get(earlier, ())])))
         return set()
-    earlier_format = ((previous or {}).get("spec", {}).get("output") or {}).get("format",
-                                                                               "parquet")
-    if previous is not None and earlier_format != fmt:
-        raise OutputError(f"output.format: {layout.uri} holds {earlier_format} output, this job "
+    if previous is not None and earlier != fmt:
+        raise OutputError(f"output.format: {layout.uri} holds {earlier} output, this job "
                           f"writes {fmt}; use another output.uri, or --fresh to replace it")
     if mode == "fail_if_exists" and (previous or layout.has_output()):
         raise OutputError(f"output.uri: {layout.uri} already holds output "

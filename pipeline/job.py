@@ -22,14 +22,11 @@ from pipeline.models.bundle import LocalBundle, fetch_bundle
 from pipeline.models.shipping import pack_bundle, ship_bundle
 from pipeline.models.validate import validate_bundle
 from pipeline.plan import (
-    Piece,
     Plan,
-    Shard,
     check_output_not_input,
     known_files,
     make_plan,
     measure_sizing,
-    shard_id,
     survey,
 )
 from pipeline.progress import Progress
@@ -41,10 +38,11 @@ from pipeline.runs import (
     listed,
     public_view,
     read_runs,
+    shards_from_markers,
     sizing_record,
     start_run,
 )
-from pipeline.sinks import RunCommit, sink_for
+from pipeline.sinks import TABLE_DIRS, RunCommit, sink_for
 from pipeline.spec import JobSpec, output_columns, redact
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task
@@ -171,20 +169,6 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str],
     return Plan(increment.shards, files, read_columns, sizing), increment, runs
 
 
-def shards_from_markers(markers: dict[str, dict[str, Any]]) -> dict[str, Shard]:
-    """Committed shards with their pieces, as their markers name them. A shard whose named
-    pieces do not hash to its id (a marker names 32 pieces at most; a redacted URI) is left
-    out: it is dropped, and its files are computed again."""
-    shards = {}
-    for sid, marker in markers.items():
-        named = marker.get("pieces") or []
-        pieces = tuple(Piece(uri, version, "", kind, start, end)
-                       for uri, version, kind, start, end in named)
-        if pieces and shard_id(pieces) == sid:
-            shards[sid] = Shard(sid, pieces, marker.get("rows_in"), 0)
-    return shards
-
-
 def _replanned_fresh(planned: PlannedJob) -> PlannedJob:
     """--fresh over an incremental output: everything is new (the output was wiped)."""
     plan, sharding = planned.plan, planned.spec.sharding
@@ -248,7 +232,7 @@ def execute(planned: PlannedJob, fresh: bool = False, address: str | None = None
     try:
         committed = with_retries(
             lambda: prepare_output(layout, spec.output.mode, fresh, planned.fingerprint,
-                                   spec.output.format, sink.table_dirs()),
+                                   spec.output.format, TABLE_DIRS),
             f"preparing {layout.uri}")
         if planned.increment is not None and fresh:
             planned = _replanned_fresh(planned)  # the output was wiped: everything is new

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.commit import OutputLayout
 from pipeline.faults import maybe_inject
-from pipeline.plan import Shard, Sizing
+from pipeline.plan import Piece, Shard, Sizing, shard_id
 
 FOLDER = "runs"
 RUNNING, COMMITTING, COMPLETE = "running", "committing", "complete"
@@ -132,7 +132,7 @@ def _merged(before: dict[str, Any], now: dict[str, Any], live: set[str]) -> dict
 def finish_run(layout: OutputLayout, sink: Any, manifest: dict[str, Any],
                commit: Any, dropped: list[str]) -> dict[str, Any]:
     """Every shard of the run is committed: publish the run in the sink (one table commit),
-    delete what dropped shards left, and mark the run complete. Each step can be repeated
+    uncommit the dropped shards, and mark the run complete. Each step can be repeated
     after a crash: the next invocation resumes the run and finds the same work done."""
     run_id = int(manifest["run"])
     manifest["status"] = COMMITTING
@@ -140,31 +140,38 @@ def finish_run(layout: OutputLayout, sink: Any, manifest: dict[str, Any],
     maybe_inject("driver.before_table_commit", "", run_id)
     manifest["table"] = {"format": sink.format, **sink.commit_run(layout, commit)}
     maybe_inject("driver.after_table_commit", "", run_id)
-    remove_shards(layout, dropped, parts=not sink.keeps_dropped_files)
+    remove_markers(layout, dropped)
     manifest["status"] = COMPLETE
     manifest["completed_at"] = time.time()
     write_manifest(layout, manifest)
     return manifest
 
 
-def remove_shards(layout: OutputLayout, shard_ids: list[str], parts: bool) -> None:
-    """Delete dropped shards: markers first (a crash then leaves orphan files, which the
-    next complete run removes, never a marker without its rows), dead letters, part files
-    (Parquet output)."""
+def remove_markers(layout: OutputLayout, shard_ids: list[str]) -> None:
+    """Uncommit dropped shards. Their part files and dead letters are then outside the plan:
+    ``remove_orphans`` deletes them when the run ends (Parquet), or keeps the part files that
+    older table versions read (Delta). A crash in between leaves orphans, never a marker
+    without its rows."""
     if not shard_ids:
         return
-    groups = [[layout.marker_path(s) for s in shard_ids],
-              [layout.dead_letter_path(s) for s in shard_ids]]
-    if parts:
-        groups.append([layout.part_path(s) for s in shard_ids])
-    for paths in groups:
-        folder = paths[0].rsplit("/", 1)[0]
-        layout.fs.invalidate_cache(folder)
-        try:
-            present = set(layout.fs.ls(folder, detail=False))
-        except FileNotFoundError:
-            continue
-        doomed = [p for p in paths if p in present or p.lstrip("/") in present]
-        if doomed:  # one call: object stores delete in batches
-            layout.fs.rm(doomed)
-        layout.fs.invalidate_cache(folder)
+    folder = layout.shards_folder()
+    layout.fs.invalidate_cache(folder)
+    present = {p.rsplit("/", 1)[-1] for p in layout.fs.ls(folder, detail=False)}
+    doomed = [layout.marker_path(s) for s in shard_ids if f"{s}.json" in present]
+    if doomed:  # one call: object stores delete in batches
+        layout.fs.rm(doomed)
+    layout.fs.invalidate_cache(folder)
+
+
+def shards_from_markers(markers: dict[str, dict[str, Any]]) -> dict[str, Shard]:
+    """Committed shards with their pieces, as their markers name them. A shard whose named
+    pieces do not hash to its id (a marker names 32 pieces at most; a redacted URI) is left
+    out: it is dropped, and its files are computed again."""
+    shards = {}
+    for sid, marker in markers.items():
+        named = marker.get("pieces") or []
+        pieces = tuple(Piece(uri, version, "", kind, start, end)
+                       for uri, version, kind, start, end in named)
+        if pieces and shard_id(pieces) == sid:
+            shards[sid] = Shard(sid, pieces, marker.get("rows_in"), 0)
+    return shards

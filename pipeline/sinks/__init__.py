@@ -12,9 +12,10 @@ from pipeline.sinks.delta_sink import DeltaSink
 from pipeline.sinks.lance_sink import LanceSink
 from pipeline.sinks.parquet_sink import ParquetSink
 
-__all__ = ["RunCommit", "Sink", "sink_for"]
+__all__ = ["TABLE_DIRS", "RunCommit", "Sink", "sink_for"]
 
 SINKS: dict[str, type] = {"parquet": ParquetSink, "delta": DeltaSink, "lance": LanceSink}
+TABLE_DIRS = {fmt: sink().table_dirs() for fmt, sink in SINKS.items()}  # what --fresh wipes
 
 
 def sink_for(fmt: str) -> Sink:
