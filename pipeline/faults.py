@@ -1,8 +1,14 @@
 """Fault injection points for the reliability suite; inert unless PIPELINE_FAULTS is set.
 
 PIPELINE_FAULTS is a JSON list of {"point": ..., "action": "kill"|"raise"|"transient"|"sleep"|
-"device", "shard": optional id prefix, "attempt": optional attempt number, "once_file": optional
-path}. A rule with ``once_file`` fires only if that file can be created (once across processes).
+"device"|"barrier", "shard": optional id prefix, "attempt": optional attempt number, "once_file":
+optional path}. A rule with ``once_file`` fires only if that file can be created (once across
+processes).
+
+``"action": "barrier"`` (with ``"dir"``, ``"parties"`` and ``"timeout_s"``) holds the shard
+until ``parties`` distinct processes have reached the barrier (each leaves a file named by its
+pid in ``dir``, on a filesystem they share), or until the timeout: multi-node tests use it to
+make every worker take shards, however long the last one takes to start.
 
 ``"action": "device"`` (at "worker.infer", which runs just before the shard's inference, in the
 same thread) breaks the session for that one shard: every run of its batches raises a CUDA-like
@@ -48,6 +54,9 @@ def maybe_inject(point: str, shard_id: str, attempt: int) -> None:
         if action == "sleep":  # slows shards down so other faults land mid-job
             time.sleep(float(rule.get("seconds", 0.1)))
             continue
+        if action == "barrier":
+            _wait_at_barrier(rule)
+            continue
         if action == "device":
             _armed.message = str(rule.get("message", DEVICE_FAULT))
             continue
@@ -56,6 +65,15 @@ def maybe_inject(point: str, shard_id: str, attempt: int) -> None:
         if action == "transient":
             raise TransientError(f"injected transient fault at {point} for shard {shard_id}")
         raise ShardError(f"injected fault at {point} for shard {shard_id}")
+
+
+def _wait_at_barrier(rule: dict[str, Any]) -> None:
+    folder = rule["dir"]
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, str(os.getpid())), "a").close()
+    deadline = time.monotonic() + float(rule.get("timeout_s", 120))
+    while len(os.listdir(folder)) < int(rule.get("parties", 2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def take_session_fault() -> str | None:

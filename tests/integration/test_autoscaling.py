@@ -46,9 +46,11 @@ def test_job_grows_onto_nodes_the_autoscaler_adds(autoscaling_cluster, tmp_path)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
     env = {**autoscaling_cluster.env,
-           # Each shard takes a moment, so the job outlives the start of the second node.
-           "PIPELINE_FAULTS": json.dumps([{"point": "worker.start", "action": "sleep",
-                                           "seconds": 0.4}])}
+           # The first worker's shards wait for the second node's worker (or 150 s), so the
+           # job outlives the start of the second node however long the autoscaler takes.
+           "PIPELINE_FAULTS": json.dumps([{"point": "worker.start", "action": "barrier",
+                                           "dir": str(tmp_path / "barrier"), "parties": 2,
+                                           "timeout_s": 150}])}
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress",
                            "--address", autoscaling_cluster.gcs_address],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -64,4 +66,5 @@ def test_job_grows_onto_nodes_the_autoscaler_adds(autoscaling_cluster, tmp_path)
     # Both nodes the autoscaler started took shards, and the report says so.
     assert len(nodes) == 2, report["nodes"]
     assert {n["node_id"] for n in report["nodes"]} == nodes
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # one worker per node met there
     assert report["totals"]["rows_in"] == ROWS and report["status"] == "succeeded"

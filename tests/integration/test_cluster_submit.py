@@ -66,6 +66,13 @@ def sets(bucket: str, out: str, **more: str) -> list[str]:
     return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
 
 
+def both_nodes_take_shards(folder) -> str:
+    """A fault rule that holds each worker's first shards until the worker of the other node
+    has one too: without it the first worker up could finish this small job alone."""
+    return json.dumps([{"point": "worker.start", "action": "barrier", "dir": str(folder),
+                        "parties": 2, "timeout_s": 120}])
+
+
 def committed(fs: s3fs.S3FileSystem, output: str) -> tuple[list[int], list[dict], dict]:
     fs.invalidate_cache()
     markers = [json.loads(fs.cat(p)) for p in fs.glob(f"{output}/_pipeline/shards/*.json")]
@@ -89,8 +96,10 @@ def check_spread_exactly_once(fs: s3fs.S3FileSystem, output: str) -> dict:
     return report
 
 
-def test_ray_job_submit_as_the_readme_says(cluster, bucket, s3_options):
-    cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".", "--",
+def test_ray_job_submit_as_the_readme_says(cluster, bucket, s3_options, tmp_path):
+    faults = {"env_vars": {"PIPELINE_FAULTS": both_nodes_take_shards(tmp_path / "barrier")}}
+    cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", ".",
+           "--runtime-env-json", json.dumps(faults), "--",
            "python", "-m", "pipeline.run", "jobs/embed-cluster.yaml", "--no-progress",
            *sets(bucket, "out/readme")]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True,
@@ -98,26 +107,29 @@ def test_ray_job_submit_as_the_readme_says(cluster, bucket, s3_options):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "SUCCEEDED: 480 rows" in proc.stdout
     check_spread_exactly_once(s3fs.S3FileSystem(**s3_options), f"{bucket}/out/readme")
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # the rule reached both workers
 
 
 def test_submit_helper_ships_a_local_bundle_and_returns_the_exit_code(cluster, bucket,
-                                                                      s3_options):
+                                                                      s3_options, tmp_path):
     # The bundle is on this machine only (models/ is git-ignored, so --working-dir skips it):
     # the helper sends a copy, and the job's driver ships it to the other node.
     cmd = [sys.executable, "-m", "pipeline.submit", "jobs/embed-cluster.yaml",
-           "--address", cluster.dashboard_url,
+           "--address", cluster.dashboard_url, "--env", "PIPELINE_FAULTS",
            *sets(bucket, "out/helper", **{"model.uri": "models/minilm"})]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True,
+    env = {**cluster.env, "PIPELINE_FAULTS": both_nodes_take_shards(tmp_path / "barrier")}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.stdout.startswith("submitted ")
     fs = s3fs.S3FileSystem(**s3_options)
     check_spread_exactly_once(fs, f"{bucket}/out/helper")
+    assert len(list((tmp_path / "barrier").iterdir())) == 2  # --env carried the rule through
     job = json.loads(fs.cat(f"{bucket}/out/helper/_pipeline/job.json"))
     assert job["spec"]["model"]["uri"].startswith("file:///")  # resolved on the driver
 
     # The same job again: everything is committed, so it resumes and computes nothing.
-    again = subprocess.run(cmd, cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True,
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                            timeout=400)
     assert again.returncode == 0, again.stdout[-3000:]
     report = json.loads(fs.cat(f"{bucket}/out/helper/_pipeline/report.json"))
