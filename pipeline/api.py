@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.batch_formats import from_arrow, to_arrow
 from pipeline.job import JobResult, execute, plan_job
-from pipeline.predictor import LoadedModel, from_arrow, to_arrow
+from pipeline.scoring import LoadedModel
 from pipeline.spec import BatchingSpec, JobSpec, load_spec
 
 

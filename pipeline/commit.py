@@ -22,12 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import OutputError, TransientError, describe_access
+from pipeline.errors import OutputError, ShardError, TransientError, describe_access
 
-META_FINGERPRINT = b"pipeline.fingerprint"
-META_MODEL = b"pipeline.model_sha256"
-META_BUNDLE = b"pipeline.bundle_identity"
-META_SHARD = b"pipeline.shard_id"
 BROKEN = "_broken"  # committed_marker: a marker file whose content is not a marker
 
 
@@ -184,8 +180,6 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         return table.select(schema.names).cast(schema.remove_metadata()).replace_schema_metadata(
             schema.metadata)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
-        from pipeline.errors import ShardError
-
         raise ShardError(f"input files of one shard have incompatible columns: {exc}") from None
 
 

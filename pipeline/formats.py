@@ -13,6 +13,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec.utils import read_block
 
+from pipeline.errors import ShardError
+
 EXTENSIONS = {
     ".parquet": "parquet", ".pq": "parquet",
     ".arrow": "ipc", ".ipc": "ipc", ".feather": "ipc",
@@ -37,8 +39,6 @@ def _check_columns(table: pa.Table, columns: list[str] | None, where: str) -> pa
         return table
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        from pipeline.errors import ShardError
-
         raise ShardError(f"{where}: column {missing[0]!r} is missing "
                          f"(has: {', '.join(table.column_names[:15])})")
     return table.select(columns)
@@ -157,8 +157,6 @@ def _text_batches(fs, path: str, fh, piece: Any) -> Iterator[pa.Table]:
         # line to exactly one range. CSV ranges after the first get the header line again.
         data = read_block(fh, piece.start, piece.end - piece.start, delimiter=b"\n")
         if piece.format == "csv" and piece.start > 0:
-            from pipeline.listing import csv_header
-
             data = csv_header(fs, path) + data
     elif not path.endswith(".gz"):
         data = fh.read()
@@ -175,6 +173,19 @@ def _text_batches(fs, path: str, fh, piece: Any) -> Iterator[pa.Table]:
         yield pacsv.read_csv(io.BytesIO(data))
     else:
         yield pajson.read_json(io.BytesIO(data))
+
+
+def csv_header(fs: Any, path: str) -> bytes:
+    """The first line of a CSV file, with its newline: prepended to byte-range pieces."""
+    with fs.open(path, "rb") as fh:
+        buffer = io.BytesIO()
+        while chunk := fh.read(65536):
+            end = chunk.find(b"\n")
+            if end >= 0:
+                buffer.write(chunk[: end + 1])
+                return buffer.getvalue()
+            buffer.write(chunk)
+    return buffer.getvalue() + b"\n"
 
 
 def read_schema(fs, path: str, fmt: str) -> pa.Schema:

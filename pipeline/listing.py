@@ -8,7 +8,6 @@ bounded concurrency (``inspect``), never one request per file just to learn its 
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -204,17 +203,4 @@ def _text_bytes_per_row(fs: Any, path: str, file: InputFile) -> float | None:
     return len(head) / lines if lines else None
 
 
-def csv_header(fs: Any, path: str) -> bytes:
-    """The first line of a CSV file, with its newline: prepended to byte-range pieces."""
-    with fs.open(path, "rb") as fh:
-        buffer = io.BytesIO()
-        while chunk := fh.read(65536):
-            end = chunk.find(b"\n")
-            if end >= 0:
-                buffer.write(chunk[: end + 1])
-                return buffer.getvalue()
-            buffer.write(chunk)
-    return buffer.getvalue() + b"\n"
-
-
-__all__ = ["InputFile", "csv_header", "inspect", "list_input_files"]
+__all__ = ["InputFile", "inspect", "list_input_files"]

@@ -14,7 +14,15 @@ import math
 from dataclasses import dataclass
 
 from pipeline.spec import JobSpec
-from pipeline.worker import PoolSettings
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What a worker of a pool is told about its pool: name, providers, intra-op threads."""
+
+    name: str  # "cpu" or "gpu"
+    providers: tuple[str, ...]
+    threads: int
 
 
 @dataclass(frozen=True)

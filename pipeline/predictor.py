@@ -1,240 +1,27 @@
-"""In-process scoring: the core under ``pipeline.Scorer`` and ``OnnxPredictor`` for Ray Data.
+"""``OnnxPredictor``: a model bundle as a callable class for Ray Data's ``map_batches``.
 
-``LoadedModel`` is a bundle, its task and its session, loaded the way the job's workers load
-them (``fetch_bundle``, ``SessionCache``, ``build_task``), and scores an Arrow table with the
-job's batching and bad-row rules (``score_table``). ``OnnxPredictor`` wraps it as a callable
-class for ``Dataset.map_batches``. Nothing here holds module-global state: a session belongs to
-the object that created it, so the class pickles by reference and each Ray actor builds its own.
+It wraps ``pipeline.scoring.LoadedModel`` (the job's own bundle fetch, session and task) and
+converts Ray Data's batch formats (``pipeline.batch_formats``). A session belongs to the object
+that created it, so the class pickles by reference and each Ray actor builds its own.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import TypeAdapter, ValidationError
 
 from pipeline import storage
-from pipeline.commit import META_MODEL
+from pipeline.batch_formats import from_arrow, to_arrow
 from pipeline.errors import ConfigError
-from pipeline.inference import score_table
-from pipeline.models.bundle import fetch_bundle
-from pipeline.sessions import PROVIDER_NAMES, SessionCache, SessionSettings
-from pipeline.spec import BatchingSpec, TaskSpec
-from pipeline.tasks import build_task
+from pipeline.metadata import META_MODEL
+from pipeline.ray_context import check_not_relative, ray_actor_threads
+from pipeline.scoring import LoadedModel
+from pipeline.spec import BatchingSpec
 
-ERROR_COLUMN = "_error"
-REASON_COLUMN = "_reason"
 BAD_ROW_MODES = ("keep", "drop")
-BatchKind = Literal["arrow", "pandas", "numpy"]
-
-
-def task_spec(task: str | dict[str, Any] | Any, kind: str) -> Any:
-    """A task spec from a kind name, a dict like the job file's ``task:`` or a spec object."""
-    if task is None:
-        task = kind
-    if isinstance(task, str):
-        task = {"kind": task}
-    if isinstance(task, dict):
-        try:
-            return TypeAdapter(TaskSpec).validate_python(task)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ConfigError(f"task{'.' + key if key else ''}: {err['msg']}") from None
-    return task
-
-
-def batching_spec(batching: BatchingSpec | dict[str, Any] | None) -> BatchingSpec:
-    if batching is None or isinstance(batching, BatchingSpec):
-        return batching or BatchingSpec()
-    try:
-        return BatchingSpec.model_validate(batching)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"batching.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
-
-
-def _ray_worker_context() -> Any:
-    """Ray's runtime context when this process is a Ray worker (an actor or task), else None.
-    Ray is never imported here, only asked if already loaded."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return None
-    try:
-        context = ray.get_runtime_context()
-        return context if context.worker.mode == ray.WORKER_MODE else None
-    except Exception:
-        return None
-
-
-def ray_actor_threads() -> int:
-    """One intra-op thread per CPU Ray gave this actor, as the job's workers do; 0 (onnxruntime
-    picks) outside a Ray worker."""
-    context = _ray_worker_context()
-    try:
-        cpus = context.get_assigned_resources().get("CPU") if context else None
-    except Exception:
-        cpus = None
-    return max(1, int(cpus)) if cpus else 0
-
-
-def check_not_relative(key: str, uri: str | None) -> None:
-    """A Ray worker never resolves a path against its own working directory (not the caller's)."""
-    if uri and storage.is_local(uri) and not Path(uri.removeprefix("file://")).is_absolute() \
-            and _ray_worker_context() is not None:
-        raise ConfigError(f"{key}: {uri!r} is a relative path, and this runs in a Ray worker whose "
-                          "working directory is not yours; pass an absolute path or a URL")
-
-
-@dataclass
-class Prediction:
-    """One scored table: kept input columns and task outputs, a row per input row."""
-
-    table: pa.Table  # outputs are null for bad rows
-    bad: dict[int, str]  # input position -> reason
-
-    def errors(self) -> pa.Array:
-        reasons = np.full(self.table.num_rows, None, dtype=object)
-        for row, reason in self.bad.items():
-            reasons[row] = reason
-        return pa.array(reasons, pa.string())
-
-    def with_errors(self) -> pa.Table:
-        return self.table.append_column(ERROR_COLUMN, self.errors())
-
-    def good_rows(self) -> pa.Table:
-        if not self.bad:
-            return self.table
-        keep = np.ones(self.table.num_rows, dtype=bool)
-        keep[list(self.bad)] = False
-        return self.table.filter(pa.array(keep))
-
-
-class LoadedModel:
-    """A model bundle, its task and one ONNX Runtime session, owned by this object."""
-
-    def __init__(self, model: str, task: str | dict[str, Any] | Any = None, *,
-                 providers: tuple[str, ...] | list[str] = ("cpu",), intra_op_threads: int = 0,
-                 batching: BatchingSpec | dict[str, Any] | None = None,
-                 storage_options: dict[str, Any] | None = None, sha256: str | None = None) -> None:
-        providers = tuple(providers)
-        unknown = [p for p in providers if p not in PROVIDER_NAMES]
-        if unknown or not providers:
-            raise ConfigError(f"providers: {unknown[0] if unknown else 'empty'!r} is not a provider; "
-                              f"use some of {', '.join(PROVIDER_NAMES)} in order of preference")
-        self.bundle = fetch_bundle(model, storage_options, sha256)  # cached per node by bundle identity
-        self.task_spec = task_spec(task, self.bundle.spec.task)
-        self.sessions = SessionCache()
-        self.session = self.sessions.get(
-            str(self.bundle.model_path), self.bundle.sha256,
-            SessionSettings(providers=providers, intra_op_threads=intra_op_threads))
-        types = {i.name: i.type for i in self.session.session.get_inputs()}
-        self.task = build_task(self.bundle, self.task_spec, batching_spec(batching), types,
-                               self.session.active)
-
-    @property
-    def output_names(self) -> list[str]:
-        return self.task.output_schema.names
-
-    def predict(self, table: pa.Table, passthrough: list[str] | None = None,
-                where: str = "score()") -> Prediction:
-        """Score every row of ``table``; bad rows get null outputs and a reason."""
-        self.task.check_columns(table.schema, where)
-        keep = list(passthrough) if passthrough is not None else table.column_names
-        missing = [c for c in keep if c not in table.column_names]
-        if missing:
-            raise ConfigError(f"{where}: passthrough column {missing[0]!r} is not in the input "
-                              f"(columns: {', '.join(table.column_names[:20])})")
-        clash = [c for c in keep if c in self.output_names or c == ERROR_COLUMN]
-        if clash:
-            raise ConfigError(
-                f"{where}: input column {clash[0]!r} has the name of an output column; leave it "
-                "out of passthrough or name the task's output differently (task output_column, "
-                "label_column, ...)")
-        scored = score_table(self.task, self.session, table)
-        columns = {name: table[name] for name in keep}
-        position = np.full(table.num_rows, -1, dtype=np.int64)
-        position[scored.rows] = np.arange(len(scored.rows))
-        index = pa.array(position, mask=position < 0)
-        for name in scored.columns.column_names:
-            columns[name] = scored.columns[name].take(index)
-        return Prediction(pa.table(columns), dict(scored.bad))
-
-    def dead_letters(self, table: pa.Table, prediction: Prediction,
-                     passthrough: list[str] | None) -> pa.Table | None:
-        """The bad rows with the columns that identify them and ``_reason``, in input order."""
-        if not prediction.bad:
-            return None
-        rows = sorted(prediction.bad)
-        names = table.column_names if passthrough is None else \
-            [c for c in dict.fromkeys([*passthrough, *self.task.input_columns]) if c in table.column_names]
-        dead = table.select(names).take(pa.array(rows, pa.int64()))
-        return dead.append_column(REASON_COLUMN, pa.array([prediction.bad[r] for r in rows], pa.string()))
-
-
-# ---------------------------------------------------------------------- batch formats
-
-
-def to_arrow(batch: Any) -> tuple[pa.Table, BatchKind]:
-    """An Arrow table from the batch formats Ray Data hands out, and which one it was."""
-    if isinstance(batch, pa.Table):
-        return batch, "arrow"
-    if isinstance(batch, dict):
-        return pa.table({name: _numpy_column(name, v) for name, v in batch.items()}), "numpy"
-    pandas = sys.modules.get("pandas")  # never imported here: a DataFrame means it is loaded
-    if pandas is not None and isinstance(batch, pandas.DataFrame):
-        return pa.Table.from_pandas(batch, preserve_index=False), "pandas"
-    raise ConfigError(f"expected a pyarrow.Table, a pandas.DataFrame or a dict of numpy arrays, "
-                      f"got {type(batch).__name__}")
-
-
-def _numpy_column(name: str, values: Any) -> pa.Array:
-    array = np.asarray(values)
-    if array.ndim == 1:
-        return pa.array(array, from_pandas=array.dtype == object)  # None and NaN become null
-    if array.ndim == 2:
-        flat = pa.array(np.ascontiguousarray(array).reshape(-1))
-        return pa.FixedSizeListArray.from_arrays(flat, array.shape[1])
-    raise ConfigError(f"column {name!r} holds {array.ndim}-d arrays; use batch_format='pyarrow'")
-
-
-def from_arrow(table: pa.Table, kind: BatchKind, arrow_dtypes: bool = False) -> Any:
-    """``table`` in the batch format ``kind``.
-
-    pandas: ``arrow_dtypes`` keeps every column Arrow-backed (``pd.ArrowDtype``, as Ray Data
-    hands batches out), so null outputs stay null and list columns keep their type.
-    numpy: fixed-size list columns become 2-D arrays; null rows of float lists hold NaN.
-    """
-    if kind == "arrow":
-        return table
-    if kind == "pandas":
-        if arrow_dtypes:
-            import pandas as pd
-
-            return table.to_pandas(types_mapper=pd.ArrowDtype)
-        return table.to_pandas()
-    return {name: _numpy_values(table[name]) for name in table.column_names}
-
-
-def _numpy_values(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    kind = array.type
-    if pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type):
-        out = np.full((len(array), kind.list_size), np.nan, dtype=kind.value_type.to_pandas_dtype())
-        valid = array.is_valid().to_numpy(zero_copy_only=False)
-        out[valid] = array.filter(pa.array(valid)).flatten().to_numpy().reshape(-1, kind.list_size)
-        return out
-    return array.to_numpy(zero_copy_only=False)
-
-
-# ---------------------------------------------------------------------- Ray Data
 
 
 class OnnxPredictor:

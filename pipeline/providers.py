@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.models.bundle import default_cache_dir
+
 GPU_PROVIDERS = frozenset({"cuda", "tensorrt"})
 TEXT_ROLES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
 
@@ -278,8 +280,6 @@ def provider_options(providers: Sequence[str], user: Mapping[str, Mapping[str, A
 
 def _no_profiles() -> TensorrtContext:
     """Caches in the node's cache folder, no explicit profiles: for callers without a bundle."""
-    from pipeline.models.bundle import default_cache_dir
-
     return TensorrtContext(default_cache_dir() / "tensorrt" / "shared", {}, {}, 1, 1, None)
 
 

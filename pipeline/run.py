@@ -13,6 +13,8 @@ import json
 import sys
 
 from pipeline.cli_common import run_cli
+from pipeline.job import describe_plan, execute, plan_job
+from pipeline.spec import json_schema, load_spec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,16 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from pipeline.spec import json_schema, load_spec
-
         if args.schema:
             print(json.dumps(json_schema(), indent=2))
             return 0
         if not args.job:
             parser.error("a job file is required")
         spec = load_spec(args.job[0] if len(args.job) == 1 else args.job, args.overrides)
-        from pipeline.job import describe_plan, execute, plan_job
-
         planned = plan_job(spec)
         if args.dry_run:
             print("\n".join(describe_plan(planned)))

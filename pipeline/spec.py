@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.providers import option_strings
 from pipeline.redaction import redact as redact  # re-exported: job.json, tests
 from pipeline.redaction import redact_at
 
@@ -152,8 +153,6 @@ class ProvidersSpec(Strict):
     @model_validator(mode="after")
     def _known_option_names(self) -> ProvidersSpec:
         # onnxruntime would only fail when a worker creates its session, or silently fall back.
-        from pipeline.providers import option_strings
-
         for provider, options in self.options.items():
             option_strings(provider, options)
         return self
@@ -321,8 +320,11 @@ def _clean_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
-    errors = exc.errors()
+def validation_message(exc: ValidationError, source: str | None = None,
+                       prefix: str | None = None) -> str:
+    """A pydantic error as one line: ``[source: ]key.path: what is wrong (got value)``.
+    ``prefix``: the key the validated value sits at (``task`` for a task spec alone)."""
+    errors = [{**e, "loc": (prefix, *e["loc"]) if prefix else e["loc"]} for e in exc.errors()]
     err = errors[0]
     key = _clean_loc(err["loc"])
     msg = err["msg"]
@@ -341,7 +343,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
     path = key.split(".") if key != "(top level)" else []
     value = redact_at(path, err.get("input"))
     shown = "" if err["type"] == "missing" else f" (got {_short(value)})"
-    return f"{source}: {key}: {msg}{shown}" + (f" (+{more} more)" if more > 0 else "")
+    where = f"{source}: " if source else ""
+    return f"{where}{key}: {msg}{shown}" + (f" (+{more} more)" if more > 0 else "")
 
 
 def _short(value: Any) -> str:
@@ -407,7 +410,7 @@ def validate_job(data: dict[str, Any], where: str, env: Literal["require", "keep
     try:
         return JobSpec.model_validate(interpolate_env(data, keep_missing=env == "keep"))
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, where)) from None
+        raise ConfigError(validation_message(exc, where)) from exc
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -29,6 +29,8 @@ from typing import IO, Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.errors import PipelineError, classify_io_error
+
 CHUNK = 4 * 1024 * 1024
 T = TypeVar("T")
 
@@ -269,8 +271,6 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay_s
     """Run a driver-side storage call, retrying transient errors (throttling, resets) with
     exponential backoff and jitter. Workers do not need this: a failed shard is retried whole.
     """
-    from pipeline.errors import PipelineError, classify_io_error
-
     for attempt in range(1, attempts + 1):
         try:
             return fn()

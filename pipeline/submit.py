@@ -27,6 +27,7 @@ import yaml
 from pipeline.cli_common import run_cli
 from pipeline.errors import ConfigError
 from pipeline.locality import is_node_local
+from pipeline.models.bundle import fetch_bundle
 from pipeline.spec import JobSpec, read_job, validate_job
 
 JOB_FILE = "job.yaml"
@@ -72,8 +73,6 @@ def stage(data: dict[str, Any], spec: JobSpec, folder: Path) -> None:
     model_path = spec.model.uri.split("://", 1)[-1]
     on_shared_fs = spec.storage.shared_filesystem and model_path.startswith("/")
     if is_node_local(spec.model.uri) and not on_shared_fs:  # else the nodes see it as it is
-        from pipeline.models.bundle import fetch_bundle
-
         bundle = fetch_bundle(spec.model.uri, None, spec.model.sha256)  # hash checked here
         shutil.copytree(bundle.path, folder / BUNDLE_DIR,
                         ignore=shutil.ignore_patterns(".*"))

@@ -18,40 +18,28 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import providers, storage
-from pipeline.commit import (
-    META_BUNDLE,
-    META_FINGERPRINT,
-    META_MODEL,
-    META_SHARD,
-    OutputLayout,
-    ShardWriter,
-)
+from pipeline.commit import OutputLayout, ShardWriter
+from pipeline.dead_letters import dead_letter_table
 from pipeline.errors import ModelError, ShardError, classify_io_error
 from pipeline.faults import maybe_inject
 from pipeline.formats import iter_piece, windows
 from pipeline.inference import score_table
+from pipeline.metadata import part_metadata
 from pipeline.models.bundle import LocalBundle, default_cache_dir, fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
+from pipeline.pools import PoolSettings
 from pipeline.redaction import redact_uri
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.sinks import sink_for
 from pipeline.spec import JobSpec
 from pipeline.tasks import build_task
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    name: str  # "cpu" or "gpu"
-    providers: tuple[str, ...]
-    threads: int
 
 
 def session_settings(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle) -> SessionSettings:
@@ -145,9 +133,8 @@ class ShardWorker:
             raise ShardError(f"{shard.uri}: {shard.error}")
         maybe_inject("worker.start", shard.id, attempt)
         stats = ShardStats()
-        metadata = {META_FINGERPRINT: self.fingerprint.encode(),
-                    META_MODEL: self.bundle.sha256.encode(),
-                    META_BUNDLE: self.bundle.identity.encode(), META_SHARD: shard.id.encode()}
+        metadata = part_metadata(self.fingerprint, self.bundle.sha256, self.bundle.identity,
+                                 shard.id)
         try:
             # Window by window: memory depends on batching.window_rows, not on the shard.
             with self.sink.shard_writer(self.layout, shard.id, self.spec.output.compression,
@@ -251,18 +238,15 @@ class ShardWorker:
 
     def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard: Shard,
                            offset: int, pieces: np.ndarray) -> pa.Table | None:
-        if not bad:
-            return None
-        rows = sorted(bad)
-        take = pa.array(rows, pa.int64())
-        names = list(dict.fromkeys([*self.spec.passthrough, *self.task.input_columns]))
-        columns = {n: table[n].take(take) for n in names if n in table.column_names}
-        columns["_row"] = pa.array([offset + r for r in rows], pa.int64())  # within the shard
-        columns["_reason"] = pa.array([bad[r] for r in rows], pa.string())
-        columns["_shard_id"] = pa.array([shard.id] * len(rows), pa.string())
-        columns["_input"] = pa.array([redact_uri(shard.pieces[pieces[r]].uri) for r in rows],
-                                     pa.string())
-        return pa.table(columns)
+        """Bad rows with their identifying columns and where they came from."""
+        context = {
+            "_row": lambda rows: pa.array([offset + r for r in rows], pa.int64()),  # in the shard
+            "_shard_id": lambda rows: pa.array([shard.id] * len(rows), pa.string()),
+            "_input": lambda rows: pa.array([redact_uri(shard.pieces[pieces[r]].uri)
+                                             for r in rows], pa.string()),
+        }
+        return dead_letter_table(table, bad, [*self.spec.passthrough, *self.task.input_columns],
+                                 context)
 
 
 PIECE_COLUMN = "__pipeline_piece"  # which piece of the shard a row came from, while in flight

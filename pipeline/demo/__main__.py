@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.demo.tabular import write_scoring_data
+from pipeline.demo.text import write_text_data
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
@@ -22,12 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < 0 or args.files < 1:
         parser.error("--rows must be >= 0 and --files >= 1")
     if args.kind == "text":
-        from pipeline.demo.text import write_text_data
-
         write_text_data(args.out, args.rows, files=args.files)
     else:
-        from pipeline.demo.tabular import write_scoring_data
-
         write_scoring_data(args.out, args.rows, files=args.files)
     print(f"wrote {args.rows} {args.kind} rows to {args.out} in {args.files} files")
     return 0

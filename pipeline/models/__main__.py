@@ -15,8 +15,15 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.accuracy_gate import GateSettings, optimize_bundle
 from pipeline.cli_common import run_cli
+from pipeline.demo.tabular import export_tabular_bundle
 from pipeline.errors import ConfigError
+from pipeline.models.bert_export import export_bert
+from pipeline.models.bundle import fetch_bundle, local_identity, read_bundle_spec
+from pipeline.models.info import bundle_info
+from pipeline.models.optimize import LEVELS
+from pipeline.models.validate import validate_bundle
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,8 +58,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _optimize_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.models.optimize import LEVELS, GateSettings
-
     default = GateSettings()
     opt = sub.add_parser("optimize", help="a fused, fp16 or int8 copy of a bundle, written only "
                          "if it matches the source on a sample (the accuracy gate)")
@@ -71,8 +76,6 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_bert(args: argparse.Namespace) -> int:
-    from pipeline.models.bert_export import export_bert
-
     spec = export_bert(args.src, args.out, pool_in_graph=not args.no_pool_in_graph,
                        pooling=args.pooling, normalize=args.normalize,
                        max_length=args.max_length)
@@ -82,8 +85,6 @@ def _export_bert(args: argparse.Namespace) -> int:
 
 
 def _export_tabular(args: argparse.Namespace) -> int:
-    from pipeline.demo.tabular import export_tabular_bundle
-
     spec = export_tabular_bundle(args.out)
     print(f"wrote {args.out} (task {spec.task}, {len(spec.features or [])} features, "
           f"identity {_identity(args.out)[:12]}…)")
@@ -91,15 +92,10 @@ def _export_tabular(args: argparse.Namespace) -> int:
 
 
 def _identity(out: Path) -> str:
-    from pipeline.models.bundle import local_identity, read_bundle_spec
-
     return local_identity(out, read_bundle_spec(str(out)))  # just written: the model is ours
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.models.bundle import fetch_bundle
-    from pipeline.models.validate import validate_bundle
-
     report = validate_bundle(fetch_bundle(args.bundle), smoke=not args.no_smoke)
     print(f"{args.bundle}: valid (IR {report.ir_version}, opset {report.opset})")
     for check in report.providers:
@@ -108,8 +104,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.models.info import bundle_info
-
     info = bundle_info(args.bundle)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -130,8 +124,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from pipeline.models.optimize import GateSettings, optimize_bundle
-
     if args.rows < 1:
         raise ConfigError(f"--rows: {args.rows}; use 1 or more")
     gate = GateSettings(provider=args.provider, sample=args.sample, rows=args.rows,

@@ -16,16 +16,8 @@ from onnx import helper
 
 from pipeline.errors import ModelError
 from pipeline.models.bundle import LocalBundle
+from pipeline.models.onnx_types import ONNX_TO_NUMPY
 from pipeline.sessions import PROVIDER_NAMES, SHORT_NAMES, SessionSettings, create_session
-
-ONNX_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)

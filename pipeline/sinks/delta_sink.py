@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.commit import OutputLayout, ShardWriter
 from pipeline.errors import OutputError
+from pipeline.metadata import COMMIT_FINGERPRINT, COMMIT_RUN
 from pipeline.sinks.base import RunCommit
 from pipeline.sinks.object_store import object_store_options, table_path
 
@@ -89,7 +90,7 @@ class DeltaSink:
         schema = self._schema(layout, [a.path for a in adds] or sorted(wanted), table)
         commit = CommitProperties(
             app_transactions=[Transaction(run.fingerprint, run.run_id)],
-            custom_metadata={"pipeline.run": run.run_id, "pipeline.fingerprint": run.fingerprint})
+            custom_metadata={COMMIT_RUN: run.run_id, COMMIT_FINGERPRINT: run.fingerprint})
         options = self._options(layout)
         try:
             if table is None:

@@ -54,11 +54,17 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.commit import OutputLayout, ShardWriter
 from pipeline.errors import OutputError, ShardError, TransientError
+from pipeline.metadata import (
+    COMMIT_FINGERPRINT,
+    COMMIT_RUN_ID,
+    COMMIT_SHARDS_ADDED,
+    COMMIT_SHARDS_DROPPED,
+    JOB_KEYS,
+)
 from pipeline.sinks.base import RunCommit
 from pipeline.sinks.object_store import object_store_options, table_path
 
 # Parquet schema keys kept as Lance schema metadata (job-level, equal across shards).
-KEPT_METADATA = (b"pipeline.fingerprint", b"pipeline.model_sha256", b"pipeline.bundle_identity")
 READ_BATCH_ROWS = 8192
 INDEX_TYPES = ("IVF_PQ", "IVF_FLAT", "IVF_SQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_HNSW_FLAT")
 INDEX_KEYS = ("column", "metric", "type", "num_partitions", "num_sub_vectors", "num_bits",
@@ -77,7 +83,7 @@ def _one_line(exc: BaseException, limit: int = 400) -> str:
 
 def clean_schema(schema: pa.Schema) -> pa.Schema:
     """The schema as the dataset holds it: job-level metadata only."""
-    meta = {k: v for k, v in (schema.metadata or {}).items() if k in KEPT_METADATA}
+    meta = {k: v for k, v in (schema.metadata or {}).items() if k in JOB_KEYS}
     return schema.with_metadata(meta) if meta else schema.remove_metadata()
 
 
@@ -260,9 +266,9 @@ class LanceSink:
         }
         if to_add or remove_ids or ds is None:
             fragments = [FragmentMetadata.from_json(json.dumps(f)) for f in to_add]
-            props = {"pipeline.run_id": str(run.run_id), "pipeline.fingerprint": run.fingerprint,
-                     "pipeline.shards_added": str(result["added_shards"]),
-                     "pipeline.shards_dropped": str(len(dropped))}
+            props = {COMMIT_RUN_ID: str(run.run_id), COMMIT_FINGERPRINT: run.fingerprint,
+                     COMMIT_SHARDS_ADDED: str(result["added_shards"]),
+                     COMMIT_SHARDS_DROPPED: str(len(dropped))}
             if ds is None:
                 if schema is None:
                     result.update(version=None, rows=0, tag=None, index=None)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
-from pipeline.models.validate import ONNX_TO_NUMPY
+from pipeline.models.onnx_types import ONNX_TO_NUMPY
 from pipeline.tasks.base import Batch, Prepared, Task
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline.commit import META_FINGERPRINT, META_MODEL
+from pipeline.metadata import META_FINGERPRINT, META_MODEL
 from pipeline.plan import make_plan
 from pipeline.report import summary_lines
 from tests.support.fixtures import write_text_parquet

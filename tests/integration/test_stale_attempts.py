@@ -22,10 +22,11 @@ from pipeline import worker as worker_module
 from pipeline.commit import OutputLayout
 from pipeline.demo.tabular import make_scoring_table
 from pipeline.job import plan_job
+from pipeline.pools import PoolSettings
 from pipeline.report import build_report
 from pipeline.runner import Runner
 from pipeline.spec import load_spec
-from pipeline.worker import PoolSettings, ShardWorker
+from pipeline.worker import ShardWorker
 from tests.reliability.harness import MODELS
 
 

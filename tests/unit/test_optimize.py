@@ -15,11 +15,13 @@ import pytest
 import yaml
 from safetensors.numpy import save_file
 
+from pipeline.accuracy_gate import GateSettings, optimize_bundle
 from pipeline.models.__main__ import main
 from pipeline.models.bert_export import export_bert
 from pipeline.models.bundle import BundleSpec, write_bundle_spec
+from pipeline.models.graph_rewrites import canonical_bert
 from pipeline.models.onnx_graph import GraphBuilder, float_output
-from pipeline.models.optimize import GateSettings, canonical_bert, fuse_bert, optimize_bundle
+from pipeline.models.optimize import fuse_bert
 from pipeline.storage import sha256_file
 
 FEATURES, HIDDEN_UNITS, CLASSES = 8, 16, 3

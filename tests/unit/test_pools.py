@@ -7,6 +7,7 @@ import pytest
 from pipeline.pools import (
     REQUEST_CAP,
     PoolPlan,
+    PoolSettings,
     autoscaler_request,
     fits,
     plan_starts,
@@ -14,7 +15,6 @@ from pipeline.pools import (
     request_changed,
 )
 from pipeline.spec import load_spec
-from pipeline.worker import PoolSettings
 
 CPU = PoolPlan(PoolSettings("cpu", ("cpu",), 1), {"CPU": 1.0}, replicas=None)
 GPU = PoolPlan(PoolSettings("gpu", ("cuda", "cpu"), 2), {"CPU": 2.0, "GPU": 1.0}, replicas=None)
