@@ -31,8 +31,8 @@ KEY, SECRET = "bench", "bench-secret"
 
 PLAN = r"""
 import json, resource, sys, time
-from pipeline.job import plan_job
-from pipeline.spec import load_spec
+from pipeline.planning import plan_job
+from pipeline.job_file import load_spec
 job = json.loads(sys.argv[1])
 import s3fs
 started = time.perf_counter()

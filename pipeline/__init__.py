@@ -2,7 +2,7 @@
 
     pipeline.run_job("jobs/embed.yaml", overrides={"workers.cpu.replicas": 4})
     pipeline.score(table, model="models/minilm", task="embed")
-    ds.map_batches(pipeline.OnnxPredictor, fn_constructor_kwargs={"model": "models/minilm"},
+    ds.map_batches(pipeline.OnnxPredictor, fn_constructor_kwargs={"model": "/abs/models/minilm"},
                    compute=ray.data.ActorPoolStrategy(size=2), batch_format="pyarrow")
 """
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.demo.text import make_text_table
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError, ModelError, one_line
 from pipeline.models.bundle import BundleSpec, LocalBundle, fetch_bundle
 from pipeline.models.optimize import (
     Calibration,
@@ -128,7 +128,7 @@ def sample_table(bundle: LocalBundle, gate: GateSettings) -> tuple[pa.Table, str
         try:
             return pq.read_table(gate.sample), gate.sample.name
         except (OSError, pa.ArrowException) as exc:
-            raise ConfigError(f"--sample {gate.sample}: not a readable Parquet file ({exc})") from None
+            raise ConfigError(f"--sample {gate.sample}: not a readable Parquet file ({exc})") from exc
     if not bundle.spec.needs_tokenizer():
         raise ConfigError(f"{bundle.uri} takes features, not text: pass --sample FILE.parquet "
                           "with its feature columns for the accuracy gate")
@@ -154,7 +154,7 @@ def _load_for_gate(path: Path, task: dict[str, Any], provider: str, level: str) 
     except Exception as exc:  # onnxruntime's own errors: a kernel missing on this provider
         hint = "; run the gate on a GPU with --provider cuda" if provider == "cpu" else ""
         raise ModelError(f"onnxruntime {ort.__version__} cannot run the {level} model on "
-                         f"{provider} ({' '.join(str(exc).split())[:200]}){hint}") from None
+                         f"{provider} ({one_line(exc, 200)}){hint}") from exc
     if loaded.session.active != provider:
         raise ModelError(f"the {level} gate cannot run on {provider} ({loaded.session.fallback})"
                          f"; run it where {provider} works, or use --provider cpu")
@@ -243,7 +243,7 @@ def optimize_bundle(uri: str, out: Path, level: str, gate: GateSettings) -> Opti
         try:
             result = run_gate(source, tmp, level, gate, sample)
         except ModelError as exc:
-            raise ModelError(f"{uri}: {exc}; nothing written to {out}") from None
+            raise ModelError(f"{uri}: {exc}; nothing written to {out}") from exc
         if not result.passed:
             raise ModelError(f"{uri}: --level {level} failed the accuracy gate: "
                              f"{result.describe()}; nothing written to {out}")

@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.batch_formats import from_arrow, to_arrow
-from pipeline.job import JobResult, execute, plan_job
+from pipeline.job import JobResult, Start, execute
+from pipeline.job_file import load_spec
+from pipeline.planning import plan_job
+from pipeline.progress import Console
 from pipeline.scoring import LoadedModel
-from pipeline.spec import BatchingSpec, JobSpec, load_spec
+from pipeline.spec import BatchingSpec, JobSpec
 
 
 def run_job(
@@ -20,7 +23,8 @@ def run_job(
 ) -> JobResult:
     """Run a job file (or spec) on Ray and return its result; raises PipelineError on exit 2."""
     spec = load_spec(path_or_spec, overrides)
-    return execute(plan_job(spec), fresh=fresh, address=address, progress=progress)
+    return execute(plan_job(spec), Start.FRESH if fresh else Start.CONTINUE, address,
+                   Console(show_progress=progress))
 
 
 class Scorer:

@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 
 def run_cli(main: Callable[[], int], debug: bool) -> int:
@@ -25,6 +25,6 @@ def run_cli(main: Callable[[], int], debug: bool) -> int:
     except Exception as exc:  # a bug or an unforeseen environment problem: still one line
         if debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1

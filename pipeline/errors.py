@@ -1,11 +1,34 @@
-"""One error hierarchy for the whole pipeline.
+"""One error hierarchy for the whole pipeline, and the helpers that word errors in one line.
 
 Every error says where (job key, file, shard or row) and, where it can, how to fix it.
-``exit_code`` maps errors onto the CLI contract in DESIGN.md; ``transient`` drives retries.
-Errors are plain exceptions with picklable arguments so they cross Ray process boundaries.
+``exit_code`` maps errors onto the CLI contract (docs/architecture.md, "Exit codes");
+``transient`` drives retries. Errors are plain exceptions with picklable arguments so they
+cross Ray process boundaries; the cause of a translated error is chained (``raise ... from
+exc``) so that ``--debug`` shows the original traceback, while the CLI prints one line.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from pipeline.redaction import scrub
+
+ONE_LINE = 300  # characters of a cause quoted inside a message, at most
+
+
+def one_line(value: BaseException | str, limit: int = ONE_LINE) -> str:
+    """``value`` on one line of at most ``limit`` characters; an exception without a
+    message reads as its type name."""
+    text = " ".join(str(value).split())
+    if not text and isinstance(value, BaseException):
+        text = type(value).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cause_text(exc: BaseException, *storage_options: dict[str, Any] | None,
+               limit: int = ONE_LINE) -> str:
+    """``Type: message`` of ``exc`` on one line, secrets of ``storage_options`` scrubbed."""
+    return f"{type(exc).__name__}: {one_line(scrub(str(exc), *storage_options), limit)}"
 
 
 class PipelineError(Exception):
@@ -48,26 +71,28 @@ class OutputError(PipelineError):
 
 
 class ShardError(PipelineError):
-    """A shard failed while running. ``transient`` says whether another attempt may help."""
+    """A shard failed while running. ``transient`` says whether another attempt may help;
+    ``shard_id`` names the shard once the worker that ran it knows (None before)."""
 
     exit_code = 1
 
-    def __init__(self, message: str, transient: bool = False) -> None:
+    def __init__(self, message: str, transient: bool = False, shard_id: str | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.shard_id = shard_id
 
     def __reduce__(self):
-        return (ShardError, (self.message, self.transient))
+        return (ShardError, (self.message, self.transient, self.shard_id))
 
 
 class TransientError(ShardError):
     """Storage throttling, timeouts, connection resets, lost actors: retry with backoff."""
 
-    def __init__(self, message: str, transient: bool = True) -> None:
-        super().__init__(message, transient=True)
+    def __init__(self, message: str, transient: bool = True, shard_id: str | None = None) -> None:
+        super().__init__(message, transient=True, shard_id=shard_id)
 
     def __reduce__(self):
-        return (TransientError, (self.message,))
+        return (TransientError, (self.message, True, self.shard_id))
 
 
 class DeviceError(TransientError):
@@ -75,25 +100,20 @@ class DeviceError(TransientError):
     execution-provider failure, a session that fails input it ran before, or a provider that
     stopped running the session mid-job. Retry the shard on another worker (a fresh process);
     never dead-letter its rows. ``provider`` ran the session; ``provider_after`` runs it now,
-    where that changed."""
+    where that changed. The report counts these by type (``attempts.device_errors``)."""
 
     def __init__(self, message: str, provider: str | None = None,
-                 provider_after: str | None = None) -> None:
-        super().__init__(message)
+                 provider_after: str | None = None, shard_id: str | None = None) -> None:
+        super().__init__(message, shard_id=shard_id)
         self.provider = provider
         self.provider_after = provider_after
 
     def __reduce__(self):
-        return (DeviceError, (self.message, self.provider, self.provider_after))
+        return (DeviceError, (self.message, self.provider, self.provider_after, self.shard_id))
 
 
-# Every DeviceError message starts with this, so a report can count them from error strings.
+# Every DeviceError message starts with this, so that a reader of a log line knows it at once.
 DEVICE_ERROR_PREFIX = "device error"
-
-
-def is_device_error(message: str) -> bool:
-    """True for the message of a DeviceError (as the runner records shard errors)."""
-    return message.startswith(DEVICE_ERROR_PREFIX)
 
 
 _TRANSIENT_HINTS = (
@@ -112,7 +132,7 @@ def classify_io_error(exc: BaseException, what: str) -> ShardError:
     access = describe_access(exc)
     if access is not None:  # credentials, permissions, a missing bucket: never transient
         return ShardError(f"{what}: {access}")
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    text = cause_text(exc)
     if isinstance(exc, FileNotFoundError):
         return ShardError(f"{what}: file not found ({text})")
     if isinstance(exc, PermissionError):
@@ -202,14 +222,14 @@ def describe_access(exc: BaseException, section: str = "", uri: str = "") -> str
                                             "set {section}.storage_options")
             return f"no credentials found ({hint.format(section=section)})"
         if name in _BAD_CREDENTIALS:
-            return f"credentials not usable ({name}: {' '.join(str(err).split())[:160]})"
+            return f"credentials not usable ({name}: {one_line(err, 160)})"
     text = " ".join(str(exc).split()).lower()
     if "bucket does not exist" in text or "nosuchbucket" in text:
         return "bucket does not exist"
     if isinstance(exc, OSError) and text.startswith("forbidden:"):  # gcsfs's 403
         return "access denied (403)"
     if isinstance(exc, PermissionError):  # a local file, or a store's 403 without a code
-        return f"permission denied ({' '.join(str(exc).split())[:160]})"
+        return f"permission denied ({one_line(exc, 160)})"
     return None
 
 
@@ -221,3 +241,18 @@ def access_error(exc: BaseException, key: str, uri: str) -> PipelineError | None
     if cause is None:
         return None
     return _ERROR_CLASSES.get(section, PipelineError)(f"{key}: {uri}: {cause}")
+
+
+def storage_error(exc: BaseException, key: str, uri: str, doing: str,
+                  storage_options: dict[str, Any] | None = None) -> PipelineError:
+    """The one-line exit-2 error for a storage call at job key ``key`` that failed: an access
+    problem names its cause (``access_error``); anything else says what failed, as
+    ``<key>: cannot <doing> <uri> (<Type>: <message>)`` with secrets scrubbed. A
+    PipelineError passes through. Raise it ``from exc``."""
+    if isinstance(exc, PipelineError):
+        return exc
+    access = access_error(exc, key, uri)
+    if access is not None:
+        return access
+    error = _ERROR_CLASSES.get(key.split(".", 1)[0], PipelineError)
+    return error(f"{key}: cannot {doing} {uri} ({cause_text(exc, storage_options, limit=200)})")

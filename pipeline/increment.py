@@ -43,14 +43,7 @@ def plan_increment(files: list[InputFile], sizing: Sizing, held: list[Shard],
     """``held``: the committed shards the output holds, with their pieces."""
     current = {f.uri: f.version for f in files}
     before = {p.uri: p.version for s in held for p in s.pieces}
-    kept: list[Shard] = []
-    stale: list[Shard] = []
-    for shard in held:
-        off = [p for p in shard.pieces if current.get(p.uri) != p.version]
-        if not off or (keep_deleted and all(p.uri not in current for p in off)):
-            kept.append(shard)
-        else:
-            stale.append(shard)
+    kept, stale = _still_valid(held, current, keep_deleted)
     # Kept shards must cover each file's rows at most once. Two cuts of one file can both be
     # held (rows_per_shard changed, then a run died before dropping the old cut): all of
     # them go stale and the file is cut again; shards of the new cut keep their ids.
@@ -86,6 +79,27 @@ def plan_increment(files: list[InputFile], sizing: Sizing, held: list[Shard],
         if keep_deleted:  # deleted files that shared a shard with a changed one: rows lost
             increment.lost_with_deleted += sorted({p.uri for p in shard.pieces
                                                    if p.uri not in current})
+    _count_files(increment, files, before)
+    return increment
+
+
+def _still_valid(held: list[Shard], current: dict[str, str],
+                 keep_deleted: bool) -> tuple[list[Shard], list[Shard]]:
+    """Held shards whose files are all unchanged (or only deleted, when their rows are kept),
+    and the stale rest."""
+    kept: list[Shard] = []
+    stale: list[Shard] = []
+    for shard in held:
+        off = [p for p in shard.pieces if current.get(p.uri) != p.version]
+        if not off or (keep_deleted and all(p.uri not in current for p in off)):
+            kept.append(shard)
+        else:
+            stale.append(shard)
+    return kept, stale
+
+
+def _count_files(increment: Increment, files: list[InputFile], before: dict[str, str]) -> None:
+    """Input files new, changed, unchanged and deleted since the held shards were cut."""
     for f in files:
         if f.uri not in before:
             increment.files_new.append(f.uri)
@@ -93,8 +107,7 @@ def plan_increment(files: list[InputFile], sizing: Sizing, held: list[Shard],
             increment.files_changed.append(f.uri)
         else:
             increment.files_unchanged += 1
-    increment.files_deleted = sorted(set(before) - set(current))
-    return increment
+    increment.files_deleted = sorted(set(before) - {f.uri for f in files})
 
 
 def _all_kept(file: InputFile, sizing: Sizing, kept_ids: set[str]) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import DEVICE_ERROR_PREFIX, DeviceError, ShardError, TransientError
+from pipeline.errors import DEVICE_ERROR_PREFIX, DeviceError, ShardError, TransientError, one_line
 from pipeline.faults import FailingSession, take_session_fault
 from pipeline.providers import run_bound
 from pipeline.sessions import LoadedSession, running_provider
@@ -59,10 +59,6 @@ def classify_run_error(exc: BaseException) -> str:
     if any(m in text for m in DEVICE_MARKERS):
         return "device"
     return "row"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _cause(message: str) -> str:
@@ -120,7 +116,7 @@ class _Runner:
             self.loaded.probe_feeds = {k: np.array(v[i:i + 1]) for k, v in batch.feeds.items()}
 
     def _failed(self, batch: Batch, exc: Exception) -> None:
-        message = _one_line(exc)
+        message = one_line(exc)
         self.check_provider(message)
         kind = classify_run_error(exc)
         if kind == "device":  # splitting would only fail again, row by row
@@ -155,8 +151,8 @@ class _Runner:
             self.check_provider(message)
             raise self._device_error(
                 f"{DEVICE_ERROR_PREFIX} on {self.loaded.active}: the session fails a row it ran "
-                f"before ({_cause(_one_line(exc))}) after row {row} failed alone "
-                f"({_cause(message)})") from None
+                f"before ({_cause(one_line(exc))}) after row {row} failed alone "
+                f"({_cause(message)})") from exc
 
     def check_provider(self, after: str | None) -> str | None:
         """The provider running the session now; DeviceError if it is not the one it started on."""

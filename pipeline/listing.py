@@ -17,7 +17,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import InputError, access_error
+from pipeline.errors import InputError, access_error, one_line, storage_error
 from pipeline.formats import format_of, read_schema
 from pipeline.redaction import scrub
 
@@ -89,17 +89,13 @@ def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[In
                 raise InputError(f"input.uri: {uri} does not exist")
             # find() on a single file may give it without details.
             infos = {name: info if info else fs.info(name) for name, info in infos.items()}
-    except InputError:
-        raise
     except Exception as exc:
-        access = access_error(exc, "input.uri", uri)
-        if access is not None:  # no credentials, access denied, no bucket: exit 2, one line
-            raise access from None
-        if not isinstance(exc, (OSError, ValueError, TypeError)):
+        # No credentials, access denied, no bucket: exit 2, one line; so are OS errors and
+        # storage_options the filesystem does not accept (TypeError). Anything else is a bug.
+        if access_error(exc, "input.uri", uri) is None and \
+                not isinstance(exc, (OSError, ValueError, TypeError, InputError)):
             raise
-        # TypeError: storage_options the filesystem does not accept.
-        raise InputError(f"input: cannot list {uri} ({type(exc).__name__}: "
-                         f"{scrub(str(exc), storage_options)})") from None
+        raise storage_error(exc, "input.uri", uri, "list", storage_options) from exc
     root = path.rstrip("/") + "/"
     files = []
     for name in sorted(infos):
@@ -169,11 +165,11 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
     except Exception as exc:  # corrupt or truncated files raise many arrow/OS error types
         access = access_error(exc, "input.uri", file.uri)
         if access is not None:  # listing was allowed but reading is not: stop the job
-            raise access from None
+            raise access from exc
         if isinstance(exc, FileNotFoundError):
             file.error = "file disappeared while planning"
         else:
-            text = " ".join(scrub(str(exc), storage_options).split())[:200]
+            text = one_line(scrub(str(exc), storage_options), 200)
             file.error = f"unreadable {file.format} file: {text}"
 
 

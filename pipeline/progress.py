@@ -80,3 +80,29 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Console:
+    """The CLI's and a notebook's presentation: progress while the job runs (a bar, or a line
+    every few seconds when nobody watches), the summary when it ends."""
+
+    def __init__(self, show_progress: bool = True) -> None:
+        self.show_progress = show_progress
+
+    def progress(self, total_rows: int | None, total_shards: int, done_rows: int,
+                 done_shards: int) -> Progress:
+        return Progress(total_rows, total_shards, done_rows, done_shards,
+                        enabled=self.show_progress)
+
+    def summary(self, lines: list[str]) -> None:
+        print("\n".join(lines), flush=True)
+
+
+class Silent(Console):
+    """No output at all: tests, benchmarks and callers that read the report themselves."""
+
+    def __init__(self) -> None:
+        super().__init__(show_progress=False)
+
+    def summary(self, lines: list[str]) -> None:
+        pass

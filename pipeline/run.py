@@ -13,8 +13,10 @@ import json
 import sys
 
 from pipeline.cli_common import run_cli
-from pipeline.job import describe_plan, execute, plan_job
-from pipeline.spec import json_schema, load_spec
+from pipeline.job import Start, execute
+from pipeline.job_file import json_schema, load_spec
+from pipeline.planning import describe_plan, plan_job
+from pipeline.progress import Console
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(describe_plan(planned)))
             return 0
-        return execute(planned, fresh=args.fresh, address=args.address,
-                       progress=not args.no_progress).exit_code
+        start = Start.FRESH if args.fresh else Start.CONTINUE
+        return execute(planned, start, args.address,
+                       Console(show_progress=not args.no_progress)).exit_code
 
     return run_cli(body, args.debug)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from pipeline.commit import OutputLayout
 from pipeline.faults import maybe_inject
+from pipeline.layout import OutputLayout
 from pipeline.plan import Piece, Shard, Sizing, shard_id
+from pipeline.sinks.base import RunCommit, Sink
+from pipeline.state import FileList, RunManifest, ShardChanges, ShardMarker, SizingRecord
 
 FOLDER = "runs"
 RUNNING, COMMITTING, COMPLETE = "running", "committing", "complete"
@@ -32,40 +33,41 @@ def manifest_name(run_id: int) -> str:
 
 @dataclass
 class RunLog:
-    last: dict[str, Any] | None = None  # the newest manifest
-    complete: dict[str, Any] | None = None  # the newest complete one
+    last: RunManifest | None = None  # the newest manifest
+    complete: RunManifest | None = None  # the newest complete one
 
     @property
-    def open(self) -> dict[str, Any] | None:
+    def open(self) -> RunManifest | None:
         """A run that started and did not complete: this invocation resumes it."""
-        return self.last if self.last and self.last.get("status") != COMPLETE else None
+        return self.last if self.last and self.last.status != COMPLETE else None
 
     def next_id(self) -> int:
         if self.open:
-            return int(self.open["run"])
-        return int(self.complete["run"]) + 1 if self.complete else 1
+            return self.open.run
+        return self.complete.run + 1 if self.complete else 1
 
     def ledger(self) -> dict[str, Shard]:
         """Shards named by the open run's plan and by the last complete run, by id."""
         shards: dict[str, Shard] = {}
         for manifest in (self.complete, self.open):
-            for data in (manifest or {}).get("ledger", []):
-                shards[data["id"]] = Shard.from_dict(data)
+            for shard in manifest.ledger if manifest else []:
+                shards[shard.id] = shard
         return shards
 
     def sizing(self, rows_per_shard: int, bytes_per_shard: int | None) -> Sizing | None:
         """The first run's shard targets, while the job asks for the same sizes."""
         for manifest in (self.open, self.complete):
-            saved = (manifest or {}).get("sizing")
-            if saved and saved.get("rows_per_shard") == rows_per_shard \
-                    and saved.get("asked_bytes_per_shard") == bytes_per_shard:
-                return Sizing(saved["rows_per_shard"], dict(saved["bytes_per_shard"]))
+            saved = manifest.sizing if manifest else None
+            if saved and saved.rows_per_shard == rows_per_shard \
+                    and saved.asked_bytes_per_shard == bytes_per_shard:
+                return Sizing(saved.rows_per_shard, dict(saved.bytes_per_shard))
         return None
 
 
-def sizing_record(sizing: Sizing, bytes_per_shard: int | None) -> dict[str, Any]:
-    return {"rows_per_shard": sizing.rows_per_shard, "asked_bytes_per_shard": bytes_per_shard,
-            "bytes_per_shard": dict(sizing.bytes_per_shard)}
+def sizing_record(sizing: Sizing, bytes_per_shard: int | None) -> SizingRecord:
+    return SizingRecord(rows_per_shard=sizing.rows_per_shard,
+                        asked_bytes_per_shard=bytes_per_shard,
+                        bytes_per_shard=dict(sizing.bytes_per_shard))
 
 
 def read_runs(layout: OutputLayout) -> RunLog:
@@ -80,69 +82,66 @@ def read_runs(layout: OutputLayout) -> RunLog:
                  reverse=True)
     log = RunLog()
     for run_id in ids:
-        manifest = layout.read_json(manifest_name(run_id))
-        if manifest is None:
+        data = layout.read_json(manifest_name(run_id))
+        if data is None:
             continue
+        manifest = RunManifest.read(data, layout.pipeline_path(manifest_name(run_id)))
         if log.last is None:
             log.last = manifest
-        if manifest.get("status") == COMPLETE:
+        if manifest.status == COMPLETE:
             log.complete = manifest
             break
     return log
 
 
-def write_manifest(layout: OutputLayout, manifest: dict[str, Any]) -> None:
-    manifest["updated_at"] = time.time()
-    layout.write_json(manifest_name(int(manifest["run"])), manifest)
+def write_manifest(layout: OutputLayout, manifest: RunManifest) -> None:
+    manifest.updated_at = time.time()
+    layout.write_json(manifest_name(manifest.run), manifest.to_dict())
 
 
-def public_view(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest without its ledger: what the report and the summary show."""
-    return {k: v for k, v in manifest.items() if k != "ledger"}
+def listed(uris: list[str]) -> FileList:
+    return FileList(count=len(uris), first=uris[:LISTED_FILES])
 
 
-def listed(uris: list[str]) -> dict[str, Any]:
-    return {"count": len(uris), "first": uris[:LISTED_FILES]}
-
-
-def start_run(layout: OutputLayout, log: RunLog, base: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of the run this invocation makes (or resumes), written as ``running``."""
-    manifest = dict(log.open or {"run": log.next_id(), "started_at": time.time()})
+def start_run(layout: OutputLayout, log: RunLog, base: RunManifest) -> RunManifest:
+    """The manifest of the run this invocation makes (or resumes), written as ``running``.
+    ``base``: what this invocation plans (its ``run`` is replaced)."""
     if log.open:
-        manifest["resumed"] = int(manifest.get("resumed", 0)) + 1
         # A crash after some dropped shards were deleted: they are gone from storage now,
         # but this run still replaced or retired them.
-        live = {s["id"] for s in base.get("ledger", [])}
-        base = {**base, "shards": _merged(log.open.get("shards", {}), base["shards"], live)}
-    manifest.update(base, status=RUNNING)
+        live = {s.id for s in base.ledger}
+        shards = _merged(log.open.shards, base.shards, live)
+        manifest = base.model_copy(update={
+            "run": log.open.run, "started_at": log.open.started_at, "shards": shards,
+            "resumed": log.open.resumed + 1})
+    else:
+        manifest = base.model_copy(update={"run": log.next_id(), "started_at": time.time()})
+    manifest.status = RUNNING
     write_manifest(layout, manifest)
     return manifest
 
 
-def _merged(before: dict[str, Any], now: dict[str, Any], live: set[str]) -> dict[str, Any]:
+def _merged(before: ShardChanges, now: ShardChanges, live: set[str]) -> ShardChanges:
     """Shards the open run dropped before it died, and those it drops now; never a shard the
     output holds after the run."""
-    out = dict(now)
-    for key in ("replaced", "retired"):
-        out[key] = sorted((set(before.get(key, [])) | set(now.get(key, []))) - live)
-    out["retired"] = sorted(set(out["retired"]) - set(out["replaced"]))
-    return out
+    replaced = sorted((set(before.replaced) | set(now.replaced)) - live)
+    retired = sorted((set(before.retired) | set(now.retired)) - live - set(replaced))
+    return now.model_copy(update={"replaced": replaced, "retired": retired})
 
 
-def finish_run(layout: OutputLayout, sink: Any, manifest: dict[str, Any],
-               commit: Any, dropped: list[str]) -> dict[str, Any]:
+def finish_run(layout: OutputLayout, sink: Sink, manifest: RunManifest, commit: RunCommit,
+               dropped: list[str]) -> RunManifest:
     """Every shard of the run is committed: publish the run in the sink (one table commit),
     uncommit the dropped shards, and mark the run complete. Each step can be repeated
     after a crash: the next invocation resumes the run and finds the same work done."""
-    run_id = int(manifest["run"])
-    manifest["status"] = COMMITTING
+    manifest.status = COMMITTING
     write_manifest(layout, manifest)
-    maybe_inject("driver.before_table_commit", "", run_id)
-    manifest["table"] = {"format": sink.format, **sink.commit_run(layout, commit)}
-    maybe_inject("driver.after_table_commit", "", run_id)
+    maybe_inject("driver.before_table_commit", "", manifest.run)
+    manifest.table = {"format": sink.format, **sink.commit_run(layout, commit)}
+    maybe_inject("driver.after_table_commit", "", manifest.run)
     remove_markers(layout, dropped)
-    manifest["status"] = COMPLETE
-    manifest["completed_at"] = time.time()
+    manifest.status = COMPLETE
+    manifest.completed_at = time.time()
     write_manifest(layout, manifest)
     return manifest
 
@@ -163,15 +162,14 @@ def remove_markers(layout: OutputLayout, shard_ids: list[str]) -> None:
     layout.fs.invalidate_cache(folder)
 
 
-def shards_from_markers(markers: dict[str, dict[str, Any]]) -> dict[str, Shard]:
+def shards_from_markers(markers: dict[str, ShardMarker]) -> dict[str, Shard]:
     """Committed shards with their pieces, as their markers name them. A shard whose named
     pieces do not hash to its id (a marker names 32 pieces at most; a redacted URI) is left
     out: it is dropped, and its files are computed again."""
     shards = {}
     for sid, marker in markers.items():
-        named = marker.get("pieces") or []
         pieces = tuple(Piece(uri, version, "", kind, start, end)
-                       for uri, version, kind, start, end in named)
+                       for uri, version, kind, start, end in marker.pieces)
         if pieces and shard_id(pieces) == sid:
-            shards[sid] = Shard(sid, pieces, marker.get("rows_in"), 0)
+            shards[sid] = Shard(sid, pieces, marker.rows_in, 0)
     return shards

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 PICK_SCAN = 64  # ready shards a worker looks at before taking one that failed on it
 
@@ -26,7 +27,7 @@ class ShardState:
     attempts: int = 0
     not_before: float = 0.0
     last_worker: str | None = None
-    errors: list[str] = field(default_factory=list)
+    errors: list[Any] = field(default_factory=list)  # what the caller recorded per failure
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,14 @@ class Scheduler:
         self._seq = 0
         self.in_flight: dict[str, set[str]] = {}  # worker -> shard ids
         self.done: set[str] = set()
-        self.failed: dict[str, str] = {}  # shard id -> last error
+        self.failed: dict[str, Any] = {}  # shard id -> last error
 
     # ----------------------------------------------------------------- workers
 
     def add_worker(self, worker: str) -> None:
         self.in_flight.setdefault(worker, set())
 
-    def remove_worker(self, worker: str, reason: str) -> list[str]:
+    def remove_worker(self, worker: str, reason: Any) -> list[str]:
         """A worker died: its in-flight shards count an attempt and go back to the queue."""
         lost = sorted(self.in_flight.pop(worker, set()))
         for sid in lost:
@@ -118,12 +119,12 @@ class Scheduler:
         self.in_flight.get(worker, set()).discard(sid)
         self.done.add(sid)
 
-    def shard_failed(self, worker: str, sid: str, error: str, transient: bool) -> bool:
+    def shard_failed(self, worker: str, sid: str, error: Any, transient: bool) -> bool:
         """Record a failure; True when the shard will be tried again."""
         self.in_flight.get(worker, set()).discard(sid)
         return self._retry_or_fail(sid, worker, error, transient)
 
-    def _retry_or_fail(self, sid: str, worker: str, error: str, transient: bool) -> bool:
+    def _retry_or_fail(self, sid: str, worker: str, error: Any, transient: bool) -> bool:
         state = self.states[sid]
         state.errors.append(error)
         state.last_worker = worker

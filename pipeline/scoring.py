@@ -18,9 +18,10 @@ from pydantic import TypeAdapter, ValidationError
 from pipeline.dead_letters import dead_letter_table
 from pipeline.errors import ConfigError
 from pipeline.inference import score_table
+from pipeline.job_file import validation_message
 from pipeline.models.bundle import fetch_bundle
 from pipeline.sessions import PROVIDER_NAMES, SessionCache, SessionSettings
-from pipeline.spec import BatchingSpec, TaskSpec, validation_message
+from pipeline.spec import BatchingSpec, TaskSpec
 from pipeline.tasks import build_task
 
 ERROR_COLUMN = "_error"

@@ -21,6 +21,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from pipeline.errors import one_line
+
 log = logging.getLogger(__name__)
 # onnxruntime logs every failed provider library load at error level straight to stderr;
 # we report fallbacks ourselves, once, in one line.
@@ -90,7 +92,7 @@ def _preload_gpu_libraries() -> None:
     except Exception as exc:
         log.debug("onnxruntime.preload_dlls failed: %s", exc)
     if printed.getvalue().strip():
-        log.debug("onnxruntime.preload_dlls: %s", " ".join(printed.getvalue().split())[:300])
+        log.debug("onnxruntime.preload_dlls: %s", one_line(printed.getvalue()))
 
 
 def create_session(model: str | bytes, settings: SessionSettings,
@@ -101,22 +103,9 @@ def create_session(model: str | bytes, settings: SessionSettings,
     if {"cuda", "tensorrt"} & set(settings.providers):
         _preload_gpu_libraries()
     available = set(ort.get_available_providers())
-    options = dict(settings.provider_options)
-    chain: list[tuple[str, dict[str, Any]]] = []
-    for short in settings.providers:
-        full = PROVIDER_NAMES[short]
-        if full in available:
-            chain.append((full, dict(options.get(short, ()))))
-    if not any(p == "CPUExecutionProvider" for p, _ in chain):
-        chain.append(("CPUExecutionProvider", {}))
+    chain = _provider_chain(settings, available)
     cache = OptimizedGraphCache.for_session(model, settings, model_sha256, chain)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
-    opts.intra_op_num_threads = settings.intra_op_threads
-    opts.inter_op_num_threads = settings.inter_op_threads
-    opts.log_severity_level = 4  # our errors say what failed, in one line; no C++ log spam
-    for key, value in settings.config:
-        opts.add_session_config_entry(key, value)
+    opts = _session_options(settings)
     source = model
     if cache is not None:
         source = cache.prepare(opts) or model
@@ -136,14 +125,7 @@ def create_session(model: str | bytes, settings: SessionSettings,
             return create_session(model, settings, model_sha256)
     graph = cache.finish() if cache is not None else "optimized in memory"
     active = SHORT_NAMES.get(session.get_providers()[0], session.get_providers()[0])
-    fallback = None
-    if active != settings.providers[0]:
-        wanted = PROVIDER_NAMES[settings.providers[0]]
-        why = "not in this onnxruntime build" if wanted not in available else "failed to load"
-        detail = _ep_error(printed.getvalue())
-        fallback = f"{settings.providers[0]} {why}; running on {active}" + (
-            f" ({detail})" if detail else "")
-        log.warning("provider fallback: %s", fallback)
+    fallback = _fallback(settings, active, available, printed.getvalue())
     return LoadedSession(
         session=session,
         requested=settings.providers,
@@ -154,6 +136,42 @@ def create_session(model: str | bytes, settings: SessionSettings,
         tuning=tuning_record(session, settings, graph, time.perf_counter() - started),
         gpu_device_id=_gpu_device_id(session) if active in ("cuda", "tensorrt") else None,
     )
+
+
+def _provider_chain(settings: SessionSettings,
+                    available: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The providers asked for that this build has, with their options; CPU always last."""
+    options = dict(settings.provider_options)
+    chain = [(PROVIDER_NAMES[short], dict(options.get(short, ())))
+             for short in settings.providers if PROVIDER_NAMES[short] in available]
+    if not any(p == "CPUExecutionProvider" for p, _ in chain):
+        chain.append(("CPUExecutionProvider", {}))
+    return chain
+
+
+def _session_options(settings: SessionSettings) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
+    opts.intra_op_num_threads = settings.intra_op_threads
+    opts.inter_op_num_threads = settings.inter_op_threads
+    opts.log_severity_level = 4  # our errors say what failed, in one line; no C++ log spam
+    for key, value in settings.config:
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def _fallback(settings: SessionSettings, active: str, available: set[str],
+              printed: str) -> str | None:
+    """Why the first provider asked for is not the one that runs (None: it is)."""
+    if active == settings.providers[0]:
+        return None
+    wanted = PROVIDER_NAMES[settings.providers[0]]
+    why = "not in this onnxruntime build" if wanted not in available else "failed to load"
+    detail = _ep_error(printed)
+    fallback = f"{settings.providers[0]} {why}; running on {active}" + (
+        f" ({detail})" if detail else "")
+    log.warning("provider fallback: %s", fallback)
+    return fallback
 
 
 def _gpu_device_id(session: ort.InferenceSession) -> int:

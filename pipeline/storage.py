@@ -56,8 +56,8 @@ def check_bucket(fs, path: str) -> None:
     bucket = path.split("/", 1)[0]
     try:
         fs.info(bucket)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"bucket does not exist: {bucket}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"bucket does not exist: {bucket}") from exc
 
 
 def join(uri: str, *parts: str) -> str:

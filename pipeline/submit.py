@@ -25,10 +25,11 @@ from typing import Any
 import yaml
 
 from pipeline.cli_common import run_cli
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line
+from pipeline.job_file import read_job, validate_job
 from pipeline.locality import is_node_local
 from pipeline.models.bundle import fetch_bundle
-from pipeline.spec import JobSpec, read_job, validate_job
+from pipeline.spec import JobSpec
 
 JOB_FILE = "job.yaml"
 BUNDLE_DIR = "bundle"
@@ -94,7 +95,7 @@ def submit(args: argparse.Namespace) -> int:
         client = JobSubmissionClient(args.address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"--address {args.address}: cannot reach the Ray job API "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc, 200)})") from exc
     entrypoint = f"python -m pipeline.run {JOB_FILE} --no-progress" + (" --fresh" if args.fresh
                                                                        else "")
     with tempfile.TemporaryDirectory(prefix="pipeline-submit-") as folder:

@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import providers, storage
-from pipeline.commit import OutputLayout, ShardWriter
+from pipeline.commit import ShardWriter
 from pipeline.dead_letters import dead_letter_table
 from pipeline.errors import ModelError, ShardError, classify_io_error
 from pipeline.faults import maybe_inject
 from pipeline.formats import iter_piece, windows
 from pipeline.inference import score_table
+from pipeline.layout import OutputLayout
 from pipeline.metadata import part_metadata
 from pipeline.models.bundle import LocalBundle, default_cache_dir, fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
@@ -39,6 +40,7 @@ from pipeline.redaction import redact_uri
 from pipeline.sessions import SessionCache, SessionSettings
 from pipeline.sinks import sink_for
 from pipeline.spec import JobSpec
+from pipeline.state import ShardMarker, ShardResult, Superseded, Timings, WorkerFigures
 from pipeline.tasks import build_task
 
 
@@ -122,13 +124,24 @@ class ShardWorker:
         self.identity = f"{pool.name}@{socket.gethostname()}:{os.getpid()}"
         self.node = ray_node()
 
-    def info(self) -> dict[str, Any]:
-        return {"worker": self.identity, "pool": self.pool.name, "provider": self.loaded.active,
-                "fallback": self.loaded.fallback, "session": self.tuning, **self.node}
+    def info(self) -> WorkerFigures:
+        """Who this worker is and how its session runs; answering it means it is ready."""
+        return WorkerFigures(worker=self.identity, pool=self.pool.name,
+                             provider=self.loaded.active, fallback=self.loaded.fallback,
+                             session=self.tuning, **self.node)
 
-    def process(self, shard_data: dict[str, Any], attempt: int) -> dict[str, Any]:
+    def process(self, shard_data: dict[str, Any], attempt: int) -> ShardResult:
+        """Read, score and commit one shard; the shard's marker on storage (this attempt's,
+        or another attempt's that committed it first)."""
         self._exit_if_broken()
         shard = Shard.from_dict(shard_data)
+        try:
+            return self._process(shard, attempt)
+        except ShardError as exc:
+            exc.shard_id = shard.id  # the runner reports the shard; the error names it too
+            raise
+
+    def _process(self, shard: Shard, attempt: int) -> ShardResult:
         if shard.error:
             raise ShardError(f"{shard.uri}: {shard.error}")
         maybe_inject("worker.start", shard.id, attempt)
@@ -137,8 +150,9 @@ class ShardWorker:
                                  shard.id)
         try:
             # Window by window: memory depends on batching.window_rows, not on the shard.
-            with self.sink.shard_writer(self.layout, shard.id, self.spec.output.compression,
-                                        metadata) as out:
+            parts = self.sink.part_files(self.layout, shard.id)
+            with ShardWriter(self.layout, shard.id, self.spec.output.compression, metadata,
+                             parts) as out:
                 # Windows span pieces: a shard of many tiny files still infers full batches.
                 stream = windows(self._tables(shard), self.spec.batching.window_rows)
                 for window in stats.timed_iter("read_s", stream):
@@ -151,14 +165,14 @@ class ShardWorker:
         except ShardError:
             raise
         except Exception as exc:
-            raise classify_io_error(exc, f"writing output of shard {shard.id}") from None
+            raise classify_io_error(exc, f"writing output of shard {shard.id}") from exc
         if ours:
-            return marker
+            return ShardResult(marker=committed)
         # Another attempt committed the shard first (this one was slow, or its worker was given
         # up on): its files stand, this attempt's were discarded. The runner counts the shard
         # once, from the marker on storage.
-        return {**committed, "superseded": {"attempt": attempt, "worker": self.identity,
-                                            "published": out.published}}
+        return ShardResult(marker=committed, superseded=Superseded(
+            attempt=attempt, worker=self.identity, published=out.published))
 
     def _tables(self, shard: Shard) -> Iterator[pa.Table]:
         """The shard's rows piece after piece, each row tagged with its piece's index."""
@@ -172,7 +186,7 @@ class ShardWorker:
             except ShardError:
                 raise
             except Exception as exc:
-                raise classify_io_error(exc, f"reading {piece.uri}") from None
+                raise classify_io_error(exc, f"reading {piece.uri}") from exc
 
     def _score_window(self, shard: Shard, attempt: int, tagged: pa.Table,
                       out: ShardWriter, stats: ShardStats) -> None:
@@ -196,23 +210,22 @@ class ShardWorker:
         stats.count(window.num_rows, scored)
 
     def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
-                stats: ShardStats) -> dict[str, Any]:
-        return {
-            "shard_id": shard.id, "input": redact_uri(shard.uri),
-            "files": len({p.uri for p in shard.pieces}),
-            "pieces": [[redact_uri(p.uri), *p.key()[1:]] for p in shard.pieces[:MARKER_PIECES]],
-            "rows_in": stats.rows_in, "rows_out": out.rows_out, "rows_bad": out.rows_bad,
-            "bad_reasons": stats.reasons, "attempt": attempt, "worker": self.identity,
-            "pool": self.pool.name, **self.node, "provider": self.loaded.active,
-            "fallback": self.loaded.fallback, "provider_after": stats.provider_after,
-            "probes": stats.probes, "batches": stats.batches, "session": self.tuning,
-            "oom_splits": stats.oom_splits, "fingerprint": self.fingerprint,
-            "timings": {k: round(v, 4) for k, v in stats.timings.items()},
-            "peak_rss_mb": peak_rss_mb(),
-            "part": self.layout.part_path(shard.id).rsplit("/", 1)[-1],
-            "attempt_token": uuid.uuid4().hex,  # tells this attempt's marker from another's
-            "committed_at": time.time(),
-        }
+                stats: ShardStats) -> ShardMarker:
+        return ShardMarker(
+            shard_id=shard.id, input=redact_uri(shard.uri),
+            files=len({p.uri for p in shard.pieces}),
+            pieces=[(redact_uri(p.uri), *p.key()[1:]) for p in shard.pieces[:MARKER_PIECES]],
+            rows_in=stats.rows_in, rows_out=out.rows_out, rows_bad=out.rows_bad,
+            bad_reasons=stats.reasons, attempt=attempt, worker=self.identity,
+            pool=self.pool.name, **self.node, provider=self.loaded.active,
+            fallback=self.loaded.fallback, provider_after=stats.provider_after,
+            probes=stats.probes, batches=stats.batches, session=self.tuning,
+            oom_splits=stats.oom_splits, fingerprint=self.fingerprint,
+            timings=Timings(**{k: round(v, 4) for k, v in stats.timings.items()}),
+            peak_rss_mb=peak_rss_mb(),
+            part=self.layout.part_path(shard.id).rsplit("/", 1)[-1],
+            attempt_token=uuid.uuid4().hex,  # tells this attempt's marker from another's
+            committed_at=time.time())
 
     def _exit_if_broken(self) -> None:
         """After a DeviceError this process's session, and often its CUDA context, is unusable:

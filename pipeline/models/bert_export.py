@@ -75,7 +75,7 @@ class BertConfig:
                 hidden_act=act,
             )
         except KeyError as exc:
-            raise ModelError(f"{where}: missing key {exc.args[0]}") from None
+            raise ModelError(f"{where}: missing key {exc.args[0]}") from exc
         if conf.hidden_size % conf.num_attention_heads:
             raise ModelError(
                 f"{where}: hidden_size {conf.hidden_size} is not a multiple of "
@@ -171,7 +171,7 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     try:
         raw = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
-        raise ModelError(f"{path}: cannot read weights ({exc})") from None
+        raise ModelError(f"{path}: cannot read weights ({exc})") from exc
     weights: dict[str, np.ndarray] = {}
     for name, array in raw.items():
         # Checkpoints from task heads prefix the encoder with "bert."; drop it.
@@ -322,20 +322,7 @@ def export_bert(
     tokenizer_file = ckpt / "tokenizer.json"
     if not tokenizer_file.exists():
         raise ModelError(f"{ckpt}: tokenizer.json not found (a fast tokenizer is required)")
-    tok_cfg_file = ckpt / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.exists() else {}
-    detected = sentence_options(ckpt, cfg, tok_cfg)
-    opts = SentenceOptions(
-        pooling=pooling or detected.pooling,
-        normalize=detected.normalize if normalize is None else normalize,
-        max_length=max_length or detected.max_length,
-    )
-    if opts.max_length > cfg.max_position_embeddings:
-        raise ModelError(
-            f"--max-length {opts.max_length} exceeds max_position_embeddings "
-            f"{cfg.max_position_embeddings} of {ckpt}"
-        )
-
+    opts = _options(ckpt, cfg, pooling, normalize, max_length)
     source = provenance(src, ckpt)
     model = _BertGraph(cfg, load_weights(ckpt / "model.safetensors"), str(ckpt)).build(
         opts, pool_in_graph, _model_doc(source)
@@ -364,6 +351,25 @@ def export_bert(
     )
     write_bundle_spec(out, spec)
     return spec
+
+
+def _options(ckpt: Path, cfg: BertConfig, pooling: Pooling | None, normalize: bool | None,
+             max_length: int | None) -> SentenceOptions:
+    """Pooling, normalization and max length: as asked, else as the checkpoint says."""
+    tok_cfg_file = ckpt / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_file.read_text()) if tok_cfg_file.exists() else {}
+    detected = sentence_options(ckpt, cfg, tok_cfg)
+    opts = SentenceOptions(
+        pooling=pooling or detected.pooling,
+        normalize=detected.normalize if normalize is None else normalize,
+        max_length=max_length or detected.max_length,
+    )
+    if opts.max_length > cfg.max_position_embeddings:
+        raise ModelError(
+            f"--max-length {opts.max_length} exceeds max_position_embeddings "
+            f"{cfg.max_position_embeddings} of {ckpt}"
+        )
+    return opts
 
 
 def _model_doc(source: dict[str, Any]) -> str:

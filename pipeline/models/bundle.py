@@ -118,7 +118,7 @@ def parse_bundle_spec(text: str, where: str) -> BundleSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ModelError(f"{where}: not valid YAML ({exc})") from None
+        raise ModelError(f"{where}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ModelError(f"{where}: expected a mapping at the top level")
     try:
@@ -126,7 +126,7 @@ def parse_bundle_spec(text: str, where: str) -> BundleSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise ModelError(f"{where}: key {key}: {err['msg']}") from None
+        raise ModelError(f"{where}: key {key}: {err['msg']}") from exc
 
 
 def write_bundle_spec(directory: Path, spec: BundleSpec) -> None:
@@ -140,7 +140,7 @@ def read_bundle_spec(uri: str, storage_options: dict[str, Any] | None = None) ->
         with storage.open_uri(where, "rt", storage_options) as fh:
             text = fh.read()
     except Exception as exc:
-        raise _read_error(exc, uri, BUNDLE_FILE, storage_options) from None
+        raise _read_error(exc, uri, BUNDLE_FILE, storage_options) from exc
     return parse_bundle_spec(text, where)
 
 
@@ -199,9 +199,9 @@ def _read_remote(where: str, storage_options: dict[str, Any] | None, uri: str) -
         access = access_error(exc, "model.uri", uri)  # a missing bucket, not a missing file
         if access is None:
             return None
-        raise access from None
+        raise access from exc
     except Exception as exc:
-        raise _read_error(exc, uri, where.rsplit("/", 1)[-1], storage_options) from None
+        raise _read_error(exc, uri, where.rsplit("/", 1)[-1], storage_options) from exc
 
 
 def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> None:
@@ -285,7 +285,7 @@ def cache_entry(root: Path, final: Path, marker: str, failure: str) -> Iterator[
             shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError as exc:
-        raise ModelError(f"{failure} ({exc})") from None
+        raise ModelError(f"{failure} ({exc})") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -300,7 +300,7 @@ def _download(uri: str, storage_options: dict[str, Any] | None, root: Path, fina
         except Exception as exc:
             access = access_error(exc, "model.uri", uri)
             if access is not None:
-                raise access from None
+                raise access from exc
             raise
         spec = parse_bundle_spec((tmp / BUNDLE_FILE).read_text(), f"{uri}/{BUNDLE_FILE}")
         if local_identity(tmp, spec) != identity:

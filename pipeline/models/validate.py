@@ -79,7 +79,7 @@ def check_model_file(path: str, where: str) -> onnx.ModelProto:
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"{where}: not a readable ONNX model ({exc})") from None
+        raise ModelError(f"{where}: not a readable ONNX model ({exc})") from exc
     limits = runtime_limits()
     if model.ir_version > limits.max_ir_version:
         raise ModelError(
@@ -97,7 +97,7 @@ def check_model_file(path: str, where: str) -> onnx.ModelProto:
         onnx.checker.check_model(path)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{where}: onnx checker failed: {first}") from None
+        raise ModelError(f"{where}: onnx checker failed: {first}") from exc
     return model
 
 
@@ -166,14 +166,14 @@ def smoke_run(bundle: LocalBundle, provider: str) -> ProviderCheck:
     try:
         loaded = create_session(str(bundle.model_path), SessionSettings(providers=(provider,)))
     except Exception as exc:
-        raise ModelError(f"{bundle.uri}: onnxruntime cannot load the model ({exc})") from None
+        raise ModelError(f"{bundle.uri}: onnxruntime cannot load the model ({exc})") from exc
     if loaded.active != provider:
         return ProviderCheck(provider, False, loaded.fallback or "not loaded")
     feeds = _dummy_feed(bundle, loaded.session)
     try:
         outputs = loaded.session.run(None, feeds)
     except Exception as exc:
-        raise ModelError(f"{bundle.uri}: smoke run on {provider} failed ({exc})") from None
+        raise ModelError(f"{bundle.uri}: smoke run on {provider} failed ({exc})") from exc
     for out, meta in zip(outputs, loaded.session.get_outputs(), strict=True):
         arr = np.asarray(out)
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():

@@ -1,8 +1,9 @@
 """Output sinks: where shards' rows go and how a run becomes visible (see ``base``).
 
-Every sink module is imported here, up front: under ``ray job submit`` the job's working
-directory may be gone once the driver has connected, so nothing of ours is imported late.
-The table libraries themselves (deltalake, lance: the ``tables`` extra) load on first use.
+Every sink module is imported here, up front, as every module of ours is (docs/architecture.md,
+"Imports"): under ``ray job submit`` the job's working directory may be gone once the driver
+has connected. The table libraries themselves (deltalake, lance: the ``tables`` extra) load
+on first use.
 """
 
 from __future__ import annotations

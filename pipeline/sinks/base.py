@@ -1,20 +1,72 @@
-"""What every output sink provides: a shard writer (worker side) and a run commit (driver side).
+"""What every output sink provides: part files (worker side) and a run commit (driver side).
 
 Markers and exactly-once stay in ``pipeline.commit``: a sink only decides where a shard's rows
 go and how one run's shards become visible to readers. The Parquet sink makes them visible
 shard by shard (a part file per shard); table sinks (Delta, Lance) write each shard's files
 unseen and publish a whole run in one table commit at its end.
+
+Worker side, ``ShardWriter`` (``pipeline.commit``) streams a shard's rows into the part file
+its sink's ``PartFiles`` stages, and calls it at three points of the commit:
+
+    stage(path)              before the first row: where this attempt's part file is written
+    finished(staged, rows)   every row written, nothing visible yet (Lance writes fragments)
+    publish(staged)          under the commit step, while the shard has no marker
+    marker_fields()          merged into the marker (Lance: the fragments it wrote)
+
+Driver side, ``commit_run`` runs once every shard of a run is committed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from pipeline.commit import OutputLayout, ShardWriter
+from pipeline import storage
+from pipeline.layout import OutputLayout
+from pipeline.spec import IndexSpec
+from pipeline.state import ShardMarker
+
+
+class PartFiles(Protocol):
+    """How a sink stores one attempt's part file (see the module doc for when each runs)."""
+
+    def stage(self, path: str) -> storage.StagedFile:
+        """The file this attempt writes the part into; nothing is visible at ``path`` yet."""
+        ...
+
+    def finished(self, staged: storage.StagedFile, rows: int) -> None:
+        """Every row is in ``staged`` (closed, durable) and nothing is published."""
+        ...
+
+    def publish(self, staged: storage.StagedFile) -> None:
+        """Make the staged part the shard's rows (the caller holds the commit step)."""
+        ...
+
+    def marker_fields(self) -> dict[str, Any]:
+        """Fields of ``ShardMarker`` this sink sets about the published rows."""
+        ...
+
+
+class FileParts:
+    """Part files at their final names: staged beside them, renamed or completed to publish
+    (Parquet and Delta output)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def stage(self, path: str) -> storage.StagedFile:
+        return storage.StagedFile(self.fs, path)
+
+    def finished(self, staged: storage.StagedFile, rows: int) -> None:
+        pass
+
+    def publish(self, staged: storage.StagedFile) -> None:
+        staged.publish()
+
+    def marker_fields(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass
@@ -28,9 +80,9 @@ class RunCommit:
 
     run_id: int
     fingerprint: str
-    live: dict[str, dict[str, Any]]
-    dropped: dict[str, dict[str, Any]] = field(default_factory=dict)
-    index: dict[str, Any] | None = None  # output.index (Lance), None when not asked for
+    live: dict[str, ShardMarker]
+    dropped: dict[str, ShardMarker] = field(default_factory=dict)
+    index: IndexSpec | None = None  # output.index (Lance), None when not asked for
 
 
 class Sink(Protocol):
@@ -39,9 +91,8 @@ class Sink(Protocol):
     # the Parquet sink deletes them when the run completes.
     keeps_dropped_files: bool
 
-    def shard_writer(self, layout: OutputLayout, shard_id: str, compression: str,
-                     metadata: dict[bytes, bytes]) -> ShardWriter:
-        """Worker side: streams one shard's rows; ``commit`` makes the shard's marker."""
+    def part_files(self, layout: OutputLayout, shard_id: str) -> PartFiles:
+        """Worker side: how one attempt of ``shard_id`` stores its part file."""
         ...
 
     def commit_run(self, layout: OutputLayout, run: RunCommit) -> dict[str, Any]:

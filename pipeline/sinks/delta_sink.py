@@ -24,20 +24,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commit import OutputLayout, ShardWriter
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, cause_text
+from pipeline.layout import OutputLayout
 from pipeline.metadata import COMMIT_FINGERPRINT, COMMIT_RUN
-from pipeline.sinks.base import RunCommit
+from pipeline.sinks.base import FileParts, PartFiles, RunCommit
 from pipeline.sinks.object_store import object_store_options, table_path
+from pipeline.state import ShardMarker
 
 
 class DeltaSink:
     format = "delta"
     keeps_dropped_files = True  # earlier versions still read them (vacuum removes them)
 
-    def shard_writer(self, layout: OutputLayout, shard_id: str, compression: str,
-                     metadata: dict[bytes, bytes]) -> ShardWriter:
-        return ShardWriter(layout, shard_id, compression, metadata)
+    def part_files(self, layout: OutputLayout, shard_id: str) -> PartFiles:
+        return FileParts(layout.fs)  # part files at the table root, exactly as for Parquet
 
     def _open(self, layout: OutputLayout):
         from deltalake import DeltaTable
@@ -52,25 +52,31 @@ class DeltaSink:
         return object_store_options(layout.uri, layout.storage_options)
 
     def commit_run(self, layout: OutputLayout, run: RunCommit) -> dict[str, Any]:
-        from deltalake.transaction import (
-            AddAction,
-            CommitProperties,
-            RemoveAction,
-            Transaction,
-            create_table_with_add_actions,
-        )
-
         table = self._open(layout)
-        done = table.transaction_version(run.fingerprint) if table is not None else None
         wanted = {layout.part_path(sid).rsplit("/", 1)[-1]: marker
-                  for sid, marker in run.live.items() if marker.get("rows_out", 0) > 0}
+                  for sid, marker in run.live.items() if marker.rows_out > 0}
         present = self._files(table, layout) if table is not None else {}
-        in_sync = set(wanted) == set(present)
-        if done is not None and done >= run.run_id and in_sync:
+        done = table.transaction_version(run.fingerprint) if table is not None else None
+        if done is not None and done >= run.run_id and set(wanted) == set(present):
             # Committed before a crash or a retry. (A resumed run whose input changed again
             # after its commit is not in sync: it commits the difference, same run id.)
             return {"version": table.version(), "committed": False,
                     "note": f"run {run.run_id} was already committed"}
+        if table is None and not wanted:  # no row yet: Delta takes no table without columns
+            return {"version": None, "committed": False,
+                    "note": f"run {run.run_id} has no rows: no Delta table yet"}
+        adds, removes = self._actions(layout, wanted, present)
+        schema = self._schema(layout, [a.path for a in adds] or sorted(wanted), table)
+        self._write(layout, table, run, [*adds, *removes], schema)
+        table = self._open(layout)
+        return {"version": table.version() if table is not None else None, "committed": True,
+                "added_files": len(adds), "removed_files": len(removes)}
+
+    def _actions(self, layout: OutputLayout, wanted: dict[str, ShardMarker],
+                 present: dict[str, int]) -> tuple[list[Any], list[Any]]:
+        """Add the part files of live shards the table lacks, remove those of dropped ones."""
+        from deltalake.transaction import AddAction, RemoveAction
+
         sizes = self._sizes(layout)
         now = int(time.time() * 1000)
         adds = []
@@ -79,34 +85,36 @@ class DeltaSink:
                 continue
             if name not in sizes:
                 raise OutputError(f"output.uri: {layout.uri}/{name} is missing, but shard "
-                                  f"{marker.get('shard_id')} is committed; rerun with --fresh")
+                                  f"{marker.shard_id} is committed; rerun with --fresh")
             adds.append(AddAction(name, sizes[name], {}, now, True,
-                                  json.dumps({"numRecords": int(marker["rows_out"])})))
+                                  json.dumps({"numRecords": marker.rows_out})))
         removes = [RemoveAction(name, True, now, size, {})
                    for name, size in sorted(present.items()) if name not in wanted]
-        if table is None and not wanted:  # no row yet: Delta takes no table without columns
-            return {"version": None, "committed": False,
-                    "note": f"run {run.run_id} has no rows: no Delta table yet"}
-        schema = self._schema(layout, [a.path for a in adds] or sorted(wanted), table)
+        return adds, removes
+
+    def _write(self, layout: OutputLayout, table: Any, run: RunCommit, actions: list[Any],
+               schema: Any) -> None:
+        """One transaction, tagged with the run (app id = fingerprint, version = run id)."""
+        from deltalake.transaction import (
+            CommitProperties,
+            Transaction,
+            create_table_with_add_actions,
+        )
+
         commit = CommitProperties(
             app_transactions=[Transaction(run.fingerprint, run.run_id)],
             custom_metadata={COMMIT_RUN: run.run_id, COMMIT_FINGERPRINT: run.fingerprint})
-        options = self._options(layout)
         try:
             if table is None:
-                create_table_with_add_actions(table_path(layout.uri), schema, adds,
-                                              mode="error", storage_options=options,
+                create_table_with_add_actions(table_path(layout.uri), schema, actions,
+                                              mode="error", storage_options=self._options(layout),
                                               commit_properties=commit)
             else:
-                table.create_write_transaction([*adds, *removes], "append", schema,
+                table.create_write_transaction(actions, "append", schema,
                                                commit_properties=commit)
-        except Exception as exc:
+        except Exception as exc:  # deltalake raises its own and pyarrow's error types
             raise OutputError(f"output.uri: Delta commit of run {run.run_id} to {layout.uri} "
-                              f"failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
-                              ) from None
-        table = self._open(layout)
-        return {"version": table.version() if table is not None else None, "committed": True,
-                "added_files": len(adds), "removed_files": len(removes)}
+                              f"failed ({cause_text(exc)})") from exc
 
     @staticmethod
     def _files(table: Any, layout: OutputLayout) -> dict[str, int]:

@@ -7,17 +7,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commit import OutputLayout, ShardWriter
-from pipeline.sinks.base import RunCommit
+from pipeline.layout import OutputLayout
+from pipeline.sinks.base import FileParts, PartFiles, RunCommit
 
 
 class ParquetSink:
     format = "parquet"
     keeps_dropped_files = False  # a run's end deletes the part files of replaced shards
 
-    def shard_writer(self, layout: OutputLayout, shard_id: str, compression: str,
-                     metadata: dict[bytes, bytes]) -> ShardWriter:
-        return ShardWriter(layout, shard_id, compression, metadata)
+    def part_files(self, layout: OutputLayout, shard_id: str) -> PartFiles:
+        return FileParts(layout.fs)
 
     def commit_run(self, layout: OutputLayout, run: RunCommit) -> dict[str, Any]:
         # Nothing to publish: every part file went live with its marker.

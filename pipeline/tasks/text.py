@@ -22,7 +22,7 @@ def load_tokenizer(path: str, max_length: int) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise ModelError(f"{path}: cannot load tokenizer ({exc})") from None
+        raise ModelError(f"{path}: cannot load tokenizer ({exc})") from exc
     # Whatever the file says, padding is ours (per batch) and truncation is the task's.
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)

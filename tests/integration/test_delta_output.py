@@ -5,9 +5,6 @@ driver killed around the table commit leaves exactly one new version after the r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,13 +12,13 @@ import pytest
 from deltalake import DeltaTable
 
 import pipeline
-from pipeline.commit import OutputLayout
+from pipeline.layout import OutputLayout
 from pipeline.runs import read_runs
 from pipeline.sinks.object_store import object_store_options
-from tests.integration.test_incremental import from_scratch, job, rows_of, write_file
+from tests.support.jobs import from_scratch, rows_of, run_driver, write_scoring_file
+from tests.support.jobs import tabular_job as job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def delta_rows(uri: str, options: dict | None = None, version: int | None = None) -> list[tuple]:
@@ -31,22 +28,10 @@ def delta_rows(uri: str, options: dict | None = None, version: int | None = None
     return rows_of(table.to_pyarrow_table())
 
 
-def run_cli(spec: dict, tmp_path: Path, faults: list[dict]) -> subprocess.CompletedProcess:
-    """The job as a user runs it, in its own driver process on the session's cluster."""
-    import ray
-
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(spec))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PIPELINE_FAULTS": json.dumps(faults)}
-    return subprocess.run([sys.executable, "-m", "pipeline.run", str(path), "--no-progress"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_path: Path) -> None:
     data, out, scratch = tmp_path / "in", tmp_path / "out", tmp_path / "scratch"
-    write_file(data, "a.parquet", 60, seed=31, start_id=0)
-    write_file(data, "b.parquet", 8, seed=32, start_id=1000)
+    write_scoring_file(data, "a.parquet", 60, seed=31, start_id=0)
+    write_scoring_file(data, "b.parquet", 8, seed=32, start_id=1000)
     spec = job(models_dir, data, out, format="delta")
 
     first = pipeline.run_job(spec, progress=False)
@@ -56,9 +41,9 @@ def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
 
     # Run 2: b changes, c is new; the driver is killed after the last shard, before the
     # table commit. Readers still see run 1, complete.
-    write_file(data, "b.parquet", 10, seed=33, start_id=1000)
-    write_file(data, "c.parquet", 50, seed=34, start_id=2000)
-    killed = run_cli(spec, tmp_path, [{"point": "driver.before_table_commit", "action": "kill"}])
+    write_scoring_file(data, "b.parquet", 10, seed=33, start_id=1000)
+    write_scoring_file(data, "c.parquet", 50, seed=34, start_id=2000)
+    killed = run_driver(spec, tmp_path, [{"point": "driver.before_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert DeltaTable(str(out)).version() == 0
     assert delta_rows(str(out)) == run1
@@ -78,7 +63,7 @@ def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
     # Run 3: killed right after the commit, before the run is marked complete: the rerun
     # finds the run's transaction in the table and commits nothing again.
     (data / "a.parquet").unlink()
-    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    killed = run_driver(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert DeltaTable(str(out)).version() == 2
     again = pipeline.run_job(spec, progress=False)
@@ -92,11 +77,11 @@ def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
 
     # Run 4 is killed after its commit, and the input changes again before the rerun: the
     # resumed run 4 commits the difference too (a second version for run 4), nothing is lost.
-    write_file(data, "d.parquet", 20, seed=35, start_id=3000)
-    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    write_scoring_file(data, "d.parquet", 20, seed=35, start_id=3000)
+    killed = run_driver(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert DeltaTable(str(out)).version() == 3
-    write_file(data, "e.parquet", 20, seed=36, start_id=4000)
+    write_scoring_file(data, "e.parquet", 20, seed=36, start_id=4000)
     fourth = pipeline.run_job(spec, progress=False)
     assert fourth.ok and fourth.report["run"]["run"] == 4
     assert fourth.report["run"]["table"]["committed"] is True
@@ -106,12 +91,12 @@ def test_delta_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
 
 def test_delta_on_s3(models_dir: Path, tmp_path: Path, s3_bucket: str, s3_options: dict) -> None:
     data, scratch = tmp_path / "in", tmp_path / "scratch"
-    write_file(data, "a.parquet", 50, seed=41, start_id=0)
+    write_scoring_file(data, "a.parquet", 50, seed=41, start_id=0)
     uri = f"s3://{s3_bucket}/embeddings"
     spec = job(models_dir, data, tmp_path / "unused", format="delta")
     spec["output"] = {**spec["output"], "uri": uri, "storage_options": s3_options}
     assert pipeline.run_job(spec, progress=False).ok
-    write_file(data, "b.parquet", 30, seed=42, start_id=500)
+    write_scoring_file(data, "b.parquet", 30, seed=42, start_id=500)
     second = pipeline.run_job(spec, progress=False)
     assert second.ok and second.report["run"]["table"]["version"] == 1
     assert delta_rows(uri, s3_options) == from_scratch(models_dir, data, scratch)
@@ -130,7 +115,7 @@ def test_delta_on_s3(models_dir: Path, tmp_path: Path, s3_bucket: str, s3_option
 def test_failed_table_commit_exits_1_and_the_rerun_commits(models_dir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     data, out = tmp_path / "in", tmp_path / "out"
-    write_file(data, "a.parquet", 30, seed=61, start_id=0)
+    write_scoring_file(data, "a.parquet", 30, seed=61, start_id=0)
     spec = job(models_dir, data, out, format="delta")
     monkeypatch.setenv("PIPELINE_FAULTS", json.dumps(
         [{"point": "driver.before_table_commit", "action": "raise"}]))
@@ -146,12 +131,12 @@ def test_failed_table_commit_exits_1_and_the_rerun_commits(models_dir: Path, tmp
 
 def test_delta_first_run_without_rows_then_rows(models_dir: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "in", tmp_path / "out"
-    write_file(data, "a.parquet", 0, seed=71, start_id=0)
+    write_scoring_file(data, "a.parquet", 0, seed=71, start_id=0)
     spec = job(models_dir, data, out, format="delta")
     first = pipeline.run_job(spec, progress=False)
     assert first.ok and first.report["run"]["table"]["version"] is None
     assert not (out / "_delta_log").exists()
-    write_file(data, "b.parquet", 12, seed=72, start_id=100)
+    write_scoring_file(data, "b.parquet", 12, seed=72, start_id=100)
     second = pipeline.run_job(spec, progress=False)
     assert second.ok and DeltaTable(str(out)).version() == 0
     assert len(delta_rows(str(out))) == 12

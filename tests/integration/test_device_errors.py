@@ -8,7 +8,6 @@ import json
 import pytest
 
 import pipeline
-from pipeline.errors import is_device_error
 from tests.reliability import harness
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -36,7 +35,7 @@ def test_cuda_error_in_one_shard_retries_it_without_dead_letters(tmp_path, monke
     injected = [r for r in retried if "CUDA failure 700: an illegal memory access" in r["errors"][0]]
     assert len(injected) == 1, retried
     sid = injected[0]["shard"]
-    assert is_device_error(injected[0]["errors"][0])
+    assert injected[0]["error_types"][0] == "DeviceError"
     assert a["markers"][sid]["attempt"] == 2  # retried once, on another worker, and committed
 
     # These need the worker.py change. The worker whose session broke exits (its other
@@ -44,7 +43,7 @@ def test_cuda_error_in_one_shard_retries_it_without_dead_letters(tmp_path, monke
     # with "the session broke on an earlier shard" until their attempts run out; markers carry
     # the provider read back after the shard and the probes run.
     assert report["attempts"]["actor_deaths"] >= 1
-    assert [r["shard"] for r in retried if any(is_device_error(e) for e in r["errors"])] == [sid]
+    assert [r["shard"] for r in retried if "DeviceError" in r["error_types"]] == [sid]
     assert all(m["provider_after"] == "cpu" and m["probes"] == 0 for m in a["markers"].values())
     # Needs the report.py change: device errors counted in report.json.
     assert report["attempts"]["device_errors"] == 1

@@ -14,6 +14,7 @@ import pipeline
 from pipeline.metadata import META_FINGERPRINT, META_MODEL
 from pipeline.plan import make_plan
 from pipeline.report import summary_lines
+from pipeline.state import JobReport
 from tests.support.fixtures import write_text_parquet
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -91,7 +92,7 @@ def test_markers_and_report_say_how_sessions_ran(finished_job):
     assert startup["first_shard_s"] == report["totals"]["first_shard_s"] < report["wall_s"]
     assert startup["plan_s"] > 0
     assert any(line.startswith("  session: cpu pool on cpu, 1 intra-op thread")
-               for line in summary_lines(report))
+               for line in summary_lines(JobReport.read(report, "report.json")))
 
 
 def test_every_input_id_exactly_once_and_matches_in_process_scoring(finished_job, text_rows,

@@ -4,69 +4,30 @@ input, row for row, and recomputes only new and changed files (real Ray, real mo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline.commit import OutputLayout
 from pipeline.demo.tabular import make_scoring_table
 from pipeline.errors import OutputError
-from pipeline.job import describe_plan, plan_job
+from pipeline.job_file import load_spec
+from pipeline.layout import OutputLayout
+from pipeline.planning import describe_plan, plan_job
 from pipeline.runs import read_runs
-from pipeline.spec import load_spec
+from tests.support.jobs import from_scratch, markers, rows_of, write_scoring_file
+from tests.support.jobs import tabular_job as job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-COLUMNS = ["id", "label", "score"]
-
-
-def write_file(folder: Path, name: str, rows: int, seed: int, start_id: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    table = make_scoring_table(rows, seed=seed, start_id=start_id)
-    path = folder / name
-    pq.write_table(table, path, row_group_size=40)
-    # Local versions are size + mtime: make a rewrite visible even within one second.
-    stamp = 1_700_000_000 + seed
-    os.utime(path, (stamp, stamp))
-
-
-def job(models_dir: Path, input_dir: Path, output: Path, **output_extra) -> dict:
-    return {
-        "name": "incremental",
-        "input": {"uri": str(input_dir)},
-        "model": {"uri": str(models_dir / "breast_cancer")},
-        "task": {"kind": "classify"},
-        "passthrough": ["id"],
-        "sharding": {"rows_per_shard": 40},
-        "workers": {"cpu": {"replicas": 2, "cpus": 1}},
-        "output": {"uri": str(output), "mode": "incremental", **output_extra},
-    }
-
-
-def rows_of(table: pa.Table) -> list[tuple]:
-    return sorted(zip(*(table[c].to_pylist() for c in COLUMNS), strict=True))
-
-
-def from_scratch(models_dir: Path, input_dir: Path, out: Path) -> list[tuple]:
-    result = pipeline.run_job(job(models_dir, input_dir, out), progress=False, fresh=True)
-    assert result.ok
-    return rows_of(result.read())
-
-
-def markers(output: Path) -> dict[str, dict]:
-    layout = OutputLayout(str(output))
-    return {sid: layout.read_marker(sid) for sid in layout.committed_shards()}
 
 
 def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: Path) -> None:
     data, out, scratch = tmp_path / "in", tmp_path / "out", tmp_path / "scratch"
-    write_file(data, "a.parquet", 100, seed=1, start_id=0)  # split: 40 + 40 + 20 rows
-    write_file(data, "b.parquet", 8, seed=2, start_id=1000)  # small files are packed
-    write_file(data, "c.parquet", 8, seed=3, start_id=2000)
-    write_file(data, "d.parquet", 8, seed=4, start_id=3000)
+    write_scoring_file(data, "a.parquet", 100, seed=1, start_id=0)  # split: 40 + 40 + 20 rows
+    write_scoring_file(data, "b.parquet", 8, seed=2, start_id=1000)  # small files are packed
+    write_scoring_file(data, "c.parquet", 8, seed=3, start_id=2000)
+    write_scoring_file(data, "d.parquet", 8, seed=4, start_id=3000)
 
     # Run 1: everything is new.
     first = pipeline.run_job(job(models_dir, data, out), progress=False)
@@ -76,9 +37,9 @@ def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: P
     before = markers(out)
 
     # Run 2: e and f are new, b changed (more rows), a, c, d untouched.
-    write_file(data, "b.parquet", 12, seed=5, start_id=1000)
-    write_file(data, "e.parquet", 50, seed=6, start_id=4000)
-    write_file(data, "f.parquet", 8, seed=7, start_id=5000)
+    write_scoring_file(data, "b.parquet", 12, seed=5, start_id=1000)
+    write_scoring_file(data, "e.parquet", 50, seed=6, start_id=4000)
+    write_scoring_file(data, "f.parquet", 8, seed=7, start_id=5000)
     dry = describe_plan(plan_job(load_spec(job(models_dir, data, out))))
     assert any(line.startswith("incremental: files +2 new, 1 changed, 0 deleted, 3 unchanged")
                for line in dry), dry
@@ -104,8 +65,8 @@ def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: P
 
     # Run 3: c deleted, a changed, g new.
     (data / "c.parquet").unlink()
-    write_file(data, "a.parquet", 90, seed=8, start_id=0)
-    write_file(data, "g.parquet", 8, seed=9, start_id=6000)
+    write_scoring_file(data, "a.parquet", 90, seed=8, start_id=0)
+    write_scoring_file(data, "g.parquet", 8, seed=9, start_id=6000)
     third = pipeline.run_job(job(models_dir, data, out), progress=False)
     assert third.ok
     expected = from_scratch(models_dir, data, scratch)
@@ -134,8 +95,8 @@ def test_three_incremental_runs_equal_from_scratch(models_dir: Path, tmp_path: P
 
 def test_deleted_inputs_keep(models_dir: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "in", tmp_path / "out"
-    write_file(data, "a.parquet", 60, seed=11, start_id=0)
-    write_file(data, "b.parquet", 60, seed=12, start_id=1000)
+    write_scoring_file(data, "a.parquet", 60, seed=11, start_id=0)
+    write_scoring_file(data, "b.parquet", 60, seed=12, start_id=1000)
     spec = job(models_dir, data, out, deleted_inputs="keep")
     assert pipeline.run_job(spec, progress=False).ok
     (data / "b.parquet").unlink()
@@ -146,7 +107,7 @@ def test_deleted_inputs_keep(models_dir: Path, tmp_path: Path) -> None:
     # Nothing to compute or retire: no new run, and the report says why.
     assert result.report["run"]["run"] == 1 and result.report["totals"]["run_now"] == 0
     assert "1 deleted input files; their rows are kept" in result.report["notes"][0]
-    write_file(data, "a.parquet", 30, seed=13, start_id=0)  # a changes: b's rows still kept
+    write_scoring_file(data, "a.parquet", 30, seed=13, start_id=0)  # a changes: b's rows still kept
     result = pipeline.run_job(spec, progress=False)
     assert result.ok and result.report["run"]["run"] == 2
     ids = {r[0] for r in rows_of(result.read())}
@@ -157,7 +118,7 @@ def test_deleted_inputs_keep(models_dir: Path, tmp_path: Path) -> None:
 
 def test_changed_model_is_refused_unless_fresh(models_dir: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "in", tmp_path / "out"
-    write_file(data, "a.parquet", 20, seed=21, start_id=0)
+    write_scoring_file(data, "a.parquet", 20, seed=21, start_id=0)
     assert pipeline.run_job(job(models_dir, data, out), progress=False).ok
     changed = job(models_dir, data, out)
     changed["task"] = {"kind": "classify", "score_column": "p"}
@@ -205,9 +166,9 @@ def test_adopts_an_output_written_in_resume_mode(models_dir: Path, tmp_path: Pat
     """No run manifests yet: committed shards are matched to files through their markers, so
     unchanged files are kept, a changed one recomputed, and a deleted one's rows kept."""
     data, out = tmp_path / "in", tmp_path / "out"
-    write_file(data, "a.parquet", 60, seed=81, start_id=0)
-    write_file(data, "b.parquet", 60, seed=82, start_id=1000)
-    write_file(data, "c.parquet", 60, seed=83, start_id=2000)
+    write_scoring_file(data, "a.parquet", 60, seed=81, start_id=0)
+    write_scoring_file(data, "b.parquet", 60, seed=82, start_id=1000)
+    write_scoring_file(data, "c.parquet", 60, seed=83, start_id=2000)
     resume = job(models_dir, data, out)
     resume["output"]["mode"] = "resume"
     assert pipeline.run_job(resume, progress=False).ok
@@ -216,7 +177,7 @@ def test_adopts_an_output_written_in_resume_mode(models_dir: Path, tmp_path: Pat
     shutil.rmtree(out / "_pipeline" / "runs")  # as an output from before manifests existed
     before = markers(out)
     (data / "b.parquet").unlink()
-    write_file(data, "c.parquet", 30, seed=84, start_id=2000)
+    write_scoring_file(data, "c.parquet", 30, seed=84, start_id=2000)
     result = pipeline.run_job(job(models_dir, data, out, deleted_inputs="keep"), progress=False)
     assert result.ok
     files = result.report["run"]["input_files"]

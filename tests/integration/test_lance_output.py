@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.commit import OutputLayout
+from pipeline.layout import OutputLayout
 from pipeline.runs import read_runs
 from pipeline.sinks.object_store import object_store_options
-from tests.integration.test_delta_output import run_cli
-from tests.integration.test_incremental import from_scratch, job, rows_of, write_file
 from tests.support.fixtures import write_text_parquet
+from tests.support.jobs import from_scratch, rows_of, run_driver, write_scoring_file
+from tests.support.jobs import tabular_job as job
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def test_lance_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_path: Path) -> None:
     data, out, scratch = tmp_path / "in", tmp_path / "out", tmp_path / "scratch"
-    write_file(data, "a.parquet", 60, seed=51, start_id=0)
-    write_file(data, "b.parquet", 8, seed=52, start_id=1000)
+    write_scoring_file(data, "a.parquet", 60, seed=51, start_id=0)
+    write_scoring_file(data, "b.parquet", 8, seed=52, start_id=1000)
     spec = job(models_dir, data, out, format="lance")
 
     first = pipeline.run_job(spec, progress=False)
@@ -33,9 +33,9 @@ def test_lance_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
     assert rows_of(lance.dataset(str(out)).to_table()) == run1 == rows_of(first.read())
 
     # Run 2 is killed after its last shard, before the commit: readers still see run 1.
-    write_file(data, "b.parquet", 10, seed=53, start_id=1000)
-    write_file(data, "c.parquet", 50, seed=54, start_id=2000)
-    killed = run_cli(spec, tmp_path, [{"point": "driver.before_table_commit", "action": "kill"}])
+    write_scoring_file(data, "b.parquet", 10, seed=53, start_id=1000)
+    write_scoring_file(data, "c.parquet", 50, seed=54, start_id=2000)
+    killed = run_driver(spec, tmp_path, [{"point": "driver.before_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert lance.dataset(str(out)).version == v1
     assert rows_of(lance.dataset(str(out)).to_table()) == run1
@@ -50,7 +50,7 @@ def test_lance_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
 
     # Killed after the commit: the rerun finds the fragments committed and adds no version.
     (data / "a.parquet").unlink()
-    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    killed = run_driver(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert lance.dataset(str(out)).version == v1 + 2
     again = pipeline.run_job(spec, progress=False)
@@ -60,10 +60,10 @@ def test_lance_versions_per_run_and_crash_around_commit(models_dir: Path, tmp_pa
 
     # Run 4 killed after its commit, the input changed again before the rerun: the resumed
     # run commits the difference as well.
-    write_file(data, "d.parquet", 20, seed=55, start_id=3000)
-    killed = run_cli(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
+    write_scoring_file(data, "d.parquet", 20, seed=55, start_id=3000)
+    killed = run_driver(spec, tmp_path, [{"point": "driver.after_table_commit", "action": "kill"}])
     assert killed.returncode == -9, killed.stderr[-2000:]
-    write_file(data, "e.parquet", 20, seed=56, start_id=4000)
+    write_scoring_file(data, "e.parquet", 20, seed=56, start_id=4000)
     fourth = pipeline.run_job(spec, progress=False)
     assert fourth.ok and fourth.report["run"]["run"] == 4
     assert lance.dataset(str(out)).version == v1 + 4

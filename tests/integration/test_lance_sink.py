@@ -11,11 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.commit import OutputLayout
+from pipeline.commit import ShardWriter
 from pipeline.errors import OutputError, ShardError
+from pipeline.layout import OutputLayout
 from pipeline.sinks.base import RunCommit
 from pipeline.sinks.lance_sink import LanceSink
 from pipeline.sinks.object_store import object_store_options
+from pipeline.spec import IndexSpec
+from pipeline.state import ShardMarker
+from tests.support.leftovers import files_under
+from tests.support.records import marker_for
 
 FINGERPRINT = "fp-test"
 
@@ -29,10 +34,6 @@ def local_tmp(tmp_path, monkeypatch):
     return folder
 
 
-def leftovers(folder) -> list[str]:
-    return [str(p) for p in folder.rglob("*") if p.is_file()]
-
-
 def rows(start: int, n: int, dim: int = 4, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed + start)
     flat = pa.array(rng.random(n * dim, dtype=np.float32), pa.float32())
@@ -40,15 +41,20 @@ def rows(start: int, n: int, dim: int = 4, seed: int = 0) -> pa.Table:
                      "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
 
 
-def write_shard(sink: LanceSink, layout: OutputLayout, sid: str, table: pa.Table,
-                windows: int = 1) -> dict:
-    """One attempt that commits the shard; returns its marker as storage holds it."""
+def writer_for(sink: LanceSink, layout: OutputLayout, sid: str) -> ShardWriter:
+    """The shard writer a worker of a Lance job opens for ``sid``."""
     meta = {b"pipeline.fingerprint": FINGERPRINT.encode(), b"pipeline.shard_id": sid.encode()}
-    with sink.shard_writer(layout, sid, "zstd", meta) as writer:
+    return ShardWriter(layout, sid, "zstd", meta, sink.part_files(layout, sid))
+
+
+def write_shard(sink: LanceSink, layout: OutputLayout, sid: str, table: pa.Table,
+                windows: int = 1) -> ShardMarker:
+    """One attempt that commits the shard; returns its marker as storage holds it."""
+    with writer_for(sink, layout, sid) as writer:
         step = max(1, -(-table.num_rows // windows))
         for start in range(0, max(table.num_rows, 1), step):
             writer.write(table.slice(start, step))
-        marker, ours = writer.commit({"shard_id": sid, "attempt_token": f"tok-{sid}"})
+        marker, ours = writer.commit(marker_for(sid, fingerprint=FINGERPRINT))
     assert ours
     on_storage = layout.committed_marker(sid)
     assert on_storage == marker
@@ -106,13 +112,13 @@ def test_runs_commit_once_each_and_drop_shards(tmp_path, local_tmp):
         "pipeline.run_id"] == "2"
     assert sink.commit_run(layout, run2)["version"] == 2
     assert lance_versions(root) == [1, 2]
-    assert leftovers(local_tmp) == []  # every staged part file is gone
+    assert files_under(local_tmp) == []  # every staged part file is gone
 
     # Rows of another shape fail their shard for good (no retry mends them), unseen.
     with pytest.raises(ShardError, match="do not fit the Lance dataset") as failed:
         write_shard(sink, layout, "e", rows(400, 3, dim=8))
     assert not failed.value.transient and layout.committed_marker("e") is None
-    assert leftovers(local_tmp) == [] and lance_versions(root) == [1, 2]
+    assert files_under(local_tmp) == [] and lance_versions(root) == [1, 2]
 
 
 def lance_versions(root) -> list[int]:
@@ -131,7 +137,7 @@ def test_uncommitted_fragments_stay_invisible(tmp_path, local_tmp):
     files = data_files(str(root))
 
     # An attempt that ends without a commit publishes fragments but no marker (as a crash).
-    with sink.shard_writer(layout, "x", "zstd", {}) as writer:
+    with writer_for(sink, layout, "x") as writer:
         writer.write(rows(500, 4))
     assert layout.committed_marker("x") is None
     assert len(data_files(str(root)) - files) == 1
@@ -139,9 +145,9 @@ def test_uncommitted_fragments_stay_invisible(tmp_path, local_tmp):
     y = write_shard(sink, layout, "y", rows(600, 3))
     # A late attempt for a committed shard: its fragment is written (before the commit step,
     # outside the lock) but the first marker stands, and no commit ever names the fragment.
-    with sink.shard_writer(layout, "a", "zstd", {}) as late:
+    with writer_for(sink, layout, "a") as late:
         late.write(rows(900, 8))
-        marker, ours = late.commit({"shard_id": "a", "attempt_token": "late"})
+        marker, ours = late.commit(marker_for("a", attempt_token="late"))
     assert not ours and marker["attempt_token"] == "tok-a"
     assert layout.committed_marker("a")["lance"] == a["lance"]
     assert len(data_files(str(root)) - files) == 3  # x, y and the late attempt's
@@ -151,7 +157,7 @@ def test_uncommitted_fragments_stay_invisible(tmp_path, local_tmp):
     assert result["tag"] is None and lance.dataset(str(root)).tags.list() == {}  # opt-in
     assert ids(lance.dataset(str(root)).to_table()) == list(range(6))
     assert y["lance"]["rows"] == 3  # its fragment exists, recorded, yet never committed
-    assert leftovers(local_tmp) == []  # the late attempt's staged file too
+    assert files_under(local_tmp) == []  # the late attempt's staged file too
 
 
 def test_a_run_on_s3(s3_bucket, s3_options):
@@ -185,8 +191,8 @@ def test_cosine_vector_index_answers_nearest_neighbour_queries(tmp_path):
     sink = LanceSink()
     first, second = rows(0, 180, dim=16), rows(180, 120, dim=16)
     live = {"a": write_shard(sink, layout, "a", first), "b": write_shard(sink, layout, "b", second)}
-    spec = {"column": "embedding", "metric": "cosine", "type": "IVF_PQ", "num_partitions": 1,
-            "num_sub_vectors": 4}
+    spec = IndexSpec(column="embedding", metric="cosine", type="IVF_PQ", num_partitions=1,
+                     num_sub_vectors=4)
     result = sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live, index=spec))
     assert result["index"]["built"] and result["index"]["indexed_rows"] == 300
     assert result["data_version"] == 1 and result["version"] == 2  # the index is a version
@@ -212,7 +218,7 @@ def test_too_few_rows_for_an_index_is_a_note(tmp_path):
     sink = LanceSink()
     live = {"a": write_shard(sink, layout, "a", rows(0, 20, dim=16))}
     result = sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live,
-                                               index={"metric": "cosine"}))
+                                               index=IndexSpec(metric="cosine")))
     assert result["rows"] == 20 and result["version"] == 1
     assert result["index"]["built"] is False
     assert "20 rows" in result["index"]["note"] and "at least 256" in result["index"]["note"]
@@ -226,9 +232,10 @@ def test_bad_index_or_mixed_schemas_fail_before_any_commit(tmp_path):
     live = {"a": write_shard(sink, layout, "a", rows(0, 5, dim=16))}
     with pytest.raises(OutputError, match="num_sub_vectors: 5 does not divide"):
         sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live,
-                                          index={"num_sub_vectors": 5}))
+                                          index=IndexSpec(num_sub_vectors=5)))
     with pytest.raises(OutputError, match="'id' is int64"):
-        sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live, index={"column": "id"}))
+        sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live,
+                                          index=IndexSpec(column="id")))
     live["b"] = write_shard(sink, layout, "b", rows(10, 5, dim=8))
     with pytest.raises(OutputError, match="shard b has columns"):
         sink.commit_run(layout, RunCommit(1, FINGERPRINT, live=live))

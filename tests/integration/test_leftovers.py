@@ -6,15 +6,17 @@ from __future__ import annotations
 import pyarrow as pa
 import s3fs
 
-from pipeline.commit import OutputLayout
+from pipeline.commit import ShardWriter
+from pipeline.layout import OutputLayout
 from pipeline.storage import StagedFile
+from tests.support.records import marker_for
 
 
 def test_temp_files_of_killed_attempts_are_removed(tmp_path):
     layout = OutputLayout(str(tmp_path))
-    with layout.shard_writer("keep", "zstd", {}) as out:
+    with ShardWriter(layout, "keep", "zstd", {}) as out:
         out.write(pa.table({"id": [1]}))
-        out.commit({"shard_id": "keep", "attempt_token": "a"})
+        out.commit(marker_for("keep", attempt_token="a"))
     (tmp_path / ".tmp-dead-part-x.parquet").write_bytes(b"half")
     (tmp_path / "_pipeline" / "shards" / ".tmp-dead-x.json").write_bytes(b"{")
     (tmp_path / "notes.txt").write_text("not ours")

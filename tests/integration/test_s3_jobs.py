@@ -84,8 +84,8 @@ def test_embed_job_on_s3_with_env_credentials(s3_options, s3_bucket, minilm_dir,
     out = result.read()
     assert sorted(out["id"].to_pylist()) == list(range(120))
     assert out.schema.field("embedding").type.list_size == 384
-    assert "secret" not in json.dumps(result.report).lower() or \
-        s3_options["secret"] not in json.dumps(result.report)
+    assert "secret" not in json.dumps(result.report.to_dict()).lower() or \
+        s3_options["secret"] not in json.dumps(result.report.to_dict())
 
 
 def test_failed_upload_never_replaces_a_good_object(s3_options, s3_bucket):

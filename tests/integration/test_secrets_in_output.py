@@ -46,6 +46,6 @@ def test_job_json_report_and_markers_hold_no_secret(tmp_path, capsys):
         }
     written = [p.read_text() for p in (tmp_path / "out" / "_pipeline").rglob("*.json")]
     assert len(written) >= 5  # job, plan, report, two markers
-    everything = "\n".join([*written, json.dumps(result.report), capsys.readouterr().out])
+    everything = "\n".join([*written, json.dumps(result.report.to_dict()), capsys.readouterr().out])
     for secret in SECRETS:
         assert secret not in everything

@@ -17,16 +17,13 @@ import pipeline
 from pipeline import listing
 from pipeline.demo.tabular import make_scoring_table
 from tests.reliability.harness import tabular_job
+from tests.support.jobs import markers
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def markers(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in (out / "_pipeline" / "shards").glob("*.json")]
-
-
 def output_ids(out: Path) -> list[int]:
-    return sorted(i for m in markers(out)
+    return sorted(i for m in markers(out).values()
                   for i in pq.read_table(out / m["part"], columns=["id"])["id"].to_pylist())
 
 
@@ -38,7 +35,7 @@ def test_one_huge_row_group_is_shared_by_every_worker(tmp_path):
                       sharding={"rows_per_shard": 500}, batching={"window_rows": 256})
     result = pipeline.run_job(job, progress=False)
     assert result.exit_code == 0
-    found = markers(tmp_path / "out")
+    found = list(markers(tmp_path / "out").values())
     assert len(found) == 6 and {m["rows_in"] for m in found} == {500}
     assert len({m["worker"] for m in found}) == 2  # both workers took part of one row group
     assert all(m["peak_rss_mb"] > 0 for m in found)
@@ -58,7 +55,7 @@ def test_tiny_files_are_packed_into_few_shards(tmp_path):
     assert result.exit_code == 0
     parts = list((tmp_path / "out").glob("part-*.parquet"))
     assert len(parts) <= 12  # at most a tenth as many part files as input files
-    assert max(m["files"] for m in markers(tmp_path / "out")) > 1
+    assert max(m.files for m in markers(tmp_path / "out").values()) > 1
     assert output_ids(tmp_path / "out") == sorted(ids)
 
 
@@ -74,7 +71,7 @@ def test_csv_and_json_lines_split_by_byte_ranges(tmp_path):
                       sharding={"rows_per_shard": 200, "bytes_per_shard": 40_000})
     result = pipeline.run_job(job, progress=False)
     assert result.exit_code == 0
-    found = markers(tmp_path / "out")
+    found = list(markers(tmp_path / "out").values())
     pieces = [p for m in found for p in m["pieces"]]
     assert {p[2] for p in pieces} == {"bytes"} and len(found) > 4
     assert output_ids(tmp_path / "out") == sorted(table["id"].to_pylist())

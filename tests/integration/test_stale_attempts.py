@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import runner as runner_module
-from pipeline import storage
 from pipeline import worker as worker_module
-from pipeline.commit import OutputLayout
+from pipeline.actor_pool import Done
+from pipeline.commit import ShardWriter
 from pipeline.demo.tabular import make_scoring_table
-from pipeline.job import plan_job
+from pipeline.job_file import load_spec
+from pipeline.layout import OutputLayout
+from pipeline.planning import plan_job
 from pipeline.pools import PoolSettings
-from pipeline.report import build_report
+from pipeline.report import ReportInputs, build_report
 from pipeline.runner import Runner
-from pipeline.spec import load_spec
+from pipeline.state import ShardMarker, Superseded
 from pipeline.worker import ShardWorker
 from tests.reliability.harness import MODELS
+from tests.support.fake_cluster import FakeActors
+from tests.support.leftovers import leftovers
+from tests.support.records import marker_for
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -49,18 +52,9 @@ def snapshot(layout: OutputLayout, sid: str) -> dict[str, bytes | None]:
     return found
 
 
-def leftovers(layout: OutputLayout) -> list[str]:
-    """Temp files (local) or multipart uploads never completed nor aborted (S3)."""
-    if storage.protocol_of(layout.fs) == "file":
-        return [str(p) for p in Path(layout.root).rglob(".tmp-*")]
-    bucket = layout.root.split("/", 1)[0]
-    uploads = layout.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
-    return [u["Key"] for u in uploads]
-
-
-def marker(sid: str, attempt: int, rows_out: int, rows_bad: int) -> dict:
-    return {"shard_id": sid, "attempt": attempt, "rows_in": rows_out + rows_bad,
-            "rows_out": rows_out, "rows_bad": rows_bad, "attempt_token": f"token-{attempt}"}
+def marker(sid: str, attempt: int, rows_out: int, rows_bad: int) -> ShardMarker:
+    return marker_for(sid, attempt=attempt, rows_in=rows_out + rows_bad, rows_out=rows_out,
+                      rows_bad=rows_bad, attempt_token=f"token-{attempt}", committed_at=1.0)
 
 
 # ----------------------------------------------------------------------------- ShardWriter
@@ -69,14 +63,14 @@ def marker(sid: str, attempt: int, rows_out: int, rows_bad: int) -> dict:
 def test_late_writer_finds_the_marker_and_discards_its_files(output):
     layout = OutputLayout(*output)
     sid = "s1"
-    late = layout.shard_writer(sid, "zstd", {})  # attempt 1: slow, starts first
+    late = ShardWriter(layout, sid, "zstd", {})  # attempt 1: slow, starts first
     late.write(pa.table({"id": [1, 2, 3], "who": ["late"] * 3}))  # no dead letters
 
-    with layout.shard_writer(sid, "zstd", {}) as first:  # attempt 2 commits meanwhile
+    with ShardWriter(layout, sid, "zstd", {}) as first:  # attempt 2 commits meanwhile
         first.write(pa.table({"id": [1, 2], "who": ["first"] * 2}))
         first.write_dead(pa.table({"id": [3], "_reason": ["bad row"]}))
         committed, ours = first.commit(marker(sid, 2, 2, 1))
-    assert ours and committed["attempt"] == 2
+    assert ours and committed.attempt == 2
     before = snapshot(layout, sid)
     assert all(before.values())
 
@@ -96,9 +90,9 @@ def test_marker_is_never_replaced_even_inside_the_window(output, monkeypatch):
     object stores keep): its files go out, but its marker does not, and it says so."""
     layout = OutputLayout(*output)
     sid = "s2"
-    late = layout.shard_writer(sid, "zstd", {})
+    late = ShardWriter(layout, sid, "zstd", {})
     late.write(pa.table({"id": [1]}))
-    with layout.shard_writer(sid, "zstd", {}) as first:
+    with ShardWriter(layout, sid, "zstd", {}) as first:
         first.write(pa.table({"id": [1]}))
         first.commit(marker(sid, 2, 1, 0))
     committed_marker = snapshot(layout, sid)[layout.marker_path(sid)]
@@ -107,7 +101,7 @@ def test_marker_is_never_replaced_even_inside_the_window(output, monkeypatch):
                         else OutputLayout.committed_marker(layout, shard_id))
     with late:
         committed, ours = late.commit(marker(sid, 1, 1, 0))
-    assert not ours and late.published and committed["attempt"] == 2
+    assert not ours and late.published and committed.attempt == 2
     assert snapshot(layout, sid)[layout.marker_path(sid)] == committed_marker
     assert leftovers(layout) == []
 
@@ -119,9 +113,9 @@ def test_exclusive_marker_without_hard_links(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "link", no_links)
     layout = OutputLayout(str(tmp_path / "out"))
-    assert layout.create_marker("s", {"attempt": 1}) is True
-    assert layout.create_marker("s", {"attempt": 2}) is False
-    assert layout.committed_marker("s") == {"attempt": 1}
+    assert layout.create_marker(marker_for("s", attempt=1)) is True
+    assert layout.create_marker(marker_for("s", attempt=2)) is False
+    assert layout.committed_marker("s").attempt == 1
     assert leftovers(layout) == []
 
 
@@ -159,9 +153,10 @@ def test_late_attempt_of_a_worker_returns_the_committed_marker(planned, monkeypa
     monkeypatch.setattr(worker_module, "maybe_inject", attempt_2_commits_while_attempt_1_runs)
     late = slow.process(shard.to_dict(), 1)
 
-    assert "superseded" not in seen["marker"] and seen["marker"]["attempt"] == 2
-    assert late.pop("superseded") == {"attempt": 1, "worker": slow.identity, "published": False}
-    assert late == seen["marker"]
+    own = seen["marker"]
+    assert own.superseded is None and own.marker.attempt == 2
+    assert late.superseded == Superseded(attempt=1, worker=slow.identity, published=False)
+    assert late.marker == own.marker
     assert snapshot(layout, shard.id) == seen["files"]
     assert leftovers(layout) == []
 
@@ -175,20 +170,21 @@ def test_late_attempt_of_a_worker_returns_the_committed_marker(planned, monkeypa
         def shard_failed(self) -> None: ...
         def tick(self) -> None: ...
 
-    runner = Runner(planned.spec, planned.fingerprint, planned.read_columns, planned.plan.shards,
-                    progress=Progress())
-    results = {"late": {**late, "superseded": {"attempt": 1, "worker": "w1", "published": False}},
-               "own": dict(seen["marker"])}
-    monkeypatch.setattr(runner_module.ray, "get", lambda ref: results[ref])
+    backend = FakeActors()
+    runner = Runner(planned.spec, planned.plan.shards, backend, progress=Progress())
+    (worker,) = runner.pool.grow(1, force=True)
+    runner.on_result(worker.ready_ref)
+    backend.results = {
+        "late": Done(late.model_copy(update={"superseded": Superseded(
+            attempt=1, worker="w1", published=False)})),
+        "own": Done(own)}
     for ref in ("late", "own"):
-        runner.refs[ref] = ("cpu-1", shard.id, 0.0)
-        runner._collect_result(ref)
-    assert runner.outcome.markers == {shard.id: seen["marker"]}
+        runner.pool.add_call(worker.id, ref, shard.id)
+        runner.on_result(ref)
+    assert runner.outcome.markers == {shard.id: own.marker}
     assert commits == [60]
     assert runner.outcome.notes == [f"shard {shard.id}: attempt 1 on w1 found it committed by "
                                     f"attempt 2 on {fast.identity}; its own files were discarded"]
-    report = build_report(name="t", layout=layout, plan=planned.plan,
-                          fingerprint=planned.fingerprint, bundle=planned.bundle,
-                          outcome=runner.outcome, earlier={}, started_at=0.0,
-                          max_bad_fraction=0.01)
-    assert report["totals"]["rows_in"] == 60 and report["totals"]["committed"] == 1
+    report = build_report(ReportInputs("t", layout.uri, planned.plan, planned.fingerprint,
+                                       planned.bundle, 0.0, 0.01), runner.outcome, {})
+    assert report.totals.rows_in == 60 and report.totals.committed == 1

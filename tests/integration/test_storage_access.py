@@ -34,7 +34,8 @@ def write_job(tmp_path: Path, job: dict) -> str:
     return str(path)
 
 
-def run_cli(tmp_path: Path, job: dict, capsys) -> tuple[int, str]:
+def cli_error(tmp_path: Path, job: dict, capsys) -> tuple[int, str]:
+    """The job through the CLI in this process: its exit code and its one stderr line."""
     code = main([write_job(tmp_path, job), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -83,7 +84,7 @@ def test_no_credentials_exit_2_naming_the_key(section, expected, local_job, s3_s
     uri = {"input": "s3://bkt/in", "model": "s3://bkt/models/bc", "output": "s3://bkt/out"}[section]
     local_job[section] = {**local_job[section], "uri": uri,
                           "storage_options": {"client_kwargs": {"endpoint_url": s3_server}}}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert code == 2
     assert err == f"error: {expected}"
     assert not (tmp_path / "out").exists()
@@ -97,14 +98,14 @@ def test_missing_bucket_exit_2_naming_the_key(section, local_job, s3_options, tm
     uri = {"input": "s3://no-such-bucket-x/in", "model": "s3://no-such-bucket-x/models/bc",
            "output": "s3://no-such-bucket-x/out"}[section]
     local_job[section] = {**local_job[section], "uri": uri, "storage_options": s3_options}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert code == 2
     assert err == f"error: {section}.uri: {uri}: bucket does not exist"
 
 
 def test_missing_bucket_under_a_glob(local_job, s3_options, tmp_path, capsys):
     local_job["input"] = {"uri": "s3://no-such-bucket-x/in/*.parquet", "storage_options": s3_options}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert (code, err) == (2, "error: input.uri: s3://no-such-bucket-x/in/*.parquet: "
                               "bucket does not exist")
 
@@ -197,7 +198,7 @@ def _parquet_bytes() -> bytes:
 def test_unknown_access_key_is_refused_for_input(auth_s3, local_job, tmp_path, capsys):
     local_job["input"] = {"uri": "s3://bkt/in", "storage_options": auth_s3.options("AKIAUNKNOWN",
                                                                                    "nope")}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert code == 2
     assert err == ("error: input.uri: s3://bkt/in: access denied (403, InvalidAccessKeyId: the "
                    "access key id is unknown)")
@@ -207,7 +208,7 @@ def test_listing_allowed_but_reading_denied_stops_at_the_footer(auth_s3, local_j
                                                                  capsys):
     options = auth_s3.user([allow(["s3:ListBucket"], "arn:aws:s3:::bkt")])
     local_job["input"] = {"uri": "s3://bkt/in", "storage_options": options}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert (code, err) == (2, "error: input.uri: s3://bkt/in/a.parquet: access denied (403)")
 
 
@@ -215,7 +216,7 @@ def test_model_read_denied(auth_s3, local_job, tmp_path, capsys):
     options = auth_s3.user([allow(["s3:ListBucket"], "arn:aws:s3:::bkt"),
                             allow(["s3:GetObject"], "arn:aws:s3:::bkt/in/*")])
     local_job["model"] = {"uri": "s3://bkt/models/bc", "storage_options": options}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert (code, err) == (2, "error: model.uri: s3://bkt/models/bc: access denied (403)")
 
 
@@ -226,7 +227,7 @@ def test_output_write_denied_when_preparing_the_output(auth_s3, local_job, tmp_p
     options = auth_s3.user([allow(["s3:ListBucket"], "arn:aws:s3:::bkt"),
                             allow(["s3:GetObject"], "arn:aws:s3:::bkt/*")])
     local_job["output"] = {"uri": "s3://bkt/out", "storage_options": options}
-    code, err = run_cli(tmp_path, local_job, capsys)
+    code, err = cli_error(tmp_path, local_job, capsys)
     assert (code, err) == (2, "error: output.uri: s3://bkt/out: access denied (403)")
     admin = s3fs.S3FileSystem(**auth_s3.options(auth_s3.admin["key"], auth_s3.admin["secret"]))
     assert not admin.exists("bkt/out")

@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 import yaml
 
 import pipeline
-from pipeline.commit import OutputLayout
 from pipeline.demo.tabular import make_scoring_table
-from pipeline.job import execute, plan_job
-from pipeline.spec import load_spec
+from pipeline.job import execute
+from pipeline.job_file import load_spec
+from pipeline.layout import OutputLayout
+from pipeline.planning import plan_job
+from pipeline.progress import Silent
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"
@@ -201,7 +203,7 @@ def deleted_file(work: Path, rows: int, seed: int) -> Trial:
     gone = work / "in" / "part-002.parquet"
     gone_ids = set(pq.read_table(gone, columns=["id"])["id"].to_pylist())
     gone.unlink()
-    result = execute(planned, progress=False, echo=False)
+    result = execute(planned, console=Silent())
     a = audit(str(work / "out"), ids, excluded_ids=gone_ids)
     errors = [f["last_error"] for f in result.report["failures"]]
     return _trial("input deleted", result.exit_code, 1, a, 0, errors=errors[:1],

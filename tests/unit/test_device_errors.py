@@ -14,7 +14,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline.demo.tabular import make_scoring_table
-from pipeline.errors import DeviceError, ShardError, TransientError, is_device_error
+from pipeline.errors import (
+    DEVICE_ERROR_PREFIX,
+    DeviceError,
+    ShardError,
+    TransientError,
+)
 from pipeline.faults import FailingSession, maybe_inject, take_session_fault
 from pipeline.inference import classify_run_error, score_table
 from pipeline.models.bundle import fetch_bundle
@@ -132,12 +137,12 @@ def test_a_real_shape_error_is_a_row_error(bundle):
 
 
 def test_device_error_pickles_and_is_transient():
-    err = DeviceError("device error on cuda: CUDA failure 700", "cuda", "cpu")
+    err = DeviceError("device error on cuda: CUDA failure 700", "cuda", "cpu", shard_id="s1")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is DeviceError and isinstance(back, TransientError)
-    assert (back.message, back.provider, back.provider_after, back.transient) == \
-        (err.message, "cuda", "cpu", True)
-    assert is_device_error(str(back)) and not is_device_error("out of memory on a single row")
+    assert (back.message, back.provider, back.provider_after, back.transient, back.shard_id) == \
+        (err.message, "cuda", "cpu", True, "s1")
+    assert str(back).startswith(DEVICE_ERROR_PREFIX)
 
 
 # --------------------------------------------------------------------------- device errors

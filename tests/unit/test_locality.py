@@ -7,6 +7,7 @@ import os
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.job_file import load_spec
 from pipeline.locality import (
     ClusterView,
     check_placement,
@@ -15,7 +16,6 @@ from pipeline.locality import (
     resolve_uri,
     ships_model,
 )
-from pipeline.spec import load_spec
 
 
 def spec(input_uri="s3://b/in", output_uri="s3://b/out", model_uri="s3://b/model", shared=False):

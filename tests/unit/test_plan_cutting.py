@@ -10,7 +10,7 @@ def parquet(name: str, size: int, groups: list[int] | None = None, version: str 
     return InputFile(f"s3://b/{name}", "parquet", size, version, row_group_rows=groups)
 
 
-def rows_of(shards) -> list[tuple[int, int]]:
+def ranges_of(shards) -> list[tuple[int, int]]:
     return [(p.start, p.end) for s in shards for p in s.pieces]
 
 
@@ -20,14 +20,14 @@ SIZING = Sizing(rows_per_shard=1000, bytes_per_shard={"parquet": 10_000, "csv": 
 
 def test_a_huge_row_group_is_split_into_row_ranges():
     shards = cut_file(parquet("big.parquet", 1_000_000, [4500]), SIZING)
-    assert rows_of(shards) == [(0, 900), (900, 1800), (1800, 2700), (2700, 3600), (3600, 4500)]
+    assert ranges_of(shards) == [(0, 900), (900, 1800), (1800, 2700), (2700, 3600), (3600, 4500)]
     assert all(s.rows == 900 and len(s.pieces) == 1 for s in shards)
     assert len({s.id for s in shards}) == 5
 
 
 def test_small_row_groups_are_joined_and_big_ones_split_in_one_file():
     shards = cut_file(parquet("mixed.parquet", 1_000_000, [400, 400, 400, 2500, 100]), SIZING)
-    assert rows_of(shards) == [(0, 1200), (1200, 2033), (2033, 2866), (2866, 3700), (3700, 3800)]
+    assert ranges_of(shards) == [(0, 1200), (1200, 2033), (2033, 2866), (2866, 3700), (3700, 3800)]
     assert sum(s.rows for s in shards) == 3800
 
 

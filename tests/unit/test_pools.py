@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.job_file import load_spec
 from pipeline.pools import (
     REQUEST_CAP,
     PoolPlan,
@@ -14,19 +15,18 @@ from pipeline.pools import (
     pool_plans,
     request_changed,
 )
-from pipeline.spec import load_spec
 
 CPU = PoolPlan(PoolSettings("cpu", ("cpu",), 1), {"CPU": 1.0}, replicas=None)
 GPU = PoolPlan(PoolSettings("gpu", ("cuda", "cpu"), 2), {"CPU": 2.0, "GPU": 1.0}, replicas=None)
 
 
-def job(**workers) -> dict:
+def pool_job(**workers) -> dict:
     return {"input": {"uri": "s3://b/in"}, "model": {"uri": "s3://b/m"}, "task": {"kind": "embed"},
             "output": {"uri": "s3://b/out"}, "workers": workers}
 
 
 def test_pool_plans_from_the_spec_put_gpus_first():
-    spec = load_spec(job(cpu={"replicas": "auto", "max_replicas": 8, "cpus": 2},
+    spec = load_spec(pool_job(cpu={"replicas": "auto", "max_replicas": 8, "cpus": 2},
                          gpu={"replicas": 2, "gpus": 1, "cpus": 4}))
     gpu, cpu = pool_plans(spec)
     assert (gpu.name, gpu.replicas, gpu.shape) == ("gpu", 2, {"CPU": 4.0, "GPU": 1.0})
@@ -38,9 +38,9 @@ def test_spec_rejects_a_bound_on_a_fixed_pool_and_no_pool_at_all():
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="max_replicas applies to replicas: auto only"):
-        load_spec(job(cpu={"replicas": 2, "max_replicas": 4}))
+        load_spec(pool_job(cpu={"replicas": 2, "max_replicas": 4}))
     with pytest.raises(ConfigError, match="no worker could run"):
-        load_spec(job(cpu={"replicas": 0}))
+        load_spec(pool_job(cpu={"replicas": 0}))
 
 
 def test_target_is_bounded_by_max_replicas_and_the_shards_left():

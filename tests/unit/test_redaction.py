@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.job_file import load_spec
 from pipeline.redaction import REDACTED, redact, scrub, secret_values
-from pipeline.spec import load_spec
 
 OPTIONS = {
     "account_name": "acct",

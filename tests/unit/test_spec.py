@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import planning
 from pipeline.errors import ConfigError
-from pipeline.spec import json_schema, load_spec, redact
+from pipeline.job_file import json_schema, load_spec
+from pipeline.redaction import redact
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,11 +62,40 @@ def test_json_schema_lists_top_level_keys():
 
 
 def test_table_format_without_its_library_is_a_one_line_error(monkeypatch):
-    from pipeline import job
-    from pipeline.errors import ConfigError
-
-    job.check_table_library("delta")  # installed with the tables extra: no error
-    monkeypatch.setitem(job.TABLE_LIBRARIES, "delta", "no_such_module_here")
+    planning.check_table_library("delta")  # installed with the tables extra: no error
+    monkeypatch.setitem(planning.TABLE_LIBRARIES, "delta", "no_such_module_here")
     with pytest.raises(ConfigError, match=r"output.format: delta needs the no_such_module_here "
                                           r"package.*\[tables\]"):
-        job.check_table_library("delta")
+        planning.check_table_library("delta")
+
+
+def test_every_documented_index_option_is_set_from_a_job_file():
+    """output.index is validated once, by IndexSpec; the sink resolves only what depends on
+    the output's columns."""
+    import pyarrow as pa
+
+    from pipeline.sinks.lance_index import index_plan
+
+    job = {"input": {"uri": "s3://b/in"}, "model": {"uri": "s3://b/m"}, "task": {"kind": "embed"},
+           "output": {"uri": "s3://b/out", "format": "lance", "index": {
+               "column": "vec", "metric": "dot", "type": "IVF_HNSW_PQ", "num_partitions": 4,
+               "num_sub_vectors": 8, "num_bits": 4, "name": "my_idx", "min_rows": 10}}}
+    index = load_spec(job).output.index
+    schema = pa.schema([("vec", pa.list_(pa.float32(), 32)), ("id", pa.int64())])
+    plan = index_plan("s3://b/out", index, schema)
+    assert (plan.column, plan.metric, plan.type, plan.name, plan.min_rows) == \
+        ("vec", "dot", "IVF_HNSW_PQ", "my_idx", 10)
+    assert plan.create_kwargs() == {"num_partitions": 4, "num_sub_vectors": 8, "num_bits": 4}
+    for kind in ("IVF_SQ", "IVF_HNSW_FLAT", "IVF_FLAT", "IVF_HNSW_SQ", "IVF_PQ"):
+        job["output"]["index"] = {"type": kind}
+        assert load_spec(job).output.index.type == kind
+    defaults = index_plan("u", load_spec({**job, "output": {**job["output"], "index": {}}})
+                          .output.index, schema)
+    assert (defaults.column, defaults.num_sub_vectors, defaults.num_bits, defaults.min_rows,
+            defaults.name) == ("vec", 2, 8, 256, "vec_idx")
+    for bad, message in (({"num_bits": 5}, "output.index.num_bits: Input should be 4 or 8"),
+                         ({"nbits": 8}, "output.index.nbits: unknown key"),
+                         ({"type": "HNSW"}, "output.index.type: Input should be")):
+        job["output"]["index"] = bad
+        with pytest.raises(ConfigError, match=message):
+            load_spec(job)

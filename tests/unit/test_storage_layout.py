@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.commit import OutputLayout
+from pipeline.commit import ShardWriter
+from pipeline.layout import BrokenMarker, OutputLayout
 from pipeline.listing import list_input_files
+from tests.support.records import marker_for
 
 
 def test_failed_local_write_leaves_no_file(tmp_path):
@@ -38,7 +40,7 @@ def test_job_bookkeeping_is_never_input(tmp_path):
 def test_orphaned_parts_are_removed(tmp_path):
     layout = OutputLayout(str(tmp_path))
     for sid in ("keep", "orphan"):
-        with layout.shard_writer(sid, "zstd", {}) as out:
+        with ShardWriter(layout, sid, "zstd", {}) as out:
             out.write(pa.table({"id": [1]}))
             out.write_dead(pa.table({"id": [1], "_reason": ["x"]}))
     assert layout.remove_orphans({"keep"}) == 2
@@ -51,12 +53,12 @@ def test_a_broken_marker_is_replaced_by_the_attempt_that_commits(tmp_path):
     (tmp_path / "_pipeline" / "shards").mkdir(parents=True)
     (tmp_path / "_pipeline" / "shards" / "s1.json").write_bytes(b"")  # there, but not a marker
     broken = layout.committed_marker("s1")
-    assert list(broken) == ["_broken"] and broken["_broken"].startswith("not JSON (0 bytes)")
-    with layout.shard_writer("s1", "zstd", {}) as out:
+    assert isinstance(broken, BrokenMarker) and broken.reason.startswith("not JSON (0 bytes)")
+    with ShardWriter(layout, "s1", "zstd", {}) as out:
         out.write(pa.table({"id": [7]}))
-        committed, ours = out.commit({"shard_id": "s1", "attempt": 2, "attempt_token": "t2"})
-    assert ours and committed["attempt"] == 2
-    assert layout.committed_marker("s1")["attempt_token"] == "t2"
+        committed, ours = out.commit(marker_for("s1", attempt=2, attempt_token="t2"))
+    assert ours and committed.attempt == 2
+    assert layout.committed_marker("s1").attempt_token == "t2"
     assert pq.read_table(tmp_path / "part-s1.parquet")["id"].to_pylist() == [7]
 
 

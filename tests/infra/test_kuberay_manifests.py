@@ -15,7 +15,7 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator
 
-from pipeline.spec import load_spec
+from pipeline.job_file import load_spec
 from tests.support.k8s_schema import (
     CORE_KINDS,
     CRD_SCHEMA_FILES,

@@ -17,7 +17,7 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from tests.unit.test_image import DOCKERFILE, intended_image
+from tests.infra.test_image import DOCKERFILE, intended_image
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "infra" / "cluster.yaml"

@@ -1,0 +1,216 @@
+"""Planning a job: everything that can fail before a worker starts (exit 2 territory).
+
+``plan_job`` resolves the spec's URIs, checks the model against the installed runtime (a
+smoke run), lists the input and cuts it into shards (reusing footers an earlier run saved in
+``plan.json``), and, for incremental outputs, works out what the run keeps and computes.
+``describe_plan`` is the ``--dry-run`` text of the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import ConfigError, InputError, access_error, cause_text, storage_error
+from pipeline.increment import Increment, plan_increment
+from pipeline.layout import PLAN_FILE, OutputLayout
+from pipeline.locality import resolve_spec
+from pipeline.models.bundle import LocalBundle, fetch_bundle
+from pipeline.models.validate import ProviderCheck, validate_bundle
+from pipeline.plan import (
+    Plan,
+    check_output_not_input,
+    known_files,
+    make_plan,
+    measure_sizing,
+    survey,
+)
+from pipeline.runs import RunLog, read_runs, shards_from_markers
+from pipeline.sessions import SessionSettings, create_session
+from pipeline.spec import JobSpec
+from pipeline.state import FORMAT_VERSION
+from pipeline.storage import with_retries
+from pipeline.tasks import build_task
+
+TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
+
+
+@dataclass
+class PlannedJob:
+    spec: JobSpec
+    bundle: LocalBundle
+    plan: Plan
+    fingerprint: str
+    read_columns: list[str]
+    provider_checks: list[ProviderCheck]
+    plan_s: float = 0.0  # planning time: bundle fetch and smoke run, listing, footers
+    increment: Increment | None = None  # incremental mode: what this run keeps and changes
+    runs: RunLog = field(default_factory=RunLog)
+
+
+def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
+    payload = {"format": FORMAT_VERSION, "bundle": bundle_identity, **spec.fingerprint_fields()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def plan_job(spec: JobSpec) -> PlannedJob:
+    """Everything that can fail before a worker starts (exit 2 territory)."""
+    started = time.perf_counter()
+    spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
+    check_table_library(spec.output.format)
+    bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
+    report = validate_bundle(bundle, smoke=True, providers=["cpu"])
+    read_columns = _read_columns(spec, bundle)
+    known = known_files(_earlier_plan(spec))
+    increment, runs = None, RunLog()
+    if spec.output.mode == "incremental":
+        plan, increment, runs = _plan_incremental(spec, read_columns, known)
+    else:
+        plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
+                         spec.sharding.rows_per_shard, read_columns,
+                         spec.sharding.bytes_per_shard, known=known)
+    if plan.files and all(f.error for f in plan.files):
+        raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
+    try:
+        check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
+                               spec.input.uri, spec.input.storage_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"output.storage_options: "
+                          f"{cause_text(exc, spec.output.storage_options)}") from exc
+    return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
+                      report.providers, time.perf_counter() - started, increment, runs)
+
+
+def _read_columns(spec: JobSpec, bundle: LocalBundle) -> list[str]:
+    """The input columns the job reads: the task's and the passthrough ones."""
+    task = build_task(bundle, spec.task, spec.batching, {})
+    if spec.input.columns is None:
+        return list(dict.fromkeys([*spec.passthrough, *task.input_columns]))
+    missing = [c for c in [*task.input_columns, *spec.passthrough] if c not in spec.input.columns]
+    if missing:
+        raise ConfigError(f"input.columns: {missing[0]!r} is used by the job but not listed")
+    return list(spec.input.columns)
+
+
+def check_table_library(fmt: str) -> None:
+    """A table format whose library is missing: exit 2 before anything runs."""
+    module = TABLE_LIBRARIES.get(fmt)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"output.format: {fmt} needs the {module} package, which is not "
+                          "installed (pip install 'onnx-ray-pipeline[tables]')")
+
+
+def _plan_incremental(spec: JobSpec, read_columns: list[str],
+                      known: dict) -> tuple[Plan, Increment, RunLog]:
+    """The input as listed now against the shards the output holds (see ``increment``)."""
+    layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    try:  # never guess: an output read as empty would recompute (and drop) everything
+        runs = with_retries(lambda: read_runs(layout), "reading run manifests")
+        committed = with_retries(layout.committed_shards, "listing shard markers")
+        ledger = runs.ledger()
+        if not ledger and committed:  # an output written before runs had manifests
+            markers = with_retries(lambda: layout.read_markers(sorted(committed)),
+                                   "reading shard markers")
+            ledger = shards_from_markers(markers)
+    except Exception as exc:
+        raise storage_error(exc, "output.uri", layout.uri, "read the runs of",
+                            spec.output.storage_options) from exc
+    sh = spec.sharding
+    files, sizing = survey(spec.input.uri, spec.input.format, spec.input.storage_options,
+                           sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
+                           sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard))
+    held = [ledger[sid] for sid in sorted(committed) if sid in ledger]
+    increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")
+    return Plan(increment.shards, files, read_columns, sizing), increment, runs
+
+
+def replanned_fresh(planned: PlannedJob) -> PlannedJob:
+    """--fresh over an incremental output: everything is new (the output was wiped)."""
+    plan, sharding = planned.plan, planned.spec.sharding
+    sizing = measure_sizing(plan.files, sharding.rows_per_shard, sharding.bytes_per_shard)
+    increment = plan_increment(plan.files, sizing, [], False)
+    new_plan = Plan(increment.shards, plan.files, plan.read_columns, sizing)
+    return replace(planned, plan=new_plan, increment=increment, runs=RunLog())
+
+
+def _earlier_plan(spec: JobSpec) -> dict[str, Any] | None:
+    """The plan an earlier run saved in the output: its footers need not be read again.
+
+    No output yet, or a plan.json that cannot be parsed or read right now: plan from scratch.
+    No credentials, access denied or a missing bucket: stop here (exit 2), before Ray starts,
+    since writing the output would fail the same way after planning the whole input.
+    """
+    try:
+        return OutputLayout(spec.output.uri, spec.output.storage_options).read_json(PLAN_FILE)
+    except Exception as exc:
+        access = access_error(exc, "output.uri", spec.output.uri)
+        if access is not None:
+            raise access from exc
+        return None
+
+
+# ----------------------------------------------------------------------------- --dry-run
+
+
+def _replicas_text(pool: Any, cpus: float | None, shards: int) -> str:
+    if pool.replicas != "auto":
+        return f"replicas={pool.replicas}"
+    bound = min(pool.max_replicas or shards, shards)
+    text = f"replicas=auto (as many as the cluster gives, up to {bound}"
+    if cpus:  # what a local cluster on this machine would give
+        text += f"; {min(bound, max(1, int((os.cpu_count() or 1) // cpus)))} on this machine"
+    return text + ")"
+
+
+def describe_plan(planned: PlannedJob) -> list[str]:
+    """The --dry-run text: what would run, where, on which providers."""
+    spec, plan = planned.spec, planned.plan
+    rows = plan.total_rows
+    lines = [
+        f"job {spec.name}: {len(plan.files)} files, {len(plan.shards)} shards, "
+        f"{rows if rows is not None else 'unknown (footers not read)'} rows, "
+        f"{plan.total_bytes / 1e6:.1f} MB",
+        f"model {spec.model.uri} (sha256 {planned.bundle.sha256[:12]}…, task {spec.task.kind})",
+        f"reads columns: {', '.join(planned.read_columns)}",
+    ]
+    for f in plan.files[:10]:
+        state = f" [{f.error}]" if f.error else ""
+        rg = f", {len(f.row_group_rows)} row groups" if f.row_group_rows is not None else ""
+        lines.append(f"  {f.uri} ({f.format}, {f.size / 1e6:.2f} MB{rg}){state}")
+    if len(plan.files) > 10:
+        lines.append(f"  … and {len(plan.files) - 10} more files")
+    w = spec.workers
+    lines.append(f"workers: cpu {_replicas_text(w.cpu, w.cpu.cpus, len(plan.shards))} x "
+                 f"{w.cpu.cpus:g} CPU; gpu {_replicas_text(w.gpu, None, len(plan.shards))} x "
+                 f"{w.gpu.gpus:g} GPU; {w.max_in_flight} shards in flight per worker")
+    lines += _provider_lines(planned)
+    inc = planned.increment
+    if inc is not None:
+        held = len(inc.kept)
+        lines.append(f"incremental: files +{len(inc.files_new)} new, {len(inc.files_changed)} "
+                     f"changed, {len(inc.files_deleted)} deleted, {inc.files_unchanged} "
+                     f"unchanged; shards: keep {held}, compute up to {len(plan.shards) - held}, "
+                     f"replace {len(inc.replaced)}, retire {len(inc.retired)}")
+    lines.append(f"output {storage.join(spec.output.uri, '')} (format {spec.output.format}, "
+                 f"mode {spec.output.mode}); dry run: nothing written")
+    return lines
+
+
+def _provider_lines(planned: PlannedJob) -> list[str]:
+    """Which provider each pool would run on here (sessions really created and read back)."""
+    spec, lines = planned.spec, []
+    for pool, providers in (("cpu", spec.providers.cpu), ("gpu", spec.providers.gpu)):
+        if pool == "gpu" and not spec.workers.gpu.replicas:
+            continue
+        loaded = create_session(str(planned.bundle.model_path),
+                                SessionSettings(providers=tuple(providers)))
+        note = f" ({loaded.fallback})" if loaded.fallback else ""
+        lines.append(f"providers {pool}: asked {', '.join(providers)}; "
+                     f"here runs on {loaded.active}{note}")
+    return lines
