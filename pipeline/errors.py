@@ -17,12 +17,12 @@ ONE_LINE = 300  # characters of a cause quoted inside a message, at most
 
 
 def one_line(value: BaseException | str, limit: int = ONE_LINE) -> str:
-    """``value`` on one line of at most ``limit`` characters; an exception without a
-    message reads as its type name."""
+    """``value`` on one line, cut at ``limit`` characters; an exception without a message
+    reads as its type name."""
     text = " ".join(str(value).split())
     if not text and isinstance(value, BaseException):
         text = type(value).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text[:limit]
 
 
 def cause_text(exc: BaseException, *storage_options: dict[str, Any] | None,

@@ -21,7 +21,7 @@ from typing import Any
 import onnxruntime as ort
 import pyarrow as pa
 
-from pipeline.errors import InputError, OutputError, cause_text, storage_error
+from pipeline.errors import InputError, OutputError, PipelineError, cause_text, storage_error
 from pipeline.increment import Increment
 from pipeline.layout import PLAN_FILE, OutputLayout
 from pipeline.locality import Placement, check_placement, ships_model
@@ -155,6 +155,8 @@ def prepare(planned: PlannedJob, start: Start) -> PreparedOutput:
         with_retries(lambda: layout.write_json(PLAN_FILE, planned.plan.document()),
                      f"writing {PLAN_FILE}")
         runs = with_retries(lambda: read_runs(layout), "reading run manifests")
+    except PipelineError:
+        raise
     except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
         raise storage_error(exc, "output.uri", layout.uri, "prepare",
                             spec.output.storage_options) from exc

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
-from pipeline.errors import describe_access
-from pipeline.state import JobDocument, JobReport, ShardMarker
+from pipeline.errors import OutputError, describe_access
+from pipeline.state import FIRST_VERSIONED, FORMAT_VERSION, JobDocument, JobReport, ShardMarker
 
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
@@ -87,7 +87,12 @@ class OutputLayout:
             return BrokenMarker(f"not JSON ({len(data)} bytes): {exc}")
         if not isinstance(parsed, dict):
             return BrokenMarker("not a JSON object")
-        return ShardMarker.read(parsed, path)
+        if int(parsed.get("format_version") or FIRST_VERSIONED) > FORMAT_VERSION:
+            return ShardMarker.read(parsed, path)  # refused in one line: never replace it
+        try:
+            return ShardMarker.read(parsed, path)
+        except OutputError as exc:  # JSON, but no marker (a cut or foreign body)
+            return BrokenMarker(str(exc))
 
     def replace_marker(self, marker: ShardMarker) -> None:
         storage.write_bytes_atomic(self.fs, self.marker_path(marker.shard_id),

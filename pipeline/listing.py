@@ -89,11 +89,13 @@ def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[In
                 raise InputError(f"input.uri: {uri} does not exist")
             # find() on a single file may give it without details.
             infos = {name: info if info else fs.info(name) for name, info in infos.items()}
+    except InputError:
+        raise
     except Exception as exc:
         # No credentials, access denied, no bucket: exit 2, one line; so are OS errors and
         # storage_options the filesystem does not accept (TypeError). Anything else is a bug.
         if access_error(exc, "input.uri", uri) is None and \
-                not isinstance(exc, (OSError, ValueError, TypeError, InputError)):
+                not isinstance(exc, (OSError, ValueError, TypeError)):
             raise
         raise storage_error(exc, "input.uri", uri, "list", storage_options) from exc
     root = path.rstrip("/") + "/"

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline import storage
-from pipeline.errors import ConfigError, InputError, access_error, cause_text, storage_error
+from pipeline.errors import (
+    ConfigError,
+    InputError,
+    PipelineError,
+    access_error,
+    cause_text,
+    storage_error,
+)
 from pipeline.increment import Increment, plan_increment
 from pipeline.layout import PLAN_FILE, OutputLayout
 from pipeline.locality import resolve_spec
@@ -118,6 +125,8 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str],
             markers = with_retries(lambda: layout.read_markers(sorted(committed)),
                                    "reading shard markers")
             ledger = shards_from_markers(markers)
+    except PipelineError:
+        raise
     except Exception as exc:
         raise storage_error(exc, "output.uri", layout.uri, "read the runs of",
                             spec.output.storage_options) from exc

@@ -107,13 +107,15 @@ def start_run(layout: OutputLayout, log: RunLog, base: RunManifest) -> RunManife
     """The manifest of the run this invocation makes (or resumes), written as ``running``.
     ``base``: what this invocation plans (its ``run`` is replaced)."""
     if log.open:
-        # A crash after some dropped shards were deleted: they are gone from storage now,
-        # but this run still replaced or retired them.
-        live = {s.id for s in base.ledger}
-        shards = _merged(log.open.shards, base.shards, live)
-        manifest = base.model_copy(update={
-            "run": log.open.run, "started_at": log.open.started_at, "shards": shards,
-            "resumed": log.open.resumed + 1})
+        # The open run's manifest, with what this invocation plans over it (what it recorded
+        # beyond that, a table commit before a crash say, stays). A crash after some dropped
+        # shards were deleted: they are gone from storage now, but this run still replaced or
+        # retired them.
+        planned = {k: getattr(base, k) for k in base.model_fields_set
+                   if k not in ("run", "started_at", "status") and getattr(base, k) is not None}
+        shards = _merged(log.open.shards, base.shards, {s.id for s in base.ledger})
+        manifest = log.open.model_copy(update={**planned, "shards": shards,
+                                               "resumed": log.open.resumed + 1})
     else:
         manifest = base.model_copy(update={"run": log.next_id(), "started_at": time.time()})
     manifest.status = RUNNING

@@ -23,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from pipeline.errors import OutputError, one_line
 from pipeline.plan import Shard
@@ -153,12 +160,12 @@ class ShardMarker(VersionedRecord):
     batches: int = 0
     session: dict[str, Any] | None = None  # how the worker's session runs (tuning record)
     oom_splits: int = 0
-    fingerprint: str
+    fingerprint: str = ""
     timings: Timings = Field(default_factory=Timings)
     peak_rss_mb: float = 0.0
-    part: str
-    attempt_token: str  # tells this attempt's marker from another's
-    committed_at: float
+    part: str = ""
+    attempt_token: str = ""  # tells this attempt's marker from another's (markers since 611142c)
+    committed_at: float = 0.0
     lance: dict[str, Any] | None = None  # Lance output: the fragments the shard wrote
 
 
@@ -191,6 +198,12 @@ class InputDelta(StateRecord):
     changed: FileList | None = None  # incremental runs only
     deleted: FileList | None = None
     unchanged: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_known(self, handler: Any) -> dict[str, Any]:
+        # A key is there only when its list is: readers test for "changed" to tell an
+        # incremental run (as releases before typed state did).
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ShardChanges(StateRecord):

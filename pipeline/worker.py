@@ -252,14 +252,14 @@ class ShardWorker:
     def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard: Shard,
                            offset: int, pieces: np.ndarray) -> pa.Table | None:
         """Bad rows with their identifying columns and where they came from."""
-        context = {
-            "_row": lambda rows: pa.array([offset + r for r in rows], pa.int64()),  # in the shard
+        where = {  # which input file each row came from, and the shard
             "_shard_id": lambda rows: pa.array([shard.id] * len(rows), pa.string()),
             "_input": lambda rows: pa.array([redact_uri(shard.pieces[pieces[r]].uri)
                                              for r in rows], pa.string()),
         }
+        row = {"_row": lambda rows: pa.array([offset + r for r in rows], pa.int64())}
         return dead_letter_table(table, bad, [*self.spec.passthrough, *self.task.input_columns],
-                                 context)
+                                 before_reason=row, after_reason=where)
 
 
 PIECE_COLUMN = "__pipeline_piece"  # which piece of the shard a row came from, while in flight

@@ -138,3 +138,32 @@ def test_older_versions_read_through_their_migration(monkeypatch):
     monkeypatch.setitem(MIGRATIONS, ("marker", FORMAT_VERSION - 1), rename)
     marker = ShardMarker.read(older, "m")
     assert marker.rows_in == 40 and marker.format_version == FORMAT_VERSION
+
+
+def test_resuming_an_open_run_keeps_what_its_manifest_recorded(tmp_path):
+    """A run that crashed after its table commit: the next invocation resumes it under the same
+    id, with this invocation's plan, and keeps the commit and any key a newer writer added."""
+    from pipeline.runs import start_run
+
+    data = json.loads((FIXTURES / "v2/parquet/run-000002.json").read_text())
+    data.update(status="committing", extra_from_a_newer_writer={"x": 1})
+    (tmp_path / "_pipeline" / "runs").mkdir(parents=True)
+    (tmp_path / "_pipeline" / "runs" / "000002.json").write_text(json.dumps(data))
+    layout = OutputLayout(str(tmp_path))
+    log = read_runs(layout)
+    assert log.open is not None and log.open.run == 2
+    base = RunManifest(run=0, mode="incremental", format="parquet", fingerprint="fp-now",
+                       ledger=log.open.ledger, shards=log.open.shards)
+    resumed = start_run(layout, log, base)
+    assert (resumed.run, resumed.status, resumed.resumed) == (2, "running", 1)
+    assert resumed.fingerprint == "fp-now" and resumed.table == data["table"]
+    assert resumed.started_at == data["started_at"]
+    stored = json.loads((tmp_path / "_pipeline" / "runs" / "000002.json").read_text())
+    assert stored["extra_from_a_newer_writer"] == {"x": 1} and stored["table"] == data["table"]
+
+
+def test_a_run_without_incremental_input_writes_no_empty_delta_keys():
+    from pipeline.state import FileList, InputDelta
+
+    manifest = RunManifest(run=1, input_files=InputDelta(new=FileList(count=1, first=["a"])))
+    assert manifest.to_dict()["input_files"] == {"new": {"count": 1, "first": ["a"]}}

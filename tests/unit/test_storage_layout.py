@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,3 +70,29 @@ def test_checksum_mismatches_are_retried():
     err = classify_io_error(RuntimeError("FlexibleChecksumError: Expected checksum x did not "
                                          "match calculated checksum: AAAAAA=="), "reading m")
     assert err.transient
+
+
+def test_a_json_object_that_is_no_marker_is_broken_but_a_newer_marker_is_refused(tmp_path):
+    from pipeline.errors import OutputError
+
+    layout = OutputLayout(str(tmp_path))
+    (tmp_path / "_pipeline" / "shards").mkdir(parents=True)
+    (tmp_path / "_pipeline" / "shards" / "s1.json").write_text('{"note": "not a marker"}')
+    assert isinstance(layout.committed_marker("s1"), BrokenMarker)
+    newer = {**marker_for("s1").to_dict(), "format_version": 99}
+    (tmp_path / "_pipeline" / "shards" / "s1.json").write_text(json.dumps(newer))
+    with pytest.raises(OutputError, match="format version 99"):
+        layout.committed_marker("s1")
+
+
+def test_dead_letters_keep_their_column_order(tmp_path):
+    from pipeline.dead_letters import dead_letter_table
+
+    table = pa.table({"id": [1, 2, 3], "text": ["a", "", "c"], "other": [0, 0, 0]})
+    dead = dead_letter_table(table, {2: "empty text", 1: "null"}, ["id", "text", "missing"],
+                             before_reason={"_row": lambda rows: pa.array(rows)},
+                             after_reason={"_shard_id": lambda rows: pa.array(["s"] * len(rows))})
+    assert dead.column_names == ["id", "text", "_row", "_reason", "_shard_id"]
+    assert dead.to_pydict() == {"id": [2, 3], "text": ["", "c"], "_row": [1, 2],
+                                "_reason": ["null", "empty text"], "_shard_id": ["s", "s"]}
+    assert dead_letter_table(table, {}, None) is None
