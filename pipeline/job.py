@@ -105,7 +105,8 @@ def connect(planned: PlannedJob, address: str | None, started: float) -> Connect
     """Read a bundle to ship before connecting (a job's working directory may go with it),
     then connect, and refuse node-local data other nodes could not see (before any write)."""
     spec = planned.spec
-    packed = pack_bundle(planned.bundle, spec.model.sha256) if ships_model(spec) else None
+    ships = ships_model(spec) or planned.imported  # an imported model is in this node's cache
+    packed = pack_bundle(planned.bundle, spec.model.sha256) if ships else None
     pack_s = round(time.time() - started, 3)
     start_ray(address)
     ray_s = max(0.0, round(time.time() - started - pack_s, 3))

@@ -27,8 +27,10 @@ from pipeline.errors import (
 )
 from pipeline.increment import Increment, plan_increment
 from pipeline.layout import PLAN_FILE, OutputLayout
+from pipeline.listing import inspect, list_input_files
 from pipeline.locality import resolve_spec
-from pipeline.models.bundle import LocalBundle, fetch_bundle
+from pipeline.models.bundle import LocalBundle
+from pipeline.models.importing import open_model
 from pipeline.models.validate import ProviderCheck, validate_bundle
 from pipeline.plan import (
     Plan,
@@ -40,10 +42,11 @@ from pipeline.plan import (
 )
 from pipeline.runs import RunLog, read_runs, shards_from_markers
 from pipeline.sessions import SessionSettings, create_session
-from pipeline.spec import JobSpec
+from pipeline.spec import ClassifyTaskSpec, JobSpec, output_clash
 from pipeline.state import FORMAT_VERSION
 from pipeline.storage import with_retries
-from pipeline.tasks import build_task
+from pipeline.tasks import build_task, resolve_task
+from pipeline.tasks.classify import feature_columns_from
 
 TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
 
@@ -59,6 +62,7 @@ class PlannedJob:
     plan_s: float = 0.0  # planning time: bundle fetch and smoke run, listing, footers
     increment: Increment | None = None  # incremental mode: what this run keeps and changes
     runs: RunLog = field(default_factory=RunLog)
+    imported: bool = False  # model.uri named a converter's output, imported on this node
 
 
 def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
@@ -71,8 +75,9 @@ def plan_job(spec: JobSpec) -> PlannedJob:
     started = time.perf_counter()
     spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
     check_table_library(spec.output.format)
-    bundle = fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)
+    bundle, imported = open_model(spec.model.uri, spec.model.storage_options, spec.model.sha256)
     report = validate_bundle(bundle, smoke=True, providers=["cpu"])
+    spec = with_task(spec, bundle)
     read_columns = _read_columns(spec, bundle)
     known = known_files(_earlier_plan(spec))
     increment, runs = None, RunLog()
@@ -91,7 +96,27 @@ def plan_job(spec: JobSpec) -> PlannedJob:
         raise ConfigError(f"output.storage_options: "
                           f"{cause_text(exc, spec.output.storage_options)}") from exc
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
-                      report.providers, time.perf_counter() - started, increment, runs)
+                      report.providers, time.perf_counter() - started, increment, runs, imported)
+
+
+def with_task(spec: JobSpec, bundle: LocalBundle) -> JobSpec:
+    """The job's task in full: the bundle's own when the job has no task block, the
+    conventional columns where it leaves them out, the input's columns for a model whose
+    converter kept no feature names."""
+    task = resolve_task(spec.task, bundle)
+    clash = output_clash(task, spec.passthrough)
+    if clash:
+        raise ConfigError(f"passthrough: {clash}")
+    if isinstance(task, ClassifyTaskSpec) and not bundle.spec.needs_tokenizer() and \
+            not task.feature_columns and not bundle.spec.features:
+        first = list_input_files(spec.input.uri, spec.input.format, spec.input.storage_options)[0]
+        inspect([first], spec.input.storage_options, sample=True)
+        if first.columns is None:
+            raise InputError(f"{first.uri}: {first.error or 'its columns cannot be read'}")
+        names = feature_columns_from(first.columns, spec.passthrough, bundle.spec.feature_count,
+                                     first.uri)
+        task = task.model_copy(update={"feature_columns": names})
+    return spec.model_copy(update={"task": task})
 
 
 def _read_columns(spec: JobSpec, bundle: LocalBundle) -> list[str]:
@@ -186,6 +211,7 @@ def describe_plan(planned: PlannedJob) -> list[str]:
         f"{rows if rows is not None else 'unknown (footers not read)'} rows, "
         f"{plan.total_bytes / 1e6:.1f} MB",
         f"model {spec.model.uri} (sha256 {planned.bundle.sha256[:12]}…, task {spec.task.kind})",
+        *_import_lines(planned),
         f"reads columns: {', '.join(planned.read_columns)}",
     ]
     for f in plan.files[:10]:
@@ -208,6 +234,17 @@ def describe_plan(planned: PlannedJob) -> list[str]:
                      f"replace {len(inc.replaced)}, retire {len(inc.retired)}")
     lines.append(f"output {storage.join(spec.output.uri, '')} (format {spec.output.format}, "
                  f"mode {spec.output.mode}); dry run: nothing written")
+    return lines
+
+
+def _import_lines(planned: PlannedJob) -> list[str]:
+    """What an import of model.uri inferred (a converter's output, not a bundle)."""
+    if not planned.imported:
+        return []
+    source = planned.bundle.spec.source
+    lines = [f"  imported into {planned.bundle.path} ({source.get('layout')})"]
+    lines += [f"  {f['key']}: {f['value']} (from {f['from']})" for f in source.get("inferred", [])]
+    lines += [f"  repaired: {r}" for r in source.get("repairs", [])]
     return lines
 
 

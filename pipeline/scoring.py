@@ -19,10 +19,11 @@ from pipeline.dead_letters import dead_letter_table
 from pipeline.errors import ConfigError
 from pipeline.inference import score_table
 from pipeline.job_file import validation_message
-from pipeline.models.bundle import fetch_bundle
+from pipeline.models.importing import open_model
 from pipeline.sessions import PROVIDER_NAMES, SessionCache, SessionSettings
 from pipeline.spec import BatchingSpec, TaskSpec
-from pipeline.tasks import build_task
+from pipeline.tasks import build_task, resolve_task
+from pipeline.tasks.classify import feature_columns_from
 
 ERROR_COLUMN = "_error"
 
@@ -86,8 +87,9 @@ class LoadedModel:
         if unknown or not providers:
             raise ConfigError(f"providers: {unknown[0] if unknown else 'empty'!r} is not a provider; "
                               f"use some of {', '.join(PROVIDER_NAMES)} in order of preference")
-        self.bundle = fetch_bundle(model, storage_options, sha256)  # cached per node by bundle identity
-        self.task_spec = task_spec(task, self.bundle.spec.task)
+        # A bundle, or a converter's output imported once per node (cached by content).
+        self.bundle, self.imported = open_model(model, storage_options, sha256)
+        self.task_spec = resolve_task(task_spec(task, self.bundle.spec.task), self.bundle)
         self.sessions = SessionCache()
         self.session = self.sessions.get(
             str(self.bundle.model_path), self.bundle.sha256,
@@ -103,6 +105,9 @@ class LoadedModel:
     def predict(self, table: pa.Table, passthrough: list[str] | None = None,
                 where: str = "score()") -> Prediction:
         """Score every row of ``table``; bad rows get null outputs and a reason."""
+        if getattr(self.task, "needs_feature_names", False):  # the converter kept none
+            self.task.bind_features(feature_columns_from(
+                table.column_names, list(passthrough or []), self.task.feature_count, where))
         self.task.check_columns(table.schema, where)
         keep = list(passthrough) if passthrough is not None else table.column_names
         missing = [c for c in keep if c not in table.column_names]

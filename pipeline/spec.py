@@ -213,7 +213,8 @@ class JobSpec(Strict):
     name: str = "job"
     input: InputSpec
     model: ModelSpec
-    task: TaskSpec
+    task: TaskSpec | None = Field(None, description="default: the bundle's own task, every "
+                                  "column at its conventional name")
     passthrough: list[str] = Field(default_factory=list)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     sharding: ShardingSpec = Field(default_factory=ShardingSpec)
@@ -233,10 +234,9 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _no_column_clash(self) -> JobSpec:
-        produced = set(output_columns(self.task))
-        clash = produced & set(self.passthrough)
+        clash = output_clash(self.task, self.passthrough) if self.task is not None else None
         if clash:
-            raise ValueError(f"passthrough column {sorted(clash)[0]!r} clashes with a task output")
+            raise ValueError(clash)
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -246,6 +246,15 @@ class JobSpec(Strict):
             "task": self.task.model_dump(mode="json"),
             "passthrough": list(self.passthrough),
         }
+
+
+def output_clash(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
+                 passthrough: list[str]) -> str | None:
+    """Why ``passthrough`` cannot sit beside the task's outputs (None: it can)."""
+    clash = set(output_columns(task)) & set(passthrough)
+    if clash:
+        return f"passthrough column {sorted(clash)[0]!r} clashes with a task output"
+    return None
 
 
 def output_columns(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec) -> list[str]:

@@ -28,7 +28,7 @@ from pipeline.cli_common import run_cli
 from pipeline.errors import ConfigError, one_line
 from pipeline.job_file import read_job, validate_job
 from pipeline.locality import is_node_local
-from pipeline.models.bundle import fetch_bundle
+from pipeline.models.importing import open_model
 from pipeline.spec import JobSpec
 
 JOB_FILE = "job.yaml"
@@ -74,7 +74,8 @@ def stage(data: dict[str, Any], spec: JobSpec, folder: Path) -> None:
     model_path = spec.model.uri.split("://", 1)[-1]
     on_shared_fs = spec.storage.shared_filesystem and model_path.startswith("/")
     if is_node_local(spec.model.uri) and not on_shared_fs:  # else the nodes see it as it is
-        bundle = fetch_bundle(spec.model.uri, None, spec.model.sha256)  # hash checked here
+        # A bundle, or a converter's output imported here: the cluster gets the bundle.
+        bundle, _ = open_model(spec.model.uri, None, spec.model.sha256)  # hash checked here
         shutil.copytree(bundle.path, folder / BUNDLE_DIR,
                         ignore=shutil.ignore_patterns(".*"))
         data = {**data, "model": {**data["model"], "uri": BUNDLE_DIR}}

@@ -63,7 +63,8 @@ def session_settings(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle) -> 
                                for p in pool.providers),
         intra_op_threads=pool.threads,
         config=tuple(sorted(providers.session_config(pool.providers).items())),
-        optimized_cache_dir=str(default_cache_dir()))
+        # A saved optimized graph would need its external weights saved too: not cached.
+        optimized_cache_dir=None if bundle.spec.external_data else str(default_cache_dir()))
 
 
 def _tensorrt_context(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle,

@@ -1,5 +1,8 @@
-"""python -m pipeline.models: export, validate and inspect model bundles.
+"""python -m pipeline.models: import, export, validate and inspect model bundles.
 
+    python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|tensor]
+        [--pooling mean|cls] [--features a,b,c] [--sample FILE.parquet]
+        [--reference FILE.npz|.parquet] [--atol X] [--min-cosine X] [--strict]
     python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
     python -m pipeline.models export-demo-tabular --out DIR
     python -m pipeline.models validate BUNDLE [--no-smoke]
@@ -19,9 +22,12 @@ from pipeline.accuracy_gate import GateSettings, optimize_bundle
 from pipeline.cli_common import run_cli
 from pipeline.demo.tabular import export_tabular_bundle
 from pipeline.errors import ConfigError
+from pipeline.import_checks import read_sample, reference_check, sample_feeds
 from pipeline.models.bert_export import export_bert
 from pipeline.models.bundle import fetch_bundle, local_identity, read_bundle_spec
+from pipeline.models.importing import ImportOptions, import_model
 from pipeline.models.info import bundle_info
+from pipeline.models.interpret import Choices
 from pipeline.models.optimize import LEVELS
 from pipeline.models.validate import validate_bundle
 
@@ -31,6 +37,24 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="a converter's model (.onnx file, sentence-transformers "
+                         "or Optimum folder) -> a bundle, every value inferred and checked")
+    imp.add_argument("src", help=".onnx file or folder, local or any fsspec URL")
+    imp.add_argument("--out", required=True, type=Path)
+    imp.add_argument("--task", default="auto", choices=["auto", "embed", "classify", "tensor"])
+    imp.add_argument("--pooling", choices=["mean", "cls"],
+                     help="token embeddings: how to pool them (default: 1_Pooling/config.json)")
+    imp.add_argument("--features", help="feature names in the model's order, comma-separated")
+    imp.add_argument("--sample", type=Path, help="Parquet rows to check batches (and compare "
+                     "with --reference) on; default: synthesized rows")
+    imp.add_argument("--reference", type=Path, help="outputs the source framework computed for "
+                     "--sample (.npz or Parquet, by output column); a mismatch fails the import")
+    imp.add_argument("--atol", type=float, default=1e-4, help="--reference: largest difference")
+    imp.add_argument("--min-cosine", type=float, default=0.9999,
+                     help="--reference: lowest cosine of an embedding to its reference")
+    imp.add_argument("--strict", action="store_true",
+                     help="refuse a graph that only runs one row per call")
 
     exp = sub.add_parser("export-bert", help="BERT-family checkpoint -> embed bundle (no PyTorch)")
     exp.add_argument("src", help="checkpoint directory or installed package holding one")
@@ -75,6 +99,35 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
                      help="classifiers: largest absolute probability difference")
 
 
+def _import(args: argparse.Namespace) -> int:
+    if args.reference and not args.sample:
+        raise ConfigError("--reference: needs --sample (the rows the reference was computed on)")
+    sample = read_sample(args.sample) if args.sample else None
+    choices = Choices(task=args.task, pooling=args.pooling,
+                      features=[f.strip() for f in args.features.split(",")] if args.features
+                      else None)
+    options = ImportOptions(
+        choices=choices, strict=args.strict,
+        feeds=sample_feeds(sample, f"--sample {args.sample}") if sample is not None else None,
+        verify=reference_check(sample, args.reference, args.atol, args.min_cosine)
+        if args.reference else None)
+    done = import_model(args.src, args.out, options)
+    spec = done.bundle.spec
+    print(f"wrote {args.out} (task {spec.task}, sha256 {spec.sha256[:12]}…, identity "
+          f"{done.bundle.identity[:12]}…)")
+    for finding in done.reading.findings:
+        value = finding.value if not isinstance(finding.value, list) or len(finding.value) < 6 \
+            else f"{finding.value[:3]} … ({len(finding.value)})"
+        print(f"  {finding.key:24s} {value!s:32s} from {finding.source}")
+    for repair in done.repairs:
+        print(f"  repaired: {repair}")
+    for warning in done.warnings:
+        print(f"  warning: {warning}")
+    if args.reference:
+        print(f"  reference: every row of {args.sample.name} matches {args.reference.name}")
+    return 0
+
+
 def _export_bert(args: argparse.Namespace) -> int:
     spec = export_bert(args.src, args.out, pool_in_graph=not args.no_pool_in_graph,
                        pooling=args.pooling, normalize=args.normalize,
@@ -96,8 +149,11 @@ def _identity(out: Path) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    report = validate_bundle(fetch_bundle(args.bundle), smoke=not args.no_smoke)
+    report = validate_bundle(fetch_bundle(args.bundle), smoke=not args.no_smoke,
+                             batches=not args.no_smoke)
     print(f"{args.bundle}: valid (IR {report.ir_version}, opset {report.opset})")
+    if report.batches:
+        print(f"  batches   {report.batches}")
     for check in report.providers:
         print(f"  {check.provider:9s} {'loads' if check.loaded else 'unavailable'}: {check.detail}")
     return 0
@@ -139,7 +195,7 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"export-bert": _export_bert, "export-demo-tabular": _export_tabular,
+COMMANDS = {"import": _import, "export-bert": _export_bert, "export-demo-tabular": _export_tabular,
             "validate": _validate, "info": _info, "optimize": _optimize}
 
 

@@ -68,8 +68,17 @@ class BundleSpec(BaseModel):
     outputs: dict[str, str]
     text: TextSpec | None = None
     embedding: EmbeddingSpec | None = None
-    features: list[str] | None = None
+    features: list[str] | None = None  # input columns in the model's feature order
+    # A features input whose converter kept no names: how many columns it takes (a job then
+    # reads the input's columns other than passthrough, in file order, when there are as many).
+    feature_count: int | None = Field(None, gt=0)
     labels: list[str] | None = None
+    # Rows per model call at most: 1 for a graph that only runs one row at a time (a batch
+    # dim hard-coded inside it); None: any batch.
+    max_batch: int | None = Field(None, gt=0)
+    # Weights kept beside the model (file name -> sha256): part of the bundle, its identity,
+    # what is shipped and cached, and verified like the model itself.
+    external_data: dict[str, str] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("inputs")
@@ -131,6 +140,8 @@ def parse_bundle_spec(text: str, where: str) -> BundleSpec:
 
 def write_bundle_spec(directory: Path, spec: BundleSpec) -> None:
     data = spec.model_dump(mode="json", exclude_none=True)
+    if not data.get("external_data"):
+        data.pop("external_data", None)
     (directory / BUNDLE_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -213,6 +224,14 @@ def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> N
             f"model bundle {uri}: {spec.model_file} has sha256 {actual} but bundle.yaml says "
             f"{spec.sha256}; the bundle is corrupt or was edited (re-export it)"
         )
+    for name, declared in spec.external_data.items():
+        data = path.parent / name
+        if not data.is_file():
+            raise ModelError(f"model bundle {uri}: external data {name} not found")
+        found = _verified_sha256(data)
+        if found != declared:
+            raise ModelError(f"model bundle {uri}: external data {name} has sha256 {found} but "
+                             f"bundle.yaml says {declared}; the bundle is corrupt or was edited")
     if pinned and pinned != actual:
         raise ModelError(
             f"model.sha256: pinned {pinned} but {uri} holds {actual}; "

@@ -32,9 +32,17 @@ def read_files(spec: BundleSpec) -> list[str]:
     return [spec.text.tokenizer] if spec.text is not None else []
 
 
+# Keys added after IDENTITY_FORMAT 1: they count only when set, so that every bundle written
+# before them keeps its identity (and every output its fingerprint).
+LATER_KEYS = {"feature_count": None, "max_batch": None, "external_data": {}}
+
+
 def canonical_spec(spec: BundleSpec) -> dict[str, Any]:
     """bundle.yaml as values: defaults filled in, provenance and the model hash left out."""
     data = spec.model_dump(mode="json", exclude={"source", "sha256"})
+    for key, default in LATER_KEYS.items():
+        if data.get(key) == default:
+            data.pop(key, None)
     data["outputs"] = [[role, name] for role, name in spec.outputs.items()]
     return data
 

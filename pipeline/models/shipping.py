@@ -64,6 +64,10 @@ def files_identity(files: dict[str, bytes], uri: str) -> str:
     if actual != spec.sha256:
         raise ModelError(f"model bundle {uri}: {spec.model_file} has sha256 {actual} but "
                          f"bundle.yaml says {spec.sha256}; the bundle is corrupt or was edited")
+    for name, declared in spec.external_data.items():
+        if name not in files or hashlib.sha256(files[name]).hexdigest() != declared:
+            raise ModelError(f"model bundle {uri}: external data {name} is missing or does not "
+                             "match its sha256 in bundle.yaml")
     hashes = {name: sha256_bytes(files.get(name)) for name in read_files(spec)}
     return bundle_identity(spec, actual, hashes)
 

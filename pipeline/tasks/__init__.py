@@ -13,9 +13,25 @@ from pipeline.tasks.tensor import TensorTask
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask, "tensor": TensorTask}
 
 
+AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec
+SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
+                                       "tensor": TensorTaskSpec}
+
+
+def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:
+    """The job's task with what it leaves out taken from the bundle: the bundle's own task,
+    and the conventional ``text`` column for a text classifier."""
+    if spec is None:
+        spec = SPECS[bundle.spec.task](kind=bundle.spec.task)
+    if isinstance(spec, ClassifyTaskSpec) and spec.text_column is None and \
+            bundle.spec.needs_tokenizer():
+        spec = spec.model_copy(update={"text_column": "text"})
+    return spec
+
+
 def build_task(
     bundle: LocalBundle,
-    spec: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
+    spec: AnyTaskSpec | None,
     batching: BatchingSpec,
     input_types: dict[str, str],
     device: str = "cpu",
@@ -23,12 +39,15 @@ def build_task(
     """The task for a job; ``input_types`` are the graph's input types by name. ``device`` is
     the provider that runs the session ("cpu", "cuda", ...): it picks the batch sizes the job
     left out."""
+    spec = resolve_task(spec, bundle)
     if bundle.spec.task != spec.kind:
         raise ConfigError(
             f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
         )
     batching = batching.for_device(device, text=bundle.spec.text is not None)
+    if bundle.spec.max_batch is not None and batching.max_rows > bundle.spec.max_batch:
+        batching = batching.model_copy(update={"max_rows": bundle.spec.max_batch})
     return TASKS[spec.kind](bundle, spec, batching, input_types)
 
 
-__all__ = ["Batch", "Prepared", "Task", "build_task"]
+__all__ = ["Batch", "Prepared", "Task", "build_task", "resolve_task"]

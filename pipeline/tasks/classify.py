@@ -31,15 +31,26 @@ class ClassifyTask(Task):
                                        bspec.inputs, keep_empty=spec.empty_text == "embed")
             self.features: list[str] = []
         else:
-            self.features = list(spec.feature_columns or bspec.features or [])
-            if len(self.features) != len(bspec.features or []):
-                raise ConfigError(
-                    f"task.feature_columns: {len(self.features)} columns given, the bundle "
-                    f"expects {len(bspec.features or [])} features"
-                )
+            self.feature_count = len(bspec.features) if bspec.features else bspec.feature_count
+            names = spec.feature_columns or bspec.features
+            self.features = []
+            if names:
+                self.bind_features(list(names))
             self.feature_input = next(n for n, s in bspec.inputs.items() if s == "features")
             self.feature_dtype = np.float64 if input_types.get(self.feature_input) == \
                 "tensor(double)" else np.float32
+
+    def bind_features(self, names: list[str]) -> None:
+        """The input columns that feed the model's features, in its order."""
+        if self.feature_count is not None and len(names) != self.feature_count:
+            raise ConfigError(f"task.feature_columns: {len(names)} columns given, the bundle "
+                              f"expects {self.feature_count} features")
+        self.features = list(names)
+
+    @property
+    def needs_feature_names(self) -> bool:
+        """A model whose converter kept no feature names, and none given yet."""
+        return not self.text_input and not self.features
 
     @property
     def input_columns(self) -> list[str]:
@@ -59,6 +70,9 @@ class ClassifyTask(Task):
         return [outputs["logits"] if self.use_logits else outputs["probabilities"]]
 
     def prepare(self, table: pa.Table) -> Prepared:
+        if self.needs_feature_names:
+            self.bind_features(feature_columns_from(table.column_names, [], self.feature_count,
+                                                    "the input"))
         if self.text_input:
             return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
                                         self.batching.max_rows, self.batching.max_tokens)
@@ -109,3 +123,15 @@ class ClassifyTask(Task):
             columns[self.spec.probabilities_column] = fixed_size_list(probs) if self.labels \
                 else pa.array(list(probs), pa.list_(pa.float32()))
         return columns, bad
+
+
+def feature_columns_from(columns: list[str], passthrough: list[str], count: int | None,
+                         where: str) -> list[str]:
+    """A nameless model's features: the input's columns other than passthrough, in their
+    order, when there are exactly as many as it takes."""
+    candidates = [c for c in columns if c not in passthrough]
+    if count is not None and len(candidates) != count:
+        raise ConfigError(f"task.feature_columns: {where} has {len(candidates)} columns besides "
+                          f"passthrough, the model takes {count} features and its converter "
+                          "kept no names; list them in task.feature_columns")
+    return candidates

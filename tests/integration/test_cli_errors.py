@@ -62,7 +62,7 @@ CASES = [
     ("input missing", lambda b: change(b, "input.uri", "/nonexistent/data"),
      "input.uri: file:///nonexistent/data does not exist"),
     ("model missing", lambda b: change(b, "model.uri", "/nonexistent/model"),
-     "model bundle file:///nonexistent/model: not a directory"),
+     "model.uri: file:///nonexistent/model: no such file or folder"),
     ("sha pin mismatch", lambda b: change(b, "model.sha256", "0" * 64),
      "model.sha256: pinned 0000000000"),
     ("text column missing", lambda b: change(b, "task.text_column", "body"),

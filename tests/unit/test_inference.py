@@ -50,7 +50,7 @@ def test_rows_that_break_the_model_are_isolated(lookup_bundle):
     assert scored.bad[4] == "x is null"
     assert scored.bad[2].startswith("model failed:")
     assert scored.rows.tolist() == [0, 1, 3, 5, 6, 8]
-    values = [v[0] for v in scored.columns["value"].to_pylist()]
+    values = scored.columns["value"].to_pylist()  # an [N] output: one scalar per row
     assert values == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
     assert scored.batches > 1  # the batch was split
 
@@ -87,7 +87,7 @@ def test_out_of_memory_batch_is_retried_smaller(lookup_bundle):
     assert scored.rows.tolist() == list(range(64))
     assert scored.oom_splits >= 2
     assert max(s for s in fake.sizes if s <= 8) == 8
-    assert [v[0] for v in scored.columns["value"].to_pylist()] == [float(i) * 10 for i in x]
+    assert scored.columns["value"].to_pylist() == [float(i) * 10 for i in x]
 
 
 def test_out_of_memory_on_a_single_row_is_transient_not_a_dead_letter(lookup_bundle):

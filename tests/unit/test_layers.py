@@ -25,7 +25,8 @@ LAYERS: dict[str, list[str]] = {
                      "models.bundle", "models.onnx_types", "models.onnx_graph",
                      "models.graph_rewrites"],
     "model tools": ["models.validate", "models.shipping", "models.info", "models.optimize",
-                    "models.bert_export"],
+                    "models.bert_export", "models.sources", "models.interpret",
+                    "models.repairs", "models.checks", "models.importing"],
     "data": ["formats", "listing", "plan", "increment", "pools", "state", "outcome", "layout",
              "output", "runs", "commit", "dead_letters", "batch_formats", "sinks",
              "sinks.base", "sinks.object_store", "sinks.parquet_sink", "sinks.delta_sink",
@@ -33,7 +34,8 @@ LAYERS: dict[str, list[str]] = {
     "compute": ["tasks", "tasks.base", "tasks.text", "tasks.embed", "tasks.classify",
                 "tasks.tensor", "inference", "scoring", "ray_context", "worker"],
     "driver": ["actor_pool", "ray_backend", "runner", "report", "planning", "job"],
-    "entry points": ["", "api", "predictor", "run", "submit", "accuracy_gate", "models",
+    "entry points": ["", "api", "predictor", "run", "submit", "accuracy_gate", "import_checks",
+                     "models",
                      "models.__main__", "demo", "demo.__main__", "demo.text", "demo.tabular"],
 }
 LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i

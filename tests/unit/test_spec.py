@@ -58,7 +58,7 @@ def test_duplicate_passthrough_rejected():
 def test_json_schema_lists_top_level_keys():
     schema = json_schema()
     assert {"input", "model", "task", "output", "retry", "bad_rows"} <= set(schema["properties"])
-    assert set(schema["required"]) == {"input", "model", "task", "output"}
+    assert set(schema["required"]) == {"input", "model", "output"}  # task: the bundle's
 
 
 def test_table_format_without_its_library_is_a_one_line_error(monkeypatch):

@@ -1,0 +1,320 @@
+"""What a converter's model means: its task, what feeds each graph input, what each output is.
+
+Read from the graph and the configs beside it, never from a file a user wrote. Every value
+says where it came from (``Finding``), so ``bundle.yaml`` and the import command can show it.
+Where two readings are possible, ``ModelError`` names the choices and the flag that picks one.
+
+- Inputs: tokens by name (``input_ids``, ``attention_mask``, ``token_type_ids``); the one
+  numeric [N, F] input of a tabular classifier (an ONNX-ML classifier node or a ZipMap in the
+  graph) is its features; any other input is a column of its name.
+- Outputs: ``sentence_embedding`` is an embedding; token embeddings (``last_hidden_state``,
+  ``token_embeddings``) are pooled as the sentence-transformers config says (``1_Pooling``,
+  ``Normalize`` in modules.json), or as ``--pooling`` says; ``logits`` with ``id2label`` a text
+  classifier; an ONNX-ML classifier's label and probabilities a tabular one.
+- The max length: sentence_bert_config.json's ``max_seq_length``, else tokenizer_config.json's
+  ``model_max_length``, else config.json's ``max_position_embeddings``; never tokenizer.json's
+  own truncation (sentence-transformers writes 128 there for a model that takes 256).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+from tokenizers import Tokenizer
+
+from pipeline.errors import ModelError
+from pipeline.models.onnx_types import Signature, TensorInfo
+from pipeline.models.repairs import ZipMapRemoved, classifier_labels
+from pipeline.models.sources import ModelSource
+
+TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_mask",
+                "token_type_ids": "tokens.type_ids"}
+TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
+TASKS = ("embed", "classify", "tensor")
+HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
+
+
+@dataclass(frozen=True)
+class Finding:
+    key: str  # the bundle.yaml key
+    value: Any
+    source: str  # where it came from
+
+
+@dataclass
+class Reading:
+    """The bundle.yaml fields inferred for a model, and where each came from."""
+
+    task: str = "tensor"
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    text: dict[str, Any] | None = None  # {tokenizer, max_length}
+    embedding: dict[str, Any] | None = None  # {pooling, normalize, dim}
+    features: list[str] | None = None
+    feature_count: int | None = None
+    labels: list[str] | None = None
+    findings: list[Finding] = field(default_factory=list)
+
+    def note(self, key: str, value: Any, source: str) -> None:
+        self.findings.append(Finding(key, value, source))
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the user decided: a task, a pooling, feature names (None: infer)."""
+
+    task: str = "auto"
+    pooling: str | None = None
+    features: list[str] | None = None
+
+
+def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
+              zipmap: ZipMapRemoved | None, choices: Choices) -> Reading:
+    reading = Reading()
+    tabular = zipmap is not None or any(
+        n.domain == "ai.onnx.ml" and n.op_type.endswith("Classifier") for n in model.graph.node)
+    _inputs(source, graph, choices, reading, tabular)
+    tokens = any(s.startswith("tokens.") for s in reading.inputs.values())
+    if tokens:
+        _text(source, reading)
+        _check_vocabulary(source, model)
+    task = _task(source, model, graph, zipmap, choices, reading, tokens)
+    reading.task = task
+    if task == "tensor":
+        for out in graph.outputs:
+            if out.kind != "tensor":
+                raise ModelError(f"{source.uri}: output {out.name} is a {out.kind}, not a "
+                                 "tensor; the tensor task writes tensors only")
+            reading.outputs[out.name] = out.name
+        reading.note("outputs", list(reading.outputs), "every graph output, by its name")
+        if tokens:
+            raise ModelError(f"{source.uri}: token inputs need --task embed or classify; the "
+                             "tensor task reads columns named after the graph inputs")
+    return reading
+
+
+def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Reading,
+            tabular: bool) -> None:
+    """Token inputs by name; the features of a tabular classifier (an ONNX-ML classifier or
+    ZipMap in the graph, or --task classify); any other input a column of its name."""
+    numeric = [i for i in graph.inputs if i.name not in TOKEN_INPUTS and i.kind == "tensor"
+               and i.dims is not None and len(i.dims) == 2
+               and i.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
+    wants = choices.task == "classify" or (choices.task == "auto" and tabular)
+    features = numeric[0] if len(numeric) == 1 and len(graph.inputs) == 1 and wants else None
+    for info in graph.inputs:
+        if info.name in TOKEN_INPUTS:
+            reading.inputs[info.name] = TOKEN_INPUTS[info.name]
+            reading.note(f"inputs.{info.name}", TOKEN_INPUTS[info.name], "graph input name")
+        elif info is features:
+            reading.inputs[info.name] = "features"
+            reading.note(f"inputs.{info.name}", "features",
+                         f"the only graph input, one [N, F] {info.type_name} tensor")
+            _feature_names(source, info, choices, reading)
+        else:
+            reading.inputs[info.name] = f"column:{info.name}"
+            reading.note(f"inputs.{info.name}", f"column:{info.name}", "graph input name")
+
+
+def _feature_names(source: ModelSource, info: TensorInfo, choices: Choices,
+                   reading: Reading) -> None:
+    width = info.dims[1] if info.dims and isinstance(info.dims[1], int) else None
+    if choices.features:
+        if width is not None and len(choices.features) != width:
+            raise ModelError(f"--features: {len(choices.features)} names given, input "
+                             f"{info.name} takes {width}")
+        reading.features = list(choices.features)
+        reading.note("features", f"{len(choices.features)} names", "--features")
+    elif width is not None:
+        reading.feature_count = width
+        reading.note("feature_count", width,
+                     f"dim 1 of input {info.name} (no feature names: a job reads the input's "
+                     "columns other than passthrough, in file order)")
+    else:
+        raise ModelError(f"{source.uri}: input {info.name} takes features of an unknown "
+                         "count; name them with --features a,b,c")
+
+
+def _text(source: ModelSource, reading: Reading) -> None:
+    if "tokenizer.json" not in source.configs:
+        raise ModelError(f"{source.uri}: the model takes token ids and no tokenizer.json lies "
+                         "beside it (a fast tokenizer is needed; save it with the model)")
+    limit, where = _max_length(source)
+    reading.text = {"tokenizer": "tokenizer.json", "max_length": limit}
+    reading.note("text.max_length", limit, where)
+
+
+def _check_vocabulary(source: ModelSource, model: onnx.ModelProto) -> None:
+    """The tokenizer's ids must fit the model's word embeddings (the table input_ids index)."""
+    tables = {i.name: i for i in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        index, steps = node.input[1], 0
+        while index in producers and producers[index].op_type in ("Cast", "Identity") and steps < 3:
+            index, steps = producers[index].input[0], steps + 1
+        if index != "input_ids":
+            continue
+        rows = tables[node.input[0]].dims[0]
+        vocabulary = Tokenizer.from_file(str(source.configs["tokenizer.json"])).get_vocab_size()
+        if vocabulary > rows:
+            raise ModelError(f"{source.uri}: tokenizer.json has {vocabulary} tokens, the model's "
+                             f"word embeddings ({node.input[0]}) {rows}: the tokenizer belongs to "
+                             "another model")
+        return
+
+
+def _max_length(source: ModelSource) -> tuple[int, str]:
+    config = source.json("config.json") or {}
+    positions = config.get("max_position_embeddings")
+    for name, key in (("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):
+        value = (source.json(name) or {}).get(key)
+        if isinstance(value, (int, float)) and 1 < value < HUGE_MAX_LENGTH:
+            if positions and value > positions:
+                return int(positions), f"config.json max_position_embeddings ({name} says {value})"
+            return int(value), f"{name} {key}"
+    if isinstance(positions, int) and positions > 1:
+        return positions, "config.json max_position_embeddings"
+    raise ModelError(f"{source.uri}: no max length in sentence_bert_config.json, "
+                     "tokenizer_config.json or config.json")
+
+
+def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
+          zipmap: ZipMapRemoved | None, choices: Choices, reading: Reading, tokens: bool) -> str:
+    outputs = {o.name: o for o in graph.outputs}
+    wanted = choices.task
+    if wanted not in ("auto", *TASKS):
+        raise ModelError(f"--task {wanted}: use auto, {', '.join(TASKS)}")
+    if wanted == "tensor":
+        reading.note("task", "tensor", "--task")
+        return "tensor"
+    if tokens:
+        embedding = _embedding(source, outputs, choices, reading) \
+            if wanted in ("auto", "embed") else None
+        if embedding:
+            reading.note("task", "embed", "--task" if wanted == "embed" else
+                         f"token inputs, output {reading.outputs['embedding']}")
+            return "embed"
+        if "logits" in outputs and wanted in ("auto", "classify"):
+            reading.outputs["logits"] = "logits"
+            reading.labels = _id2label(source, outputs["logits"])
+            reading.note("labels", reading.labels, "config.json id2label")
+            reading.note("task", "classify", "--task" if wanted == "classify" else
+                         "token inputs, output logits")
+            return "classify"
+        if wanted != "auto":
+            raise ModelError(f"{source.uri}: --task {wanted} needs an output "
+                             f"{'sentence_embedding or last_hidden_state' if wanted == 'embed' else 'logits'}"
+                             f" (outputs: {', '.join(outputs)})")
+        return "tensor"
+    if "features" in reading.inputs.values() and wanted in ("auto", "classify") and \
+            _tabular_classifier(model, outputs, zipmap, reading):
+        reading.note("task", "classify", "--task" if wanted == "classify" else
+                     "features in; label and probabilities out")
+        return "classify"
+    if wanted in ("embed", "classify"):
+        raise ModelError(f"{source.uri}: --task {wanted} does not fit this graph (inputs: "
+                         f"{', '.join(i.name for i in graph.inputs)}; outputs: "
+                         f"{', '.join(outputs)}); try --task tensor")
+    reading.note("task", "tensor", "no token or feature inputs with embedding or class outputs")
+    return "tensor"
+
+
+def _embedding(source: ModelSource, outputs: dict[str, TensorInfo], choices: Choices,
+               reading: Reading) -> dict[str, Any] | None:
+    if "sentence_embedding" in outputs:
+        out, pooling, where = outputs["sentence_embedding"], "in_graph", "output sentence_embedding"
+        normalize, norm_where = _normalize(source)
+    else:
+        token = next((outputs[n] for n in TOKEN_OUTPUTS if n in outputs), None)
+        if token is None:
+            return None
+        out = token
+        pooling, where = _pooling(source, token, choices)
+        normalize, norm_where = _normalize(source)
+    dim = out.dims[-1] if out.dims and isinstance(out.dims[-1], int) else \
+        (source.json("config.json") or {}).get("hidden_size")
+    if not isinstance(dim, int):
+        raise ModelError(f"{source.uri}: the size of {out.name} is unknown (no fixed last dim, no "
+                         "hidden_size in config.json)")
+    reading.outputs["embedding"] = out.name
+    reading.embedding = {"pooling": pooling, "normalize": normalize, "dim": dim}
+    reading.note("outputs.embedding", out.name, "graph output name")
+    reading.note("embedding.pooling", pooling, where)
+    reading.note("embedding.normalize", normalize, norm_where)
+    reading.note("embedding.dim", dim, f"last dim of {out.name}")
+    return reading.embedding
+
+
+def _pooling(source: ModelSource, token: TensorInfo, choices: Choices) -> tuple[str, str]:
+    if choices.pooling:
+        return choices.pooling, "--pooling"
+    config = source.json("1_Pooling/config.json")
+    if config is None:
+        raise ModelError(f"{source.uri}: output {token.name} holds token vectors and nothing "
+                         "says how to pool them (no 1_Pooling/config.json); choose --pooling "
+                         "mean or --pooling cls")
+    mode = config.get("pooling_mode")  # sentence-transformers 5: "mean", "cls", ...
+    if mode in ("mean", "cls"):
+        return mode, f"1_Pooling/config.json pooling_mode {mode}"
+    if config.get("pooling_mode_mean_tokens"):  # before 5: one flag per mode
+        return "mean", "1_Pooling/config.json pooling_mode_mean_tokens"
+    if config.get("pooling_mode_cls_token"):
+        return "cls", "1_Pooling/config.json pooling_mode_cls_token"
+    modes = [str(mode)] if isinstance(mode, str) else \
+        sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
+    raise ModelError(f"{source.uri}: 1_Pooling/config.json asks for {', '.join(modes) or 'no'} "
+                     "pooling; the embed task pools mean or cls (--pooling mean|cls)")
+
+
+def _normalize(source: ModelSource) -> tuple[bool, str]:
+    modules = source.configs.get("modules.json")
+    if modules is None:
+        return False, "no modules.json (no Normalize module)"
+    entries = json.loads(modules.read_text())
+    normalized = any(str(m.get("type", "")).endswith("Normalize") for m in entries)
+    return normalized, "modules.json " + ("has" if normalized else "has no") + " Normalize"
+
+
+def _id2label(source: ModelSource, logits: TensorInfo) -> list[str]:
+    config = source.json("config.json") or {}
+    mapping = config.get("id2label")
+    if not isinstance(mapping, dict) or not mapping:
+        raise ModelError(f"{source.uri}: output logits has no labels (no id2label in "
+                         "config.json)")
+    labels = [str(mapping[k]) for k in sorted(mapping, key=lambda k: int(k))]
+    width = logits.dims[-1] if logits.dims else None
+    if isinstance(width, int) and width != len(labels):
+        raise ModelError(f"{source.uri}: config.json id2label has {len(labels)} labels, output "
+                         f"logits has {width} columns")
+    return labels
+
+
+def _tabular_classifier(model: onnx.ModelProto, outputs: dict[str, TensorInfo],
+                        zipmap: ZipMapRemoved | None, reading: Reading) -> bool:
+    tensors = [o for o in outputs.values() if o.kind == "tensor"]
+    label = next((o for o in tensors if o.dims is not None and len(o.dims) == 1), None)
+    probs = next((o for o in tensors if o.dims is not None and len(o.dims) == 2
+                  and o.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)), None)
+    if probs is None:
+        return False
+    kind = "logits" if "logit" in probs.name.lower() else "probabilities"
+    reading.outputs[kind] = probs.name
+    reading.note(f"outputs.{kind}", probs.name,
+                 f"the tensor ZipMap node {zipmap.node!r} read" if zipmap and
+                 zipmap.probabilities == probs.name else "the [N, classes] float output")
+    labels, where = None, ""
+    if zipmap is not None:
+        labels, where = zipmap.labels, f"ZipMap node {zipmap.node!r} classlabels"
+    elif label is not None:
+        labels = classifier_labels(model, label.name)
+        where = f"the classifier node that computes {label.name}"
+    if labels:
+        reading.labels = labels
+        reading.note("labels", labels, where)
+    return True
