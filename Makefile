@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 
-.PHONY: install models data run score test lint chaos bench bench-st-env bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,22 @@ bench-st-env: .venv-st/.installed-stamp
 	$(PYTHON) -m venv .venv-st
 	.venv-st/bin/pip install -q 'torch==2.13.0' 'sentence-transformers>=3,<7'
 	touch $@
+
+# Optional side environment with the converters (PyTorch CPU build, sentence-transformers,
+# Optimum, skl2onnx, onnxmltools, LightGBM) that make the conformance cases; kept apart so the
+# project never depends on a framework. The cases are committed: `make test` needs none of it.
+conformance-env: .venv-conform/.installed-stamp
+
+.venv-conform/.installed-stamp:
+	$(PYTHON) -m venv .venv-conform
+	.venv-conform/bin/pip install -q 'torch==2.13.0' 'transformers==4.57.*' \
+		'sentence-transformers==5.7.*' 'optimum[onnx]' onnxscript skl2onnx onnxmltools lightgbm \
+		'onnx==1.23.*' 'onnxruntime==1.31.*' scikit-learn pandas pyarrow
+	touch $@
+
+# Writes tests/conformance/cases again (tokenizer files come from the MiniLM package in .venv).
+conformance-models: install conformance-env
+	.venv-conform/bin/python scripts/make_conformance_models.py
 
 bench-memory: models
 	$(PY) -m benchmarks.sizes memory

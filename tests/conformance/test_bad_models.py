@@ -1,0 +1,104 @@
+"""Bad models get one line each and nothing is written: exit 2 from ``python -m pipeline.models
+import``, naming the file and the problem."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from pipeline.models.__main__ import main
+
+CASES = Path(__file__).parent / "cases"
+MINILM_TOKENIZER = Path(__file__).resolve().parents[2] / "models" / "minilm" / "tokenizer.json"
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(["import", *args])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+def tiny_model(path: Path, nodes=None, inputs=None, initializers=()) -> None:
+    graph = helper.make_graph(
+        nodes or [helper.make_node("Relu", ["x"], ["y"])], "tiny",
+        inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+
+
+def test_a_truncated_model_file(tmp_path, capsys):
+    tiny_model(tmp_path / "good.onnx")
+    (tmp_path / "model.onnx").write_bytes((tmp_path / "good.onnx").read_bytes()[:40])
+    code, err = run(capsys, str(tmp_path / "model.onnx"), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'model.onnx'}: ")
+    assert "not an ONNX model" in err and not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_no_onnx_at_all(tmp_path, capsys):
+    (tmp_path / "model.onnx").write_text("name,value\na,1\n")
+    code, err = run(capsys, str(tmp_path / "model.onnx"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "model.onnx" in err and "not an ONNX model" in err
+    code, err = run(capsys, str(tmp_path), "--out", str(tmp_path / "out"))  # as a folder
+    assert code == 2 and "not an ONNX model" in err and not (tmp_path / "out").exists()
+
+
+def test_a_graph_that_fails_the_checker(tmp_path, capsys):
+    tiny_model(tmp_path / "model.onnx", nodes=[helper.make_node("Relu", ["nothing"], ["y"])])
+    code, err = run(capsys, str(tmp_path / "model.onnx"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "onnx checker failed" in err and "nothing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_does_not_fit_the_word_embeddings(tmp_path, capsys):
+    """A tokenizer of 30,522 tokens beside a model whose embedding table has 100 rows."""
+    table = onnx.numpy_helper.from_array(np.zeros((100, 4), np.float32), "word_embeddings")
+    tiny_model(tmp_path / "src" / "model.onnx",
+               nodes=[helper.make_node("Gather", ["word_embeddings", "input_ids"],
+                                       ["last_hidden_state"]),
+                      helper.make_node("Identity", ["last_hidden_state"], ["y"])],
+               inputs=[helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                     ["batch", "seq"])],
+               initializers=[table])
+    shutil.copy(MINILM_TOKENIZER, tmp_path / "src" / "tokenizer.json")
+    (tmp_path / "src" / "tokenizer_config.json").write_text('{"model_max_length": 32}')
+    code, err = run(capsys, str(tmp_path / "src"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "tokenizer.json has 30522 tokens" in err
+    assert "word embeddings (word_embeddings) 100" in err and not (tmp_path / "out").exists()
+
+
+def test_a_reference_with_another_row_count(tmp_path, capsys):
+    case = CASES / "skl2onnx_zipmap"
+    with np.load(case / "reference.npz") as data:
+        np.savez(tmp_path / "short.npz", **{k: data[k][:-1] for k in data.files})
+    code, err = run(capsys, str(case / "src"), "--out", str(tmp_path / "out"),
+                    "--sample", str(case / "sample.parquet"),
+                    "--reference", str(tmp_path / "short.npz"))
+    assert code == 2 and err.startswith(f"error: --reference {tmp_path / 'short.npz'}: ")
+    assert "has 9 rows, the sample 10" in err and not (tmp_path / "out").exists()
+
+
+def test_strict_refuses_a_graph_that_runs_one_row_per_call(tmp_path, capsys):
+    case = CASES / "torchscript_reshape"
+    code, err = run(capsys, str(case / "src"), "--out", str(tmp_path / "out"), "--strict")
+    assert code == 2 and "does not run batches" in err and "Reshape node" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ambiguous_model_names_the_choices_and_the_flag(tmp_path, capsys):
+    """Token embeddings out and no pooling config: mean or cls, --pooling picks."""
+    src = CASES / "sentence_transformers_onnx" / "src"
+    copy = tmp_path / "src"
+    shutil.copytree(src, copy)
+    shutil.rmtree(copy / "1_Pooling")
+    code, err = run(capsys, str(copy), "--out", str(tmp_path / "out"))
+    assert code == 2 and "--pooling mean or --pooling cls" in err
+    assert main(["import", str(copy), "--out", str(tmp_path / "out"), "--pooling", "cls"]) == 0
+    assert "pooling: cls" in (tmp_path / "out" / "bundle.yaml").read_text()

@@ -1,0 +1,201 @@
+"""Models as real converters wrote them run as their framework computes, with nothing written
+by hand: ``import`` with no flags gives the right bundle, a real ``python -m pipeline.run`` job
+with no task block (the converter's output straight in ``model.uri``) and ``OnnxPredictor``
+give the framework's outputs row for row.
+
+The cases (``cases/<name>``: ``src/`` as the converter wrote it, ``sample.parquet``,
+``reference.npz`` computed by the source framework, ``case.json``) are made by
+scripts/make_conformance_models.py in a side environment; this suite needs no framework.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import OnnxPredictor
+from pipeline.errors import ModelError
+from pipeline.import_checks import _compare, read_sample, reference_check
+from pipeline.models.importing import ImportOptions, import_model
+
+CASES_DIR = Path(__file__).parent / "cases"
+CASES = sorted(p for p in CASES_DIR.iterdir() if (p / "case.json").exists())
+RUNNABLE = [c for c in CASES if "refused" not in json.loads((c / "case.json").read_text())]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def meta(case: Path) -> dict:
+    return json.loads((case / "case.json").read_text())
+
+
+def reference(case: Path) -> dict[str, np.ndarray]:
+    with np.load(case / "reference.npz", allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def assert_matches(case: Path, columns: dict[str, list]) -> None:
+    m = meta(case)
+    for name, want in reference(case).items():
+        assert name in columns, f"{case.name}: no output column {name} in {sorted(columns)}"
+        problem = _compare(name, columns[name], list(want), m.get("atol", 1e-4),
+                           m.get("min_cosine", 0.9999))
+        assert problem is None, f"{case.name}: {problem}"
+
+
+def test_every_converter_and_trap_has_a_case():
+    converters = {meta(c)["converter"].split(" (")[0] for c in CASES}
+    assert {"torch.onnx", "sentence-transformers ONNX backend", "Optimum", "skl2onnx",
+            "onnxmltools"} <= converters
+    traps = " ".join(meta(c)["trap"] for c in CASES)
+    for trap in ("fixed at 1", "Reshape", "external data", "ZipMap", "IR 14",
+                 "operator the runtime lacks", "bool outputs"):
+        assert trap in traps
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_import_with_no_flags(case, tmp_path):
+    m = meta(case)
+    out = tmp_path / "bundle"
+    if "refused" in m:
+        with pytest.raises(ModelError) as refused:
+            import_model(str(case / "src"), out)
+        assert m["refused"] in str(refused.value) and "\n" not in str(refused.value)
+        assert not out.exists()  # nothing written
+        return
+    done = import_model(str(case / "src"), out)
+    spec = done.bundle.spec
+    assert spec.task == m["task"]
+    for repair in m.get("repairs", []):
+        assert any(repair in r for r in done.repairs), (repair, done.repairs)
+    for warning in m.get("warnings", []):
+        assert any(warning in w for w in done.warnings), (warning, done.warnings)
+    assert (spec.max_batch == 1) == bool(m.get("warnings"))
+    assert bool(spec.external_data) == bool(m.get("external_data"))
+    for name in spec.external_data:
+        assert (out / name).is_file()
+    recorded = spec.source["inferred"]
+    assert all(f["from"] for f in recorded) and {f["key"] for f in recorded} >= {"task"}
+
+
+@pytest.mark.parametrize("case", RUNNABLE, ids=lambda c: c.name)
+def test_import_checks_the_reference_and_refuses_a_mismatch(case, tmp_path):
+    sample = read_sample(case / "sample.parquet")
+    ok = ImportOptions(verify=reference_check(sample, case / "reference.npz", 1e-4, 0.999))
+    import_model(str(case / "src"), tmp_path / "ok", ok)
+    wrong = {name: _spoiled(values) for name, values in reference(case).items()}
+    np.savez(tmp_path / "wrong.npz", **wrong)
+    bad = ImportOptions(verify=reference_check(sample, tmp_path / "wrong.npz", 1e-4, 0.999))
+    with pytest.raises(ModelError, match=r"--reference .*wrong\.npz: row 0: ") as refused:
+        import_model(str(case / "src"), tmp_path / "bad", bad)
+    assert "\n" not in str(refused.value) and not (tmp_path / "bad").exists()
+
+
+def _spoiled(values: np.ndarray) -> np.ndarray:
+    """The reference with its first row changed enough to fail any tolerance."""
+    spoiled = values.copy()
+    if spoiled.dtype.kind in "fc":
+        spoiled[0] = -spoiled[0] - 1.0
+    elif spoiled.dtype.kind in "iu":
+        spoiled[0] = spoiled[0] + 7
+    elif spoiled.dtype.kind == "b":
+        spoiled[0] = not spoiled[0]
+    else:
+        spoiled[0] = "not-" + str(spoiled[0])
+    return spoiled
+
+
+@pytest.mark.parametrize("case", RUNNABLE, ids=lambda c: c.name)
+def test_onnx_predictor_gives_the_frameworks_outputs(case):
+    table = pq.read_table(case / "sample.parquet")
+    predictor = OnnxPredictor(str(case / "src"), passthrough=["id"], on_bad_row="keep")
+    out = predictor(table)
+    assert out["_error"].null_count == out.num_rows
+    assert_matches(case, out.to_pydict())
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("case", RUNNABLE, ids=lambda c: c.name)
+def test_a_job_with_no_task_block_gives_the_frameworks_outputs(case, tmp_path):
+    import ray
+
+    job = {"name": f"conformance-{case.name}", "input": {"uri": str(case / "sample.parquet")},
+           "model": {"uri": str(case / "src")}, "passthrough": ["id"],
+           "workers": {"cpu": {"replicas": 1}}, "output": {"uri": str(tmp_path / "out")}}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "pipeline.run", str(path), "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    table = pq.read_table(parts[0]) if len(parts) == 1 else \
+        pq.ParquetDataset([str(p) for p in parts]).read()
+    table = table.sort_by("id")
+    assert table["id"].to_pylist() == list(range(table.num_rows))
+    assert table.num_rows == pq.read_metadata(case / "sample.parquet").num_rows
+    assert_matches(case, table.to_pydict())
+
+
+def test_a_remote_model_with_external_data_imports_whole(s3_bucket, s3_options, tmp_path):
+    """From object storage: the model and its model.onnx.data are fetched, hashed into the
+    bundle and verified; a job's model.uri may name the remote file just the same."""
+    import s3fs
+
+    from pipeline.models.importing import open_model
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    src = CASES_DIR / "dynamo_multi_output" / "src"
+    fs.put(str(src) + "/", f"{s3_bucket}/exports/", recursive=True)
+    uri = f"s3://{s3_bucket}/exports/model.onnx"
+    done = import_model(uri, tmp_path / "bundle", storage_options=s3_options)
+    assert list(done.bundle.spec.external_data) == ["model.onnx.data"]
+    assert (tmp_path / "bundle" / "model.onnx.data").read_bytes() == \
+        (src / "model.onnx.data").read_bytes()
+    bundle, imported = open_model(uri, s3_options)
+    assert imported and bundle.spec.external_data == done.bundle.spec.external_data
+    (bundle.path / "model.onnx.data").write_bytes(b"\0" * 7200)  # damaged on disk: refused
+    with pytest.raises(ModelError, match=r"external data model\.onnx\.data has sha256"):
+        open_model(str(bundle.path))
+
+
+def test_dry_run_prints_what_the_import_of_model_uri_inferred(tmp_path):
+    from pipeline.job_file import load_spec
+    from pipeline.planning import describe_plan, plan_job
+
+    case = CASES_DIR / "skl2onnx_zipmap"
+    planned = plan_job(load_spec({"input": {"uri": str(case / "sample.parquet")},
+                                  "model": {"uri": str(case / "src" / "model.onnx")},
+                                  "passthrough": ["id"], "output": {"uri": str(tmp_path / "o")}}))
+    assert planned.imported and planned.spec.task.kind == "classify"
+    assert planned.spec.task.feature_columns == ["sepal_length", "sepal_width", "petal_length",
+                                                 "petal_width"]
+    text = "\n".join(describe_plan(planned))
+    assert "imported into" in text and "labels: ['setosa', 'versicolor', 'virginica']" in text
+    assert "repaired: ZipMap node 'ZipMap' removed" in text
+
+
+def test_score_takes_a_converters_file_and_names_a_feature_count_mismatch(tmp_path):
+    import pipeline
+    from pipeline.errors import ConfigError
+    from pipeline.job_file import load_spec
+    from pipeline.planning import plan_job
+
+    case = CASES_DIR / "onnxmltools_lightgbm"
+    table = pq.read_table(case / "sample.parquet")
+    scored = pipeline.score(table, model=str(case / "src" / "model.onnx"), passthrough=["id"])
+    assert scored.column_names == ["id", "label", "score", "probabilities"]
+    assert_matches(case, scored.to_pydict())
+    extra = table.append_column("note", pa.array(["x"] * table.num_rows))
+    pq.write_table(extra, tmp_path / "extra.parquet")
+    with pytest.raises(ConfigError, match="has 7 columns besides passthrough, the model takes 6"):
+        plan_job(load_spec({"input": {"uri": str(tmp_path / "extra.parquet")},
+                            "model": {"uri": str(case / "src")}, "passthrough": ["id"],
+                            "output": {"uri": str(tmp_path / "out")}}))
