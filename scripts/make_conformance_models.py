@@ -258,6 +258,16 @@ def optimum_text_classifier(out: Path) -> None:
 # ----------------------------------------------------------------------------- tabular
 
 
+def classifier_case(folder: Path, model: Any, rows: np.ndarray, columns: list[str],
+                    **case: Any) -> None:
+    """A tabular classifier with ZipMap: the rows as named columns, its probabilities and
+    labels; ``case`` names the converter, versions and trap."""
+    sample = {"id": np.arange(len(rows)), **{c: rows[:, i] for i, c in enumerate(columns)}}
+    write_case(folder, sample, {"probabilities": model.predict_proba(rows).astype(np.float32),
+                                "label": np.array(model.predict(rows)).astype(str)},
+               {**case, "task": "classify", "atol": 1e-5, "repairs": ["ZipMap"]})
+
+
 def skl2onnx_zipmap(out: Path) -> None:
     """skl2onnx with its defaults: ZipMap on, string labels, no feature names."""
     from skl2onnx import to_onnx
@@ -275,16 +285,11 @@ def skl2onnx_zipmap(out: Path) -> None:
     onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, 4]))],
                   target_opset={"": 17, "ai.onnx.ml": 3})
     onnx.save_model(onx, str(folder / "src" / "model.onnx"))
-    rows = iris.data[::15].astype(np.float32)
     columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-    sample = {"id": np.arange(len(rows)), **{c: rows[:, i] for i, c in enumerate(columns)}}
-    write_case(folder, sample,
-               {"probabilities": model.predict_proba(rows).astype(np.float32),
-                "label": np.array(model.predict(rows))},
-               {"converter": "skl2onnx (a Pipeline, defaults: ZipMap on)",
-                "versions": versions("scikit-learn", "skl2onnx"), "task": "classify",
-                "atol": 1e-5, "repairs": ["ZipMap"],
-                "trap": "ZipMap output with string labels; no feature names (initial_types)"})
+    classifier_case(folder, model, iris.data[::15].astype(np.float32), columns,
+                    converter="skl2onnx (a Pipeline, defaults: ZipMap on)",
+                    versions=versions("scikit-learn", "skl2onnx"),
+                    trap="ZipMap output with string labels; no feature names (initial_types)")
 
 
 def onnxmltools_lightgbm(out: Path) -> None:
@@ -302,16 +307,10 @@ def onnxmltools_lightgbm(out: Path) -> None:
     onx = convert_lightgbm(model, initial_types=[("features", FloatTensorType([None, 6]))],
                            target_opset=15)  # the newest it supports
     onnx.save_model(onx, str(folder / "src" / "model.onnx"))
-    rows = x[::40]
-    columns = [f"f{i}" for i in range(6)]
-    sample = {"id": np.arange(len(rows)), **{c: rows[:, i] for i, c in enumerate(columns)}}
-    write_case(folder, sample,
-               {"probabilities": model.predict_proba(rows).astype(np.float32),
-                "label": model.predict(rows).astype(str)},
-               {"converter": "onnxmltools (LightGBM)",
-                "versions": versions("lightgbm", "onnxmltools"), "task": "classify",
-                "atol": 1e-5, "repairs": ["ZipMap"],
-                "trap": "ZipMap with integer labels; onnxmltools picks its own opsets"})
+    classifier_case(folder, model, x[::40], [f"f{i}" for i in range(6)],
+                    converter="onnxmltools (LightGBM)",
+                    versions=versions("lightgbm", "onnxmltools"),
+                    trap="ZipMap with integer labels; onnxmltools picks its own opsets")
 
 
 # ----------------------------------------------------------------------------- onnx traps
