@@ -116,6 +116,7 @@ class ActorPool:
         self.workers: dict[str, WorkerRecord] = {}
         self.retired: list[WorkerFigures] = []
         self.most_actors = 0  # the largest pool size so far: losing a whole node is no abort
+        self._owner: dict[Any, str] = {}  # ref with a result to come -> its worker (O(1) lookups)
         self._seq = 0
         self._next_grow = 0.0
         self._requested: list[dict[str, float]] | None = None  # last autoscaler request
@@ -131,10 +132,14 @@ class ActorPool:
         return calls + [w.ready_ref for w in self.in_state(WorkerState.STARTING)]
 
     def starting_with(self, ref: Any) -> WorkerRecord | None:
-        return next((w for w in self.in_state(WorkerState.STARTING) if w.ready_ref == ref), None)
+        record = self.workers.get(self._owner.get(ref, ""))
+        if record is None or record.state is not WorkerState.STARTING or record.ready_ref != ref:
+            return None
+        return record
 
     def call_of(self, ref: Any) -> WorkerRecord | None:
-        return next((w for w in self.workers.values() if ref in w.calls), None)
+        record = self.workers.get(self._owner.get(ref, ""))
+        return record if record is not None and ref in record.calls else None
 
     def calls(self) -> Iterator[tuple[str, float]]:
         """(worker, dispatched at) of every call in flight."""
@@ -170,6 +175,7 @@ class ActorPool:
         wid = f"{plan.name}-{self._seq}"
         handle, ready_ref = self.backend.start(plan, wid)
         record = self.workers[wid] = WorkerRecord(wid, plan, handle, ready_ref, self.clock())
+        self._owner[ready_ref] = wid
         self.most_actors = max(self.most_actors, len(self.workers))
         return record
 
@@ -182,10 +188,12 @@ class ActorPool:
         if record is not None:
             record.state = WorkerState.READY
             record.figures = figures
+            self._owner.pop(record.ready_ref, None)
         return record
 
     def add_call(self, wid: str, ref: Any, shard_id: str) -> None:
         self.workers[wid].calls[ref] = (shard_id, self.clock())
+        self._owner[ref] = wid
 
     def take_call(self, ref: Any) -> tuple[WorkerRecord, str, float] | None:
         """The worker, shard and dispatch time of a call that has a result."""
@@ -193,6 +201,7 @@ class ActorPool:
         if record is None:
             return None
         shard_id, sent = record.calls.pop(ref)
+        self._owner.pop(ref, None)
         return record, shard_id, sent
 
     def remove(self, wid: str) -> WorkerRecord | None:
@@ -200,6 +209,8 @@ class ActorPool:
         record = self.workers.pop(wid, None)
         if record is None:
             return None
+        for ref in [record.ready_ref, *record.calls]:
+            self._owner.pop(ref, None)
         self.backend.kill(record.handle)
         self.retired.append(record.summary())
         return record

@@ -179,7 +179,8 @@ def _read_error(exc: Exception, uri: str, name: str,
 _verified: dict[tuple[str, int, int], str] = {}
 
 
-def _verified_sha256(path: Path) -> str:
+def verified_sha256(path: Path) -> str:
+    """The file's sha256, computed once per process while its size and mtime stay."""
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _verified:
@@ -218,7 +219,7 @@ def _read_remote(where: str, storage_options: dict[str, Any] | None, uri: str) -
 def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> None:
     if not path.exists():
         raise ModelError(f"model bundle {uri}: {spec.model_file} not found")
-    actual = _verified_sha256(path)
+    actual = verified_sha256(path)
     if actual != spec.sha256:
         raise ModelError(
             f"model bundle {uri}: {spec.model_file} has sha256 {actual} but bundle.yaml says "
@@ -228,7 +229,7 @@ def _check_hash(path: Path, spec: BundleSpec, uri: str, pinned: str | None) -> N
         data = path.parent / name
         if not data.is_file():
             raise ModelError(f"model bundle {uri}: external data {name} not found")
-        found = _verified_sha256(data)
+        found = verified_sha256(data)
         if found != declared:
             raise ModelError(f"model bundle {uri}: external data {name} has sha256 {found} but "
                              f"bundle.yaml says {declared}; the bundle is corrupt or was edited")
@@ -286,7 +287,7 @@ def cached_copy_ok(final: Path, identity: str) -> bool:
     try:
         spec = parse_bundle_spec((final / BUNDLE_FILE).read_text(), str(final / BUNDLE_FILE))
         model = final / spec.model_file
-        return (model.is_file() and _verified_sha256(model) == spec.sha256
+        return (model.is_file() and verified_sha256(model) == spec.sha256
                 and local_identity(final, spec) == identity)
     except (ModelError, OSError):
         return False

@@ -38,6 +38,7 @@ from pipeline.models.bundle import (
     default_cache_dir,
     fetch_bundle,
     open_local_bundle,
+    verified_sha256,
     write_bundle_spec,
 )
 from pipeline.models.checks import batch_verdict, load_session, synthesized_feeds
@@ -118,7 +119,7 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         shutil.copy2(source.folder / name, tmp / name)
     if reading.text:
         shutil.copy2(source.configs["tokenizer.json"], tmp / "tokenizer.json")
-    _check_graph(model, tmp, source.uri)
+    _save_model(model, tmp, source.uri)
     imported = Imported(_write(source, model, reading, repairs, tmp, None), reading, repairs)
     feeds = (options.feeds or synthesized_feeds)(imported.bundle)
     session = load_session(imported.bundle).session
@@ -126,7 +127,7 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
     if not verdict.ok:
         fixed = symbolic_batch(model)
         if fixed:
-            _check_graph(model, tmp, source.uri)
+            _save_model(model, tmp, source.uri)
             bundle = _write(source, model, reading, repairs, tmp, None)
             verdict = batch_verdict(load_session(bundle).session, feeds, _outputs(bundle))
             if verdict.ok:
@@ -177,8 +178,8 @@ def _outputs(bundle: LocalBundle) -> list[str]:
     return list(dict.fromkeys(bundle.spec.outputs.values()))
 
 
-def _check_graph(model: onnx.ModelProto, tmp: Path, uri: str) -> None:
-    """Save the model into the staged bundle and run onnx's checker on the file."""
+def _save_model(model: onnx.ModelProto, tmp: Path, uri: str) -> None:
+    """Save the (changed) graph into the staged bundle and run onnx's checker on the file."""
     onnx.save_model(model, str(tmp / MODEL_FILE))
     try:
         onnx.checker.check_model(str(tmp / MODEL_FILE))
@@ -189,15 +190,15 @@ def _check_graph(model: onnx.ModelProto, tmp: Path, uri: str) -> None:
 
 def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repairs: list[str],
            tmp: Path, max_batch: int | None) -> LocalBundle:
-    onnx.save_model(model, str(tmp / MODEL_FILE))
+    """bundle.yaml for the model ``_save_model`` last saved, and the bundle it makes."""
     spec = BundleSpec(
-        task=reading.task, model_file=MODEL_FILE, sha256=storage.sha256_file(str(tmp / MODEL_FILE)),
+        task=reading.task, model_file=MODEL_FILE, sha256=verified_sha256(tmp / MODEL_FILE),
         inputs=reading.inputs, outputs=reading.outputs,
         text=TextSpec(**reading.text) if reading.text else None,
         embedding=EmbeddingSpec(**reading.embedding) if reading.embedding else None,
         features=reading.features, feature_count=reading.feature_count, labels=reading.labels,
         max_batch=max_batch,
-        external_data={name: storage.sha256_file(str(tmp / name)) for name in source.external},
+        external_data={name: verified_sha256(tmp / name) for name in source.external},
         source={"importer": "pipeline.models import", "importer_version": IMPORTER_VERSION,
                 "from": source.uri, "layout": source.layout,
                 "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -264,9 +265,11 @@ def _cached_import_ok(final: Path, key: str) -> bool:
 
 def _source_key(source: ModelSource) -> str:
     """The content of what the import reads, and the importer's version."""
-    files = {"model": storage.sha256_file(str(source.model)),
-             **{name: storage.sha256_file(str(path)) for name, path in source.configs.items()},
-             **{name: storage.sha256_file(str(source.folder / name)) for name in source.external}}
+    # Hashed once per process while a file keeps its size and mtime: a job's planning and
+    # every scoring actor open the same multi-GB model without reading it again.
+    files = {"model": verified_sha256(source.model),
+             **{name: verified_sha256(path) for name, path in source.configs.items()},
+             **{name: verified_sha256(source.folder / name) for name in source.external}}
     payload = json.dumps({"importer": IMPORTER_VERSION, "layout": source.layout,
                           "files": files}, sort_keys=True)
     return "import-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
