@@ -9,6 +9,7 @@ exc``) so that ``--debug`` shows the original traceback, while the CLI prints on
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from pipeline.redaction import scrub
@@ -119,7 +120,8 @@ DEVICE_ERROR_PREFIX = "device error"
 _TRANSIENT_HINTS = (
     "slowdown", "slow down", "throttl", "timeout", "timed out", "temporarily", "connection",
     "reset by peer", "broken pipe", "503", "500", "502", "504", "internalerror",
-    "serviceunavailable", "too many requests", "429", "eof occurred", "disconnect",
+    "serviceunavailable", "service unavailable", "too many requests", "429", "eof occurred",
+    "disconnect",
     "could not connect", "reduce your request rate", "requesttimeout",
     "checksum",  # a body that does not match its checksum was damaged on the way
 )
@@ -138,7 +140,10 @@ def classify_io_error(exc: BaseException, what: str) -> ShardError:
     if isinstance(exc, PermissionError):
         return ShardError(f"{what}: permission denied ({text})")
     lowered = text.lower()
-    if isinstance(exc, (TimeoutError, ConnectionError)) or any(h in lowered for h in _TRANSIENT_HINTS):
+    # s3fs words SlowDown, ServiceUnavailable and 503 as OSError(EBUSY, "Service Unavailable").
+    busy = isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EAGAIN)
+    if busy or isinstance(exc, (TimeoutError, ConnectionError)) or \
+            any(h in lowered for h in _TRANSIENT_HINTS):
         return TransientError(f"{what}: {text}")
     # Anything else (corrupt data, bad schema) fails the same way every time: not retried.
     return ShardError(f"{what}: {text}")

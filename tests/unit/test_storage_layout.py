@@ -96,3 +96,15 @@ def test_dead_letters_keep_their_column_order(tmp_path):
     assert dead.to_pydict() == {"id": [2, 3], "text": ["", "c"], "_row": [1, 2],
                                 "_reason": ["null", "empty text"], "_shard_id": ["s", "s"]}
     assert dead_letter_table(table, {}, None) is None
+
+
+def test_throttling_as_s3fs_words_it_is_retried():
+    """s3fs raises OSError(EBUSY, "Service Unavailable") for SlowDown, ServiceUnavailable and
+    503 (seen in the S3 fault trial: a shard given up on instead of retried)."""
+    import errno
+
+    from pipeline.errors import classify_io_error
+
+    assert classify_io_error(OSError(errno.EBUSY, "Service Unavailable"), "writing x").transient
+    assert classify_io_error(OSError(errno.EAGAIN, "try again"), "reading x").transient
+    assert not classify_io_error(OSError(errno.EISDIR, "Is a directory"), "reading x").transient
