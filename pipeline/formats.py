@@ -1,4 +1,6 @@
-"""Reading Arrow tables from Parquet, Arrow IPC, CSV and JSON Lines through fsspec."""
+"""Reading Arrow tables from Parquet, Arrow IPC, CSV, JSON Lines and image files through
+fsspec. An image file (``input.format: images``) is one row: ``path`` (its URI) and ``image``
+(its bytes, decoded by the task), as Ray Data's ``read_images`` with ``include_paths``."""
 
 from __future__ import annotations
 
@@ -23,8 +25,15 @@ EXTENSIONS = {
 }
 
 
+# Read only with input.format: images, so that a stray picture never joins a table input.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp")
+IMAGE_SCHEMA = pa.schema([("path", pa.string()), ("image", pa.binary())])
+
+
 def format_of(path: str, default: str | None) -> str | None:
     name = path.lower()
+    if default == "images":
+        return "images" if name.endswith(IMAGE_EXTENSIONS) else None
     for ext in sorted(EXTENSIONS, key=len, reverse=True):
         if name.endswith(ext):
             return EXTENSIONS[ext]
@@ -92,6 +101,8 @@ def iter_piece(fs, path: str, piece: Any, columns: list[str] | None, window_rows
             stream = _ipc_batches(fh, piece)
         elif piece.format in ("csv", "jsonl"):
             stream = _text_batches(fs, path, fh, piece)
+        elif piece.format == "images":
+            stream = iter([pa.table([[piece.uri], [fh.read()]], schema=IMAGE_SCHEMA)])
         else:
             raise ValueError(f"unknown format {piece.format}")
         for table in windows(stream, window_rows):
@@ -190,6 +201,8 @@ def csv_header(fs: Any, path: str) -> bytes:
 
 def read_schema(fs, path: str, fmt: str) -> pa.Schema:
     """The schema without reading the data (a footer, or the first block)."""
+    if fmt == "images":
+        return IMAGE_SCHEMA
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open(path, "rb", compression=compression) as fh:
         if fmt == "parquet":

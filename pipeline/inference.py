@@ -186,10 +186,10 @@ def score_table(task: Task, session: LoadedSession, table: pa.Table,
     fault = take_session_fault()  # PIPELINE_FAULTS "device": this shard's runs all fail
     runner = _Runner(task, session, FailingSession(session.session, fault) if fault else
                      session.session)
-    runner.bad.update(prepared.bad)
     started = time.perf_counter()
-    for batch in prepared.batches:
+    for batch in prepared.batches:  # may be lazy (images decode while earlier batches infer)
         runner.run(batch)
+    runner.bad.update(prepared.bad)  # complete only once the batches are consumed
     provider_after = runner.check_provider(None)  # a switch without an error is a switch too
     infer_s = time.perf_counter() - started
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import InputError, access_error, one_line, storage_error
-from pipeline.formats import format_of, read_schema
+from pipeline.formats import IMAGE_SCHEMA, format_of, read_schema
 from pipeline.redaction import scrub
 
 FOOTER_THREADS = 16
@@ -105,13 +105,15 @@ def _list(uri: str, fmt: str | None, storage_options: dict[str, Any]) -> list[In
         relative = name[len(root):] if name.startswith(root) else name.rstrip("/").rsplit("/", 1)[-1]
         if info.get("type") == "directory" or _ignored(relative):
             continue
-        file_fmt = format_of(name, fmt) if fmt is None else (format_of(name, None) or fmt)
+        file_fmt = format_of(name, fmt) if fmt in (None, "images") else \
+            (format_of(name, None) or fmt)
         if file_fmt is None or (fmt is not None and file_fmt != fmt):
             continue
         files.append(InputFile(storage.full_uri(fs, name), file_fmt, int(info.get("size") or 0),
                                _version(info)))
     if not files:
-        raise InputError(f"input.uri: no {fmt or 'parquet/ipc/csv/jsonl'} files under {uri}")
+        what = "image" if fmt == "images" else fmt or "parquet/ipc/csv/jsonl"
+        raise InputError(f"input.uri: no {what} files under {uri}")
     return files
 
 
@@ -153,6 +155,9 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
             file.columns = list(meta.schema.to_arrow_schema().names)
             rows = sum(file.row_group_rows)
             file.bytes_per_row = file.size / rows if rows else None
+        elif file.format == "images":  # one row each; decoding is the task's, not planning's
+            file.columns = list(IMAGE_SCHEMA.names)
+            file.bytes_per_row = float(file.size) or None
         elif file.format == "ipc" and not file.compressed:
             with fs.open(path, "rb") as fh:
                 _inspect_ipc(file, fh)

@@ -182,7 +182,9 @@ def coalesce(files: list[InputFile], sizing: Sizing) -> list[Shard]:
     for file in files:
         group.append(file)
         size += file.size
-        if size >= sizing.target_bytes(file.format):
+        # An image file is one row: rows_per_shard caps a shard of them as well as its bytes.
+        images = file.format == "images" and len(group) >= sizing.rows_per_shard
+        if images or size >= sizing.target_bytes(file.format):
             shards.append(_group_shard(group))
             group, size = [], 0
     if group:
@@ -192,7 +194,8 @@ def coalesce(files: list[InputFile], sizing: Sizing) -> list[Shard]:
 
 def _group_shard(group: list[InputFile]) -> Shard:
     pieces = [Piece(f.uri, f.version, f.format) for f in group]
-    known = [sum(f.row_group_rows) for f in group if f.row_group_rows is not None]
+    known = [1 if f.format == "images" else sum(f.row_group_rows) for f in group
+             if f.format == "images" or f.row_group_rows is not None]
     rows = sum(known) if len(known) == len(group) else None
     return make_shard(pieces, rows, sum(f.size for f in group))
 

@@ -19,8 +19,9 @@ class Strict(BaseModel):
 
 class InputSpec(Strict):
     uri: str = Field(description="file, directory or glob; local path or fsspec URL")
-    format: Literal["parquet", "ipc", "csv", "jsonl"] | None = Field(
-        None, description="default: from the file extension")
+    format: Literal["parquet", "ipc", "csv", "jsonl", "images"] | None = Field(
+        None, description="default: from the file extension; images: a folder or glob of "
+        "JPEG/PNG/WebP/GIF/TIFF/BMP files, one row each (path, image bytes)")
     columns: list[str] | None = Field(None, description="read only these (default: what is used)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -34,6 +35,7 @@ class ModelSpec(Strict):
 class EmbedTaskSpec(Strict):
     kind: Literal["embed"]
     text_column: str = "text"
+    image_column: str = Field("image", description="for image bundles: bytes, paths or URIs")
     output_column: str = "embedding"
     max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
     empty_text: Literal["dead_letter", "embed"] = "dead_letter"
@@ -42,6 +44,7 @@ class EmbedTaskSpec(Strict):
 class ClassifyTaskSpec(Strict):
     kind: Literal["classify"]
     text_column: str | None = Field(None, description="for text classifiers")
+    image_column: str = Field("image", description="for image classifiers: bytes, paths or URIs")
     feature_columns: list[str] | None = Field(
         None, description="input columns in the bundle's feature order (default: its names)")
     label_column: str = "label"
@@ -51,12 +54,24 @@ class ClassifyTaskSpec(Strict):
     empty_text: Literal["dead_letter", "embed"] = "dead_letter"
 
 
+class RerankTaskSpec(Strict):
+    """A cross-encoder's score for each (text, text_pair) row."""
+
+    kind: Literal["rerank"]
+    text_column: str = Field("text", description="the query, or the first text of the pair")
+    pair_column: str = Field("text_pair", description="the document, or the second text")
+    score_column: str = "score"
+    max_length: int | None = Field(None, gt=1, description="tokens of the pair together; the "
+                                   "longer side is cut first (default: the bundle's max_length)")
+
+
 class TensorTaskSpec(Strict):
     kind: Literal["tensor"]
     output_prefix: str = ""
 
 
-TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec, Field(discriminator="kind")]
+TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TensorTaskSpec,
+                     Field(discriminator="kind")]
 
 
 # Batch sizes that suit the device, used where the job leaves them out. Measured on a 2-core
@@ -64,10 +79,15 @@ TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec, Field(di
 # 214 and 16384 / 256 191: past a few hundred KB of activations, big batches fall out of the
 # CPU caches. GPUs want the opposite: enough rows to fill the device. Tabular models have no
 # tokens; their cost per call is fixed, so they take many rows (1024 rows ran 1.16x 256).
+# Images cost their pixels (a 224x224 image is 600 KB of float32): small batches, and windows
+# of a few hundred encoded images rather than thousands.
 BATCH_DEFAULTS: dict[str, dict[str, int]] = {
-    "cpu": {"max_tokens": 2048, "max_rows": 64, "max_rows_tabular": 1024},
-    "gpu": {"max_tokens": 65536, "max_rows": 1024, "max_rows_tabular": 8192},
+    "cpu": {"max_tokens": 2048, "max_rows": 64, "max_rows_tabular": 1024, "max_rows_image": 16,
+            "window_rows_image": 256},
+    "gpu": {"max_tokens": 65536, "max_rows": 1024, "max_rows_tabular": 8192,
+            "max_rows_image": 128, "window_rows_image": 1024},
 }
+DEFAULT_WINDOW_ROWS = 4096
 
 
 class BatchingSpec(Strict):
@@ -75,15 +95,20 @@ class BatchingSpec(Strict):
                                    "default by device: 2048 on CPU, 65536 on GPU")
     max_rows: int | None = Field(None, gt=0, description="rows per batch at most; default by "
                                  "device: text 64 on CPU, 1024 on GPU; tabular 1024 / 8192")
-    window_rows: int = Field(4096, gt=0, description="rows a worker reads, sorts and scores at "
-                             "once: its memory is bounded by this, not by the shard or file")
+    window_rows: int | None = Field(None, gt=0, description="rows a worker reads, sorts and "
+                                    "scores at once: its memory is bounded by this, not by the "
+                                    "shard or file; default 4096, images 256 on CPU / 1024 on GPU")
 
-    def for_device(self, device: str, text: bool) -> BatchingSpec:
-        """Sizes filled in for ``device`` ("cpu", or a GPU provider) where the job left them out."""
+    def for_device(self, device: str, modality: str) -> BatchingSpec:
+        """Sizes filled in for ``device`` ("cpu", or a GPU provider) and what the rows hold
+        ("text", "image" or "tabular") where the job left them out."""
         defaults = BATCH_DEFAULTS["cpu" if device == "cpu" else "gpu"]
+        rows = {"text": "max_rows", "image": "max_rows_image"}.get(modality, "max_rows_tabular")
+        window = defaults["window_rows_image"] if modality == "image" else DEFAULT_WINDOW_ROWS
         return self.model_copy(update={
             "max_tokens": self.max_tokens or defaults["max_tokens"],
-            "max_rows": self.max_rows or defaults["max_rows" if text else "max_rows_tabular"],
+            "max_rows": self.max_rows or defaults[rows],
+            "window_rows": self.window_rows or window,
         })
 
 

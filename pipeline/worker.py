@@ -32,7 +32,7 @@ from pipeline.formats import iter_piece, windows
 from pipeline.inference import score_table
 from pipeline.layout import OutputLayout
 from pipeline.metadata import part_metadata
-from pipeline.models.bundle import LocalBundle, default_cache_dir, fetch_bundle
+from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle, default_cache_dir, fetch_bundle
 from pipeline.models.shipping import ShippedBundle, install_bundle
 from pipeline.plan import Shard
 from pipeline.pools import PoolSettings
@@ -74,11 +74,15 @@ def _tensorrt_context(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle,
     if "tensorrt" not in pool.providers:
         return None
     text = bundle.spec.text
-    batching = spec.batching.for_device("gpu", text=text is not None)
+    batching = spec.batching.for_device("gpu", bundle.spec.modality)
+    shapes = providers.graph_input_shapes(bundle.model_path)
+    if bundle.spec.image is not None:  # the pixels' shape is the bundle's, whatever the graph says
+        shapes.update({name: (None, *bundle.spec.image.pixel_shape)
+                       for name, role in bundle.spec.inputs.items() if role == IMAGE_SOURCE})
     return providers.TensorrtContext(
         cache_dir=providers.tensorrt_cache_dir(default_cache_dir(), bundle.sha256,
                                                providers.gpu_name(device_id)),
-        roles=bundle.spec.inputs, shapes=providers.graph_input_shapes(bundle.model_path),
+        roles=bundle.spec.inputs, shapes=shapes,
         max_rows=batching.max_rows, max_tokens=batching.max_tokens,
         max_length=text.max_length if text else None)
 
@@ -116,7 +120,8 @@ class ShardWorker:
         types = {i.name: i.type for i in self.loaded.session.get_inputs()}
         # Batch sizes follow the provider that runs, not the one asked for: a GPU pool that
         # fell back to the CPU batches as the CPU likes.
-        self.task = build_task(self.bundle, spec.task, spec.batching, types, self.loaded.active)
+        self.task = build_task(self.bundle, spec.task, spec.batching, types, self.loaded.active,
+                               spec.input.storage_options)
         b = self.task.batching
         # Recorded in every marker and the report: how this worker's session really runs.
         self.tuning = {**self.loaded.tuning, "batching": {
@@ -155,7 +160,7 @@ class ShardWorker:
             with ShardWriter(self.layout, shard.id, self.spec.output.compression, metadata,
                              parts) as out:
                 # Windows span pieces: a shard of many tiny files still infers full batches.
-                stream = windows(self._tables(shard), self.spec.batching.window_rows)
+                stream = windows(self._tables(shard), self.task.batching.window_rows)
                 for window in stats.timed_iter("read_s", stream):
                     self._score_window(shard, attempt, window, out, stats)
                 marker = self._marker(shard, attempt, out, stats)
@@ -177,7 +182,7 @@ class ShardWorker:
 
     def _tables(self, shard: Shard) -> Iterator[pa.Table]:
         """The shard's rows piece after piece, each row tagged with its piece's index."""
-        window_rows = self.spec.batching.window_rows
+        window_rows = self.task.batching.window_rows
         for index, piece in enumerate(shard.pieces):
             fs, path = storage.filesystem(piece.uri, self.spec.input.storage_options)
             try:

@@ -1,6 +1,6 @@
 """python -m pipeline.models: import, export, validate and inspect model bundles.
 
-    python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|tensor]
+    python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|rerank|tensor]
         [--pooling mean|cls] [--features a,b,c] [--sample FILE.parquet]
         [--reference FILE.npz|.parquet] [--atol X] [--min-cosine X] [--strict]
     python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                          "or Optimum folder) -> a bundle, every value inferred and checked")
     imp.add_argument("src", help=".onnx file or folder, local or any fsspec URL")
     imp.add_argument("--out", required=True, type=Path)
-    imp.add_argument("--task", default="auto", choices=["auto", "embed", "classify", "tensor"])
+    imp.add_argument("--task", default="auto",
+                     choices=["auto", "embed", "classify", "rerank", "tensor"])
     imp.add_argument("--pooling", choices=["mean", "cls"],
                      help="token embeddings: how to pool them (default: 1_Pooling/config.json)")
     imp.add_argument("--features", help="feature names in the model's order, comma-separated")

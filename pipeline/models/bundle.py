@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import storage
 from pipeline.errors import ModelError, access_error
@@ -31,6 +31,10 @@ from pipeline.redaction import scrub
 
 BUNDLE_FILE = "bundle.yaml"
 TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
+IMAGE_SOURCE = "image.pixels"
+# Pillow's resampling filters by the names Hugging Face's image processors give their numbers.
+RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
+PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
 
 def default_cache_dir() -> Path:
@@ -52,21 +56,99 @@ class EmbeddingSpec(BaseModel):
     dim: int = Field(gt=0)
 
 
+class ImageSize(BaseModel):
+    """Either ``height`` and ``width``, or ``shortest_edge`` (aspect ratio kept), as Hugging
+    Face's image processors write ``size`` and ``crop_size``."""
+
+    model_config = ConfigDict(extra="forbid")
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    shortest_edge: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ImageSize:
+        fixed = self.height is not None and self.width is not None
+        if fixed == (self.shortest_edge is not None) or \
+                (not fixed and (self.height is not None or self.width is not None)):
+            raise ValueError("give height and width, or shortest_edge")
+        return self
+
+
+class ImageSpec(BaseModel):
+    """How pixels are made from an image file: decode, convert, resize, center-crop, rescale,
+    normalize, lay out; the fields and their order are Hugging Face's image processors'."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Every image is converted to these channels (RGB, or "L" for 1): the graph's are fixed.
+    channels: Literal[1, 3] = 3
+    do_resize: bool = True
+    size: ImageSize | None = None
+    resample: Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"] = "bilinear"
+    do_center_crop: bool = False
+    crop_size: ImageSize | None = None
+    do_rescale: bool = True
+    rescale_factor: float = Field(1 / 255, gt=0)
+    do_normalize: bool = True
+    image_mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    # Larger images are dead letters, not a worker's memory blown by one decompression bomb.
+    max_pixels: int = Field(PIL_MAX_PIXELS, gt=0, le=2 * PIL_MAX_PIXELS)
+
+    @model_validator(mode="after")
+    def _fixed_shape(self) -> ImageSpec:
+        if self.do_center_crop:
+            if self.crop_size is None or self.crop_size.shortest_edge is not None:
+                raise ValueError("do_center_crop needs crop_size with height and width")
+        elif not (self.do_resize and self.size is not None and self.size.shortest_edge is None):
+            raise ValueError("pixels of one shape need size with height and width, or a "
+                             "center crop (shortest_edge alone keeps each image's aspect ratio)")
+        if self.do_resize and self.size is None:
+            raise ValueError("do_resize needs size")
+        if self.do_normalize and not (len(self.image_mean) == len(self.image_std)
+                                      == self.channels):
+            raise ValueError(f"image_mean and image_std need {self.channels} values each")
+        if self.do_normalize and any(v == 0 for v in self.image_std):
+            raise ValueError("image_std values must not be 0")
+        return self
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """The pixels' height and width once resized and cropped."""
+        box = self.crop_size if self.do_center_crop else self.size
+        return int(box.height), int(box.width)
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """One image's shape as the graph takes it, without the batch dim."""
+        h, w = self.height_width
+        return (self.channels, h, w) if self.layout == "NCHW" else (h, w, self.channels)
+
+
+class RerankSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # The score a pair gets: the raw logit, or its sigmoid (sentence-transformers' CrossEncoder
+    # applies the activation its config names).
+    activation: Literal["identity", "sigmoid"] = "identity"
+
+
 class BundleSpec(BaseModel):
     """The content of bundle.yaml."""
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
-    task: Literal["embed", "classify", "tensor"]
+    task: Literal["embed", "classify", "tensor", "rerank"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
-    # tokens.type_ids | features | column:<input column>
+    # tokens.type_ids | features | image.pixels | column:<input column>
     inputs: dict[str, str]
     # role -> graph output name (embed: embedding; classify: probabilities or logits,
-    # optionally label; tensor: any role, written as a column of that name)
+    # optionally label; rerank: logits; tensor: any role, written as a column of that name)
     outputs: dict[str, str]
     text: TextSpec | None = None
+    image: ImageSpec | None = None
+    rerank: RerankSpec | None = None
     embedding: EmbeddingSpec | None = None
     features: list[str] | None = None  # input columns in the model's feature order
     # A features input whose converter kept no names: how many columns it takes (a job then
@@ -85,15 +167,24 @@ class BundleSpec(BaseModel):
     @classmethod
     def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
         for name, source in value.items():
-            if source not in (*TOKEN_SOURCES, "features") and not source.startswith("column:"):
+            if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE) and \
+                    not source.startswith("column:"):
                 raise ValueError(
                     f"input {name!r} has source {source!r}; use one of "
-                    f"{', '.join(TOKEN_SOURCES)}, features or column:<name>"
+                    f"{', '.join(TOKEN_SOURCES)}, features, {IMAGE_SOURCE} or column:<name>"
                 )
         return value
 
     def needs_tokenizer(self) -> bool:
         return any(s.startswith("tokens.") for s in self.inputs.values())
+
+    def takes_images(self) -> bool:
+        return IMAGE_SOURCE in self.inputs.values()
+
+    @property
+    def modality(self) -> Literal["text", "image", "tabular"]:
+        """What the rows hold: text to tokenize, images to decode, or columns as they are."""
+        return "text" if self.needs_tokenizer() else "image" if self.takes_images() else "tabular"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError, one_line
-from pipeline.models.bundle import LocalBundle
+from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle
 from pipeline.models.onnx_types import TensorInfo, file_signature
 from pipeline.sessions import LoadedSession, SessionSettings, create_session
 
@@ -128,6 +128,9 @@ def synthesized_feeds(bundle: LocalBundle, rows: int = CHECK_ROWS,
         source = spec.inputs.get(info.name, "")
         if source.startswith("tokens."):
             feeds[info.name] = tokens[source].astype(info.numpy_dtype)
+        elif source == IMAGE_SOURCE:  # pixels as the image section lays them out
+            feeds[info.name] = rng.normal(size=(rows, *spec.image.pixel_shape)).astype(
+                info.numpy_dtype)
         elif source == "features":
             width = len(spec.features or []) or spec.feature_count or _dim(info, 1)
             feeds[info.name] = rng.normal(size=(rows, width)).astype(info.numpy_dtype)

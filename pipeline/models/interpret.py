@@ -7,6 +7,12 @@ Where two readings are possible, ``ModelError`` names the choices and the flag t
 - Inputs: tokens by name (``input_ids``, ``attention_mask``, ``token_type_ids``); the one
   numeric [N, F] input of a tabular classifier (an ONNX-ML classifier node or a ZipMap in the
   graph) is its features; any other input is a column of its name.
+- Images: ``pixel_values`` (or the one 4-D float input beside a ``preprocessor_config.json``)
+  is fed by ``image.pixels``, preprocessed as that file says (``image_processor``); ``logits``
+  with ``id2label`` make an image classifier, ``image_embeds``/``pooler_output``/``embeddings``
+  (or pooled ``last_hidden_state``) an image embedder.
+- A cross-encoder: token inputs, one logit, a tokenizer with a pair template: ``rerank``,
+  scored with the activation sentence-transformers' config names (sigmoid or none).
 - Outputs: ``sentence_embedding`` is an embedding; token embeddings (``last_hidden_state``,
   ``token_embeddings``) are pooled as the sentence-transformers config says (``1_Pooling``,
   ``Normalize`` in modules.json), or as ``--pooling`` says; ``logits`` with ``id2label`` a text
@@ -26,6 +32,8 @@ import onnx
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError
+from pipeline.models.bundle import IMAGE_SOURCE
+from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
 from pipeline.models.sources import ModelSource
@@ -33,7 +41,9 @@ from pipeline.models.sources import ModelSource
 TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_mask",
                 "token_type_ids": "tokens.type_ids"}
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
-TASKS = ("embed", "classify", "tensor")
+IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
+TASKS = ("embed", "classify", "rerank", "tensor")
+PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
 
@@ -56,6 +66,8 @@ class Reading:
     features: list[str] | None = None
     feature_count: int | None = None
     labels: list[str] | None = None
+    image: dict[str, Any] | None = None  # the bundle's image section
+    rerank: dict[str, Any] | None = None  # {activation}
     findings: list[Finding] = field(default_factory=list)
 
     def note(self, key: str, value: Any, source: str) -> None:
@@ -81,7 +93,18 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
     if tokens:
         _text(source, reading)
         _check_vocabulary(source, model)
-    task = _task(source, model, graph, zipmap, choices, reading, tokens)
+    pixels = next((graph.input(n) for n, s in reading.inputs.items() if s == IMAGE_SOURCE), None)
+    if pixels is not None:
+        config = source.json(PREPROCESSOR)
+        if config is None:
+            raise ModelError(f"{source.uri}: input {pixels.name} takes images and no "
+                             f"{PREPROCESSOR} says how to make its pixels; save the model's "
+                             "image processor beside it (processor.save_pretrained)")
+        reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}",
+                                      reading.note)
+        task = _image_task(source, graph, choices, reading)
+    else:
+        task = _task(source, model, graph, zipmap, choices, reading, tokens)
     reading.task = task
     if task == "tensor":
         for out in graph.outputs:
@@ -105,10 +128,21 @@ def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Re
                and i.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
     wants = choices.task == "classify" or (choices.task == "auto" and tabular)
     features = numeric[0] if len(numeric) == 1 and len(graph.inputs) == 1 and wants else None
+    images = [i for i in graph.inputs if i.kind == "tensor" and i.dims is not None
+              and len(i.dims) == 4 and i.elem_type in (onnx.TensorProto.FLOAT,
+                                                       onnx.TensorProto.FLOAT16)]
+    pixels = next((i for i in images if i.name == "pixel_values"), None) or \
+        (images[0] if len(images) == 1 and len(graph.inputs) == 1 and PREPROCESSOR in
+         source.configs and choices.task != "tensor" else None)
     for info in graph.inputs:
         if info.name in TOKEN_INPUTS:
             reading.inputs[info.name] = TOKEN_INPUTS[info.name]
             reading.note(f"inputs.{info.name}", TOKEN_INPUTS[info.name], "graph input name")
+        elif info is pixels and choices.task != "tensor":
+            reading.inputs[info.name] = IMAGE_SOURCE
+            reading.note(f"inputs.{info.name}", IMAGE_SOURCE,
+                         "graph input name" if info.name == "pixel_values" else
+                         f"the only graph input, 4-D, beside {PREPROCESSOR}")
         elif info is features:
             reading.inputs[info.name] = "features"
             reading.note(f"inputs.{info.name}", "features",
@@ -200,6 +234,9 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
             reading.note("task", "embed", "--task" if wanted == "embed" else
                          f"token inputs, output {reading.outputs['embedding']}")
             return "embed"
+        if "logits" in outputs and wanted in ("auto", "rerank") and \
+                _cross_encoder(source, outputs["logits"], reading, wanted):
+            return "rerank"
         if "logits" in outputs and wanted in ("auto", "classify"):
             reading.outputs["logits"] = "logits"
             reading.labels = _id2label(source, outputs["logits"])
@@ -223,6 +260,101 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                          f"{', '.join(outputs)}); try --task tensor")
     reading.note("task", "tensor", "no token or feature inputs with embedding or class outputs")
     return "tensor"
+
+
+def _cross_encoder(source: ModelSource, logits: TensorInfo, reading: Reading,
+                   wanted: str) -> bool:
+    """A sequence classifier with one label whose tokenizer encodes pairs: a reranker."""
+    config = source.json("config.json") or {}
+    width = logits.dims[-1] if logits.dims and isinstance(logits.dims[-1], int) else \
+        len(config.get("id2label") or {}) or None
+    pair = _pair_template(source)
+    if width != 1 or not pair:
+        if wanted == "rerank":
+            why = f"output logits has {width} columns" if width != 1 else \
+                "tokenizer.json has no pair template"
+            raise ModelError(f"{source.uri}: --task rerank needs one logit per pair and a pair "
+                             f"tokenizer ({why})")
+        return False
+    activation, where = _activation(config)
+    reading.outputs["logits"] = logits.name
+    reading.rerank = {"activation": activation}
+    reading.note("outputs.logits", logits.name, "graph output name")
+    reading.note("rerank.activation", activation, where)
+    reading.note("task", "rerank", "--task" if wanted == "rerank" else
+                 f"token inputs, one logit, tokenizer.json encodes pairs ({pair})")
+    return True
+
+
+def _pair_template(source: ModelSource) -> str | None:
+    data = json.loads(source.configs["tokenizer.json"].read_text())
+    post = data.get("post_processor") or {}
+    processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for proc in processors:
+        if proc.get("type") == "TemplateProcessing" and proc.get("pair"):
+            return "TemplateProcessing pair"
+        if proc.get("type") in ("BertProcessing", "RobertaProcessing"):
+            return proc["type"]
+    return None
+
+
+def _activation(config: dict[str, Any]) -> tuple[str, str]:
+    """The activation sentence-transformers' CrossEncoder applies: its config's
+    ``activation_fn`` (v4+) or ``sbert_ce_default_activation_function`` (before), else
+    sigmoid, its default for one label."""
+    named = (config.get("sentence_transformers") or {}).get("activation_fn")
+    where = "config.json sentence_transformers.activation_fn"
+    if not named:
+        named, where = config.get("sbert_ce_default_activation_function"), \
+            "config.json sbert_ce_default_activation_function"
+    if not named:
+        return "sigmoid", "no activation in config.json: CrossEncoder's default for one label"
+    if named.endswith("Sigmoid"):
+        return "sigmoid", f"{where} {named}"
+    if named.endswith("Identity"):
+        return "identity", f"{where} {named}"
+    raise ModelError(f"config.json names the activation {named}; rerank applies Sigmoid or "
+                     "Identity")
+
+
+def _image_task(source: ModelSource, graph: Signature, choices: Choices,
+                reading: Reading) -> str:
+    outputs = {o.name: o for o in graph.outputs}
+    wanted = choices.task
+    if wanted not in ("auto", "embed", "classify"):
+        raise ModelError(f"--task {wanted}: an image model is embed or classify")
+    if "logits" in outputs and wanted in ("auto", "classify"):
+        reading.outputs["logits"] = "logits"
+        reading.labels = _id2label(source, outputs["logits"])
+        reading.note("labels", f"{len(reading.labels)} labels", "config.json id2label")
+        reading.note("task", "classify", "--task" if wanted == "classify" else
+                     "image input, output logits")
+        return "classify"
+    if wanted in ("auto", "embed"):
+        vector = next((outputs[n] for n in IMAGE_EMBEDDINGS if n in outputs
+                       and outputs[n].dims and len(outputs[n].dims) == 2), None)
+        token = outputs.get("last_hidden_state")
+        out = vector or token
+        if out is not None:
+            pooling, where = ("in_graph", f"output {out.name} is [N, D]") if vector else \
+                (choices.pooling, "--pooling") if choices.pooling else (None, "")
+            if pooling is None:
+                raise ModelError(f"{source.uri}: output last_hidden_state holds patch vectors "
+                                 "and nothing says how to pool them; choose --pooling cls or "
+                                 "--pooling mean")
+            dim = out.dims[-1] if isinstance(out.dims[-1], int) else \
+                (source.json("config.json") or {}).get("hidden_size")
+            reading.outputs["embedding"] = out.name
+            reading.embedding = {"pooling": pooling, "normalize": False, "dim": dim}
+            reading.note("outputs.embedding", out.name, "graph output name")
+            reading.note("embedding.pooling", pooling, where)
+            reading.note("embedding.normalize", False, "the model's vectors as it gives them")
+            reading.note("task", "embed", "--task" if wanted == "embed" else
+                         f"image input, output {out.name}")
+            return "embed"
+    raise ModelError(f"{source.uri}: an image model needs an output logits (with id2label) or "
+                     f"{', '.join(IMAGE_EMBEDDINGS[:3])} or last_hidden_state (outputs: "
+                     f"{', '.join(outputs)})")
 
 
 def _embedding(source: ModelSource, outputs: dict[str, TensorInfo], choices: Choices,

@@ -75,7 +75,8 @@ def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = Non
     model, layout, config_root = _find_model(local, uri)
     configs = {name: config_root / name for name in CONFIG_FILES
                if (config_root / name).is_file()}
-    if layout == "onnx-file" and {"config.json", "tokenizer.json"} & set(configs):
+    if layout == "onnx-file" and {"config.json", "tokenizer.json",
+                                  "preprocessor_config.json"} & set(configs):
         layout = "hf-folder"
     return ModelSource(uri, model, layout, config_root, configs, external_files(model, uri))
 

@@ -15,8 +15,9 @@ import onnxruntime as ort
 from onnx import helper
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import LocalBundle
+from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle
 from pipeline.models.checks import batch_verdict, operator_problem, synthesized_feeds
+from pipeline.models.onnx_types import file_signature
 from pipeline.sessions import PROVIDER_NAMES, SHORT_NAMES, SessionSettings, create_session
 
 
@@ -142,6 +143,30 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: mean pooling needs an input fed by tokens.attention_mask")
     if spec.task == "classify" and not ({"probabilities", "logits"} & set(spec.outputs)):
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
+    if spec.task == "rerank" and (not spec.needs_tokenizer() or "logits" not in spec.outputs):
+        raise ModelError(f"{where}: a rerank bundle needs token inputs and outputs.logits")
+    if spec.takes_images() and spec.image is None:
+        raise ModelError(f"{where}: an input fed by {IMAGE_SOURCE} needs an 'image' section")
+    if spec.takes_images():
+        _check_pixel_shape(bundle)
+
+
+def _check_pixel_shape(bundle: LocalBundle) -> None:
+    """The graph's fixed dims of the pixel input agree with what the image section makes."""
+    graph = file_signature(bundle.model_path, bundle.sha256)
+    want = bundle.spec.image.pixel_shape
+    for name, source in bundle.spec.inputs.items():
+        if source != IMAGE_SOURCE:
+            continue
+        dims = graph.input(name).row_dims
+        if dims is None:
+            continue
+        if len(dims) != 3 or any(isinstance(d, int) and d > 0 and d != w
+                                 for d, w in zip(dims, want, strict=False)):
+            shown = ["?" if not isinstance(d, int) or d <= 0 else d for d in dims]
+            raise ModelError(f"{bundle.uri}: graph input {name} takes images of shape {shown} "
+                             f"but bundle.yaml image makes {list(want)} "
+                             f"({bundle.spec.image.layout}); fix image.size, crop_size or layout")
 
 
 def smoke_run(bundle: LocalBundle, provider: str) -> ProviderCheck:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.errors import ConfigError
 from pipeline.models.bundle import LocalBundle
-from pipeline.spec import BatchingSpec, ClassifyTaskSpec, EmbedTaskSpec, TensorTaskSpec
+from pipeline.spec import (
+    BatchingSpec,
+    ClassifyTaskSpec,
+    EmbedTaskSpec,
+    RerankTaskSpec,
+    TensorTaskSpec,
+)
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.embed import EmbedTask
+from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.tensor import TensorTask
 
-TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask, "tensor": TensorTask}
+TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
+                                "rerank": RerankTask, "tensor": TensorTask}
 
 
-AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec
+AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
-                                       "tensor": TensorTaskSpec}
+                                       "rerank": RerankTaskSpec, "tensor": TensorTaskSpec}
 
 
 def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:
@@ -35,19 +45,20 @@ def build_task(
     batching: BatchingSpec,
     input_types: dict[str, str],
     device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
 ) -> Task:
     """The task for a job; ``input_types`` are the graph's input types by name. ``device`` is
     the provider that runs the session ("cpu", "cuda", ...): it picks the batch sizes the job
-    left out."""
+    left out. ``storage_options`` open image files a path column names (the input's)."""
     spec = resolve_task(spec, bundle)
     if bundle.spec.task != spec.kind:
         raise ConfigError(
             f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
         )
-    batching = batching.for_device(device, text=bundle.spec.text is not None)
+    batching = batching.for_device(device, bundle.spec.modality)
     if bundle.spec.max_batch is not None and batching.max_rows > bundle.spec.max_batch:
         batching = batching.model_copy(update={"max_rows": bundle.spec.max_batch})
-    return TASKS[spec.kind](bundle, spec, batching, input_types)
+    return TASKS[spec.kind](bundle, spec, batching, input_types, storage_options)
 
 
 __all__ = ["Batch", "Prepared", "Task", "build_task", "resolve_task"]

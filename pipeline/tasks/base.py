@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,18 +27,22 @@ class Batch:
 
 @dataclass
 class Prepared:
-    batches: list[Batch]
+    # A list, or an iterator that prepares batches as they are consumed (images); ``bad`` is
+    # complete once they all were.
+    batches: Iterable[Batch]
     bad: dict[int, str] = field(default_factory=dict)  # row position -> reason
 
 
 class Task(ABC):
     """prepare(table) -> batches of model inputs; finish(batch, outputs) -> output columns."""
 
-    def __init__(self, bundle: Any, spec: Any, batching: Any, input_types: dict[str, str]):
+    def __init__(self, bundle: Any, spec: Any, batching: Any, input_types: dict[str, str],
+                 storage_options: dict[str, Any] | None = None):
         self.bundle = bundle
         self.spec = spec
         self.batching = batching
         self.input_types = input_types
+        self.storage_options = storage_options or {}  # opens image files a path column names
 
     @property
     @abstractmethod

@@ -1,4 +1,5 @@
-"""Classification: label, score and class probabilities per row, from features or text."""
+"""Classification: label, score and class probabilities per row, from features, text or an
+image."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
+from pipeline.tasks.images import image_encoder
 from pipeline.tasks.text import TextEncoder, load_tokenizer
 
 
 class ClassifyTask(Task):
-    def __init__(self, bundle, spec, batching, input_types):
-        super().__init__(bundle, spec, batching, input_types)
+    def __init__(self, bundle, spec, batching, input_types, storage_options=None):
+        super().__init__(bundle, spec, batching, input_types, storage_options)
         bspec = bundle.spec
         self.text_input = bspec.needs_tokenizer()
         self.labels = list(bspec.labels or [])
         self.use_logits = "probabilities" not in bspec.outputs
-        if self.text_input:
+        self.images = None
+        self.features: list[str] = []
+        if bspec.takes_images():
+            self.images = image_encoder(bundle, input_types, storage_options)
+        elif self.text_input:
             if not spec.text_column:
                 raise ConfigError("task.text_column: required for a text classifier bundle")
             if bspec.text is None:
@@ -29,7 +35,6 @@ class ClassifyTask(Task):
                                   f"{bspec.text.max_length}")
             self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
                                        bspec.inputs, keep_empty=spec.empty_text == "embed")
-            self.features: list[str] = []
         else:
             self.feature_count = len(bspec.features) if bspec.features else bspec.feature_count
             names = spec.feature_columns or bspec.features
@@ -50,10 +55,12 @@ class ClassifyTask(Task):
     @property
     def needs_feature_names(self) -> bool:
         """A model whose converter kept no feature names, and none given yet."""
-        return not self.text_input and not self.features
+        return not self.text_input and not self.images and not self.features
 
     @property
     def input_columns(self) -> list[str]:
+        if self.images:
+            return [self.spec.image_column]
         return [self.spec.text_column] if self.text_input else self.features
 
     @property
@@ -73,6 +80,9 @@ class ClassifyTask(Task):
         if self.needs_feature_names:
             self.bind_features(feature_columns_from(table.column_names, [], self.feature_count,
                                                     "the input"))
+        if self.images:
+            column = self.spec.image_column
+            return self.images.prepare(table[column], column, self.batching.max_rows)
         if self.text_input:
             return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
                                         self.batching.max_rows, self.batching.max_tokens)

@@ -1,4 +1,4 @@
-"""Text embedding: one fixed-size float32 vector per row."""
+"""Embedding: one fixed-size float32 vector per row, from text or from an image."""
 
 from __future__ import annotations
 
@@ -7,21 +7,27 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
+from pipeline.tasks.images import image_encoder
 from pipeline.tasks.text import TextEncoder, load_tokenizer
 
 
 class EmbedTask(Task):
-    def __init__(self, bundle, spec, batching, input_types):
-        super().__init__(bundle, spec, batching, input_types)
+    def __init__(self, bundle, spec, batching, input_types, storage_options=None):
+        super().__init__(bundle, spec, batching, input_types, storage_options)
+        self.embedding = bundle.spec.embedding
+        self.images = None
+        if bundle.spec.takes_images() and self.embedding is not None:
+            self.images = image_encoder(bundle, input_types, storage_options)
+            return
         text = bundle.spec.text
         if text is None or bundle.spec.embedding is None:
-            raise ConfigError(f"task.kind: embed needs a text embedding bundle, {bundle.uri} is not")
+            raise ConfigError(f"task.kind: embed needs a text or image embedding bundle, "
+                              f"{bundle.uri} is not")
         max_length = spec.max_length or text.max_length
         if max_length > text.max_length:
             raise ConfigError(
                 f"task.max_length: {max_length} exceeds the bundle's max_length {text.max_length}"
             )
-        self.embedding = bundle.spec.embedding
         self.encoder = TextEncoder(
             load_tokenizer(str(bundle.tokenizer_path), max_length),
             bundle.spec.inputs,
@@ -30,7 +36,7 @@ class EmbedTask(Task):
 
     @property
     def input_columns(self) -> list[str]:
-        return [self.spec.text_column]
+        return [self.spec.image_column if self.images else self.spec.text_column]
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -41,6 +47,9 @@ class EmbedTask(Task):
         return [self.bundle.spec.outputs["embedding"]]
 
     def prepare(self, table: pa.Table) -> Prepared:
+        if self.images:
+            column = self.spec.image_column
+            return self.images.prepare(table[column], column, self.batching.max_rows)
         return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
                                     self.batching.max_rows, self.batching.max_tokens)
 
@@ -55,6 +64,8 @@ class EmbedTask(Task):
             return out
         if self.embedding.pooling == "cls":
             pooled = out[:, 0, :]
+        elif self.images:  # patch tokens: every one counts
+            pooled = out.mean(axis=1)
         else:
             mask_name = next(n for n, s in self.bundle.spec.inputs.items()
                              if s == "tokens.attention_mask")

@@ -27,8 +27,8 @@ from pipeline.tasks.base import Batch, Prepared, Task
 
 
 class TensorTask(Task):
-    def __init__(self, bundle, spec, batching, input_types):
-        super().__init__(bundle, spec, batching, input_types)
+    def __init__(self, bundle, spec, batching, input_types, storage_options=None):
+        super().__init__(bundle, spec, batching, input_types, storage_options)
         self.columns: dict[str, str] = {}
         for name, source in bundle.spec.inputs.items():
             if not source.startswith("column:"):

@@ -23,9 +23,10 @@ def load_tokenizer(path: str, max_length: int) -> Tokenizer:
         tokenizer = Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises plain Exception subclasses
         raise ModelError(f"{path}: cannot load tokenizer ({exc})") from exc
-    # Whatever the file says, padding is ours (per batch) and truncation is the task's.
+    # Whatever the file says, padding is ours (per batch) and truncation is the task's. A
+    # pair is cut longest side first, one token at a time, as Hugging Face's default does.
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_truncation(max_length, strategy="longest_first")
     return tokenizer
 
 
@@ -57,7 +58,9 @@ class TextEncoder:
                 texts.append(value)
         return rows, texts, bad
 
-    def encode(self, rows: list[int], texts: list[str], bad: dict[int, str]):
+    def encode(self, rows: list[int], texts: list[str] | list[tuple[str, str]],
+               bad: dict[int, str]):
+        """Encodings of ``texts`` (single texts, or pairs encoded together)."""
         try:
             return rows, self.tokenizer.encode_batch(texts)
         except Exception:
@@ -65,7 +68,8 @@ class TextEncoder:
             kept_rows, encodings = [], []
             for row, text in zip(rows, texts, strict=True):
                 try:
-                    encodings.append(self.tokenizer.encode(text))
+                    encodings.append(self.tokenizer.encode(*text) if isinstance(text, tuple)
+                                     else self.tokenizer.encode(text))
                     kept_rows.append(row)
                 except Exception as exc:
                     bad[row] = f"tokenizer failed: {exc}"
@@ -74,6 +78,25 @@ class TextEncoder:
     def prepare(self, column: pa.ChunkedArray, name: str, max_rows: int, max_tokens: int) -> Prepared:
         rows, texts, bad = self.valid_texts(column, name)
         rows, encodings = self.encode(rows, texts, bad)
+        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad)
+
+    def prepare_pairs(self, first: pa.ChunkedArray, first_name: str, second: pa.ChunkedArray,
+                      second_name: str, max_rows: int, max_tokens: int) -> Prepared:
+        """Rows of two texts, each pair tokenized together (``[CLS] a [SEP] b [SEP]`` for BERT,
+        as the tokenizer's pair template says)."""
+        rows_a, texts_a, bad = self.valid_texts(first, first_name)
+        rows_b, texts_b, bad_b = self.valid_texts(second, second_name)
+        for row, reason in bad_b.items():
+            bad.setdefault(row, reason)
+        seconds = dict(zip(rows_b, texts_b, strict=True))
+        rows = [r for r in rows_a if r in seconds and r not in bad]
+        firsts = dict(zip(rows_a, texts_a, strict=True))
+        rows, encodings = self.encode(rows, [(firsts[r], seconds[r]) for r in rows], bad)
+        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad)
+
+    def batches(self, rows: list[int], encodings: list, max_rows: int,
+                max_tokens: int) -> list[Batch]:
+        """Length-sorted batches within the row cap and the token budget."""
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         order = np.argsort(lengths, kind="stable")
         batches: list[Batch] = []
@@ -87,7 +110,7 @@ class TextEncoder:
             picked = order[start:end]
             batches.append(self._batch(np.asarray(rows)[picked], [encodings[i] for i in picked]))
             start = end
-        return Prepared(batches=batches, bad=bad)
+        return batches
 
     def _batch(self, rows: np.ndarray, encodings: list) -> Batch:
         width = max(len(e.ids) for e in encodings)

@@ -66,8 +66,12 @@ def test_batch_sizes_left_out_follow_the_device(minilm_dir: Path, breast_cancer_
                       BatchingSpec(), {}, device)
     assert (text.batching.max_tokens, text.batching.max_rows) == \
         (defaults["max_tokens"], defaults["max_rows"])
-    tabular = BatchingSpec().for_device(device, text=False)
+    tabular = BatchingSpec().for_device(device, "tabular")
     assert tabular.max_rows == defaults["max_rows_tabular"]
+    assert tabular.window_rows == 4096
+    image = BatchingSpec().for_device(device, "image")
+    assert (image.max_rows, image.window_rows) == \
+        (defaults["max_rows_image"], defaults["window_rows_image"])
     assert BATCH_DEFAULTS["cpu"]["max_rows"] < BATCH_DEFAULTS["gpu"]["max_rows"]
 
 
