@@ -77,7 +77,7 @@ conformance-env: .venv-conform/.installed-stamp
 	.venv-conform/bin/pip install -q 'torch==2.13.0' 'transformers==4.57.*' \
 		'sentence-transformers==5.7.*' 'optimum[onnx]' onnxscript skl2onnx onnxmltools lightgbm \
 		'onnx==1.23.*' 'onnxruntime==1.31.*' scikit-learn pandas pyarrow \
-		'tensorflow-cpu==2.21.*' tf2onnx
+		'tensorflow-cpu==2.21.*' tf2onnx pillow
 	touch $@
 
 # Writes tests/conformance/cases again (tokenizer files come from the MiniLM package in .venv).

@@ -224,9 +224,15 @@ def measure_sizing(files: list[InputFile], rows_per_shard: int,
     sizing = Sizing(rows_per_shard)
     for sample in _samples(files):
         per_row = sample.bytes_per_row or FALLBACK_BYTES_PER_ROW
+        if sample.format == "images":  # a row is a file: one file's size is no sample of them
+            per_row = _mean_size([f for f in files if f.format == "images"])
         sizing.bytes_per_shard[sample.format] = bytes_per_shard or max(1, int(rows_per_shard
                                                                               * per_row))
     return sizing
+
+
+def _mean_size(files: list[InputFile]) -> float:
+    return max(1.0, sum(f.size for f in files) / max(1, len(files)))
 
 
 def _samples(files: list[InputFile]) -> list[InputFile]:

@@ -243,6 +243,7 @@ def _session_line(worker: WorkerFigures) -> str:
     s = worker.session or {}
     b = s.get("batching", {})
     threads = s.get("intra_op_threads")
+    tokens = f"{b['max_tokens']} tokens / " if b.get("max_tokens") else ""
     return (f"{worker.pool} pool on {', '.join(s.get('providers', [])[:1]) or '?'}, "
             f"{threads} intra-op thread{'s' if threads != 1 else ''}, graph {s.get('graph')}, "
-            f"batches of {b.get('max_tokens')} tokens / {b.get('max_rows')} rows")
+            f"batches of {tokens}{b.get('max_rows')} rows")

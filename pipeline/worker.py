@@ -124,8 +124,10 @@ class ShardWorker:
                                spec.input.storage_options)
         b = self.task.batching
         # Recorded in every marker and the report: how this worker's session really runs.
+        # max_tokens only where rows have tokens: it means nothing to an image or a table.
+        tokens = {"max_tokens": b.max_tokens} if self.bundle.spec.modality == "text" else {}
         self.tuning = {**self.loaded.tuning, "batching": {
-            "max_tokens": b.max_tokens, "max_rows": b.max_rows, "window_rows": b.window_rows}}
+            **tokens, "max_rows": b.max_rows, "window_rows": b.window_rows}}
         self.infer_lock = threading.Lock()
         self.identity = f"{pool.name}@{socket.gethostname()}:{os.getpid()}"
         self.node = ray_node()

@@ -346,6 +346,162 @@ def tf2onnx_nhwc_conv(out: Path) -> None:
                 "atol": 1e-4, "trap": "an NHWC image input [N, 8, 8, 3]; TensorFlow names"})
 
 
+# ----------------------------------------------------------------------------- images
+
+
+def sample_images() -> tuple[list[bytes], list[str]]:
+    """Real photos (scikit-learn's two) cut into crops of varied sizes and aspect ratios, in
+    JPEG, PNG and WebP, with a grayscale, an RGBA and a palette image among them."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    boxes = [(0, 0, 427, 427), (100, 50, 340, 230), (200, 100, 263, 370), (10, 300, 640, 420),
+             (300, 0, 331, 29), (50, 60, 90, 220), (0, 0, 640, 427), (120, 120, 185, 160)]
+    kinds = ["JPEG", "PNG", "WEBP", "JPEG", "PNG", "WEBP", "JPEG", "PNG"]
+    modes = ["RGB", "RGB", "RGB", "L", "RGB", "RGBA", "RGB", "P"]
+    data, names = [], []
+    for i, (box, kind, mode) in enumerate(zip(boxes, kinds, modes, strict=True)):
+        image = photos[i % 2].crop(box).convert(mode)
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind, **({"quality": 90} if kind != "PNG" else {}))
+        data.append(buffer.getvalue())
+        names.append(f"{i}-{mode}.{kind.lower()}")
+    return data, names
+
+
+def processed(processor: Any, images: list[bytes]) -> np.ndarray:
+    """pixel_values as the framework's own image processor makes them, image by image. The
+    images are converted to RGB first, as a user of transformers does: processors without
+    do_convert_rgb (ConvNeXt's) refuse a grayscale image."""
+    import io
+
+    from PIL import Image
+
+    return np.concatenate([processor(images=Image.open(io.BytesIO(b)).convert("RGB"),
+                                     return_tensors="np")["pixel_values"] for b in images]
+                          ).astype(np.float32)
+
+
+def optimum_image_classifier(out: Path) -> None:
+    """Optimum's export of an image classifier (ConvNeXt), with ConvNext's image processor:
+    the short side to shortest_edge / crop_pct, bicubic, a centre crop, ImageNet statistics."""
+    import torch
+    from optimum.onnxruntime import ORTModelForImageClassification
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
+
+    folder = fresh(out / "optimum_image_classifier")
+    torch.manual_seed(12)
+    labels = {0: "tabby", 1: "tulip", 2: "pagoda", 3: "harbour"}
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                            out_features=None, image_size=32,
+                            num_labels=4, id2label=labels, label2id={v: k for k, v in labels.items()})
+    work = folder / "hf"
+    model = ConvNextForImageClassification(config).eval()
+    model.save_pretrained(work)
+    processor = ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875, resample=3,
+                                       image_mean=[0.485, 0.456, 0.406],
+                                       image_std=[0.229, 0.224, 0.225])
+    processor.save_pretrained(work)
+    shutil.rmtree(folder / "src")
+    ORTModelForImageClassification.from_pretrained(str(work), export=True).save_pretrained(
+        str(folder / "src"))
+    processor.save_pretrained(folder / "src")
+    shutil.rmtree(work)
+    images, names = sample_images()
+    pixels = processed(processor, images)
+    with torch.no_grad():
+        probs = torch.softmax(model(pixel_values=torch.from_numpy(pixels)).logits, -1).numpy()
+    np.save(folder / "pixel_values.npy", pixels)
+    write_case(folder, {"id": np.arange(len(images)), "name": names, "image": images},
+               {"probabilities": probs.astype(np.float32),
+                "label": np.array([labels[i] for i in probs.argmax(1)])},
+               {"converter": "Optimum (ORTModelForImageClassification export)",
+                "versions": versions("optimum", "transformers", "torch", "pillow"),
+                "task": "classify", "atol": 1e-4,
+                "trap": "pixels from ConvNextImageProcessor: crop_pct, bicubic, ImageNet "
+                        "mean/std; JPEG, PNG, WebP; grayscale, RGBA and palette images"})
+
+
+def torch_clip_image_embedder(out: Path) -> None:
+    """The vision tower of CLIP with its projection, exported by torch.onnx, with CLIP's image
+    processor: the short side to shortest_edge, bicubic, centre crop, CLIP's statistics."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = fresh(out / "torch_clip_image_embedder")
+    torch.manual_seed(13)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=16,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                              patch_size=8)
+    model = CLIPVisionModelWithProjection(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32,
+                                                                          "width": 32})
+    model.config.save_pretrained(folder / "src")
+    processor.save_pretrained(folder / "src")
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, pixel_values):
+            result = self.inner(pixel_values=pixel_values)
+            return result.image_embeds, result.last_hidden_state
+
+    images, names = sample_images()
+    pixels = processed(processor, images)
+    torch.onnx.export(Tower(), (torch.from_numpy(pixels[:2]),), str(folder / "src" / "model.onnx"),
+                      input_names=["pixel_values"],
+                      output_names=["image_embeds", "last_hidden_state"],
+                      dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"},
+                                    "last_hidden_state": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    with torch.no_grad():
+        embeds = model(pixel_values=torch.from_numpy(pixels)).image_embeds.numpy()
+    np.save(folder / "pixel_values.npy", pixels)
+    write_case(folder, {"id": np.arange(len(images)), "name": names, "image": images},
+               {"embedding": embeds.astype(np.float32)},
+               {"converter": "torch.onnx (TorchScript exporter)",
+                "versions": versions("transformers", "torch", "pillow"), "task": "embed",
+                "atol": 1e-4, "min_cosine": 0.9999,
+                "trap": "pixels from CLIPImageProcessor: shortest_edge then crop, bicubic, "
+                        "convert to RGB; image_embeds beside last_hidden_state"})
+
+
+def sentence_transformers_cross_encoder(out: Path) -> None:
+    """sentence-transformers' CrossEncoder with its ONNX backend: onnx/model.onnx, one label,
+    the Sigmoid activation named in config.json."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    folder = fresh(out / "sentence_transformers_cross_encoder")
+    torch.manual_seed(14)
+    work = folder / "hf"
+    BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(work)
+    copy_tokenizer(work)
+    encoder = CrossEncoder(str(work), max_length=40)
+    plain = folder / "ce"
+    encoder.save(str(plain))
+    shutil.rmtree(folder / "src")
+    CrossEncoder(str(plain), backend="onnx", max_length=40).save(str(folder / "src"))
+    shutil.rmtree(work)
+    shutil.rmtree(plain)
+    queries = [TEXTS[i % 4] for i in range(len(TEXTS))]
+    documents = [TEXTS[(i * 5 + 3) % len(TEXTS)] * (1 + i % 3) for i in range(len(TEXTS))]
+    scores = encoder.predict(list(zip(queries, documents, strict=True)), convert_to_numpy=True)
+    write_case(folder, {"id": np.arange(len(TEXTS)), "text": queries, "text_pair": documents},
+               {"score": np.asarray(scores, dtype=np.float32)},
+               {"converter": "sentence-transformers CrossEncoder ONNX backend",
+                "versions": versions("sentence-transformers", "optimum", "torch"),
+                "task": "rerank", "atol": 1e-4,
+                "trap": "pairs tokenized together, cut longest side first at max_length 40; "
+                        "sigmoid named in config.json; onnx/model.onnx without modules.json"})
+
+
 # ----------------------------------------------------------------------------- onnx traps
 
 
@@ -388,7 +544,9 @@ def missing_operator(out: Path) -> None:
 
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
-         onnxmltools_lightgbm, tf2onnx_nhwc_conv, newer_ir_and_opset, missing_operator]
+         onnxmltools_lightgbm, tf2onnx_nhwc_conv, optimum_image_classifier,
+         torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
+         missing_operator]
 
 
 def main() -> None:

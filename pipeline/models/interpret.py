@@ -276,7 +276,8 @@ def _cross_encoder(source: ModelSource, logits: TensorInfo, reading: Reading,
             raise ModelError(f"{source.uri}: --task rerank needs one logit per pair and a pair "
                              f"tokenizer ({why})")
         return False
-    activation, where = _activation(config)
+    activation, where = _activation(source.json("config_sentence_transformers.json") or {},
+                                    config)
     reading.outputs["logits"] = logits.name
     reading.rerank = {"activation": activation}
     reading.note("outputs.logits", logits.name, "graph output name")
@@ -298,12 +299,16 @@ def _pair_template(source: ModelSource) -> str | None:
     return None
 
 
-def _activation(config: dict[str, Any]) -> tuple[str, str]:
-    """The activation sentence-transformers' CrossEncoder applies: its config's
-    ``activation_fn`` (v4+) or ``sbert_ce_default_activation_function`` (before), else
-    sigmoid, its default for one label."""
-    named = (config.get("sentence_transformers") or {}).get("activation_fn")
-    where = "config.json sentence_transformers.activation_fn"
+def _activation(st_config: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
+    """The activation sentence-transformers' CrossEncoder applies: ``activation_fn`` in
+    config_sentence_transformers.json (v5) or config.json's ``sentence_transformers`` (v4),
+    ``sbert_ce_default_activation_function`` (before), else sigmoid, its default for one
+    label."""
+    named, where = st_config.get("activation_fn"), \
+        "config_sentence_transformers.json activation_fn"
+    if not named:
+        named = (config.get("sentence_transformers") or {}).get("activation_fn")
+        where = "config.json sentence_transformers.activation_fn"
     if not named:
         named, where = config.get("sbert_ce_default_activation_function"), \
             "config.json sbert_ce_default_activation_function"
