@@ -6,8 +6,9 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
+IMAGE_ROWS ?= 3000
 
-.PHONY: install models data run score test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images bench-images test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,13 @@ models/breast_cancer/bundle.yaml: $(STAMP) pipeline/demo/tabular.py
 	$(PY) -m pipeline.models export-demo-tabular --out models/breast_cancer
 	$(PY) -m pipeline.models validate models/breast_cancer
 
-models: models/minilm/bundle.yaml models/breast_cancer/bundle.yaml
+# The demo image classifier, written as a converter leaves it and imported like any other.
+models/image/bundle.yaml: $(STAMP) pipeline/demo/images.py
+	rm -rf models/image-src models/image
+	$(PY) -m pipeline.demo image-model --out models/image-src
+	$(PY) -m pipeline.models import models/image-src --out models/image
+
+models: models/minilm/bundle.yaml models/breast_cancer/bundle.yaml models/image/bundle.yaml
 
 data/text/.rows-$(TEXT_ROWS): $(STAMP)
 	rm -rf data/text && $(PY) -m pipeline.demo text --rows $(TEXT_ROWS) --out data/text
@@ -37,6 +44,10 @@ data/tabular/.rows-$(TABULAR_ROWS): $(STAMP)
 	rm -rf data/tabular && $(PY) -m pipeline.demo tabular --rows $(TABULAR_ROWS) --out data/tabular
 	touch $@
 
+data/images/.rows-$(IMAGE_ROWS): $(STAMP) pipeline/demo/images.py
+	rm -rf data/images && $(PY) -m pipeline.demo images --rows $(IMAGE_ROWS) --out data/images
+	touch $@
+
 data: data/text/.rows-$(TEXT_ROWS) data/tabular/.rows-$(TABULAR_ROWS)
 
 run: models data
@@ -44,6 +55,10 @@ run: models data
 
 score: models data
 	$(PY) -m pipeline.run jobs/score.yaml
+
+# Classify 3,000 photos (a folder of JPEG, PNG and WebP files) with the demo image classifier.
+images: models data/images/.rows-$(IMAGE_ROWS)
+	$(PY) -m pipeline.run jobs/images.yaml
 
 test: models
 	$(BIN)/ruff check pipeline tests benchmarks scripts
@@ -57,6 +72,11 @@ chaos: models
 
 bench: models
 	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.images
+
+# The image variant alone: the pipeline, a raw onnxruntime loop and Ray Data's image guide.
+bench-images: models
+	$(PY) -m benchmarks.images
 
 # Optional side environment for the sentence-transformers baseline of `make bench` (PyTorch,
 # CPU build); kept apart so the project itself never depends on PyTorch.

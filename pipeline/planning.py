@@ -42,13 +42,14 @@ from pipeline.plan import (
 )
 from pipeline.runs import RunLog, read_runs, shards_from_markers
 from pipeline.sessions import SessionSettings, create_session
-from pipeline.spec import ClassifyTaskSpec, JobSpec, output_clash
+from pipeline.spec import ClassifyTaskSpec, JobSpec, ShardingSpec, output_clash
 from pipeline.state import FORMAT_VERSION
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task, resolve_task
 from pipeline.tasks.classify import feature_columns_from
 
 TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
+IMAGE_ROWS_PER_SHARD = 500  # a few seconds of one CPU worker's time
 
 
 @dataclass
@@ -107,7 +108,7 @@ def with_task(spec: JobSpec, bundle: LocalBundle) -> JobSpec:
     clash = output_clash(task, spec.passthrough)
     if clash:
         raise ConfigError(f"passthrough: {clash}")
-    if isinstance(task, ClassifyTaskSpec) and not bundle.spec.needs_tokenizer() and \
+    if isinstance(task, ClassifyTaskSpec) and bundle.spec.modality == "tabular" and \
             not task.feature_columns and not bundle.spec.features:
         first = list_input_files(spec.input.uri, spec.input.format, spec.input.storage_options)[0]
         inspect([first], spec.input.storage_options, sample=True)
@@ -116,7 +117,17 @@ def with_task(spec: JobSpec, bundle: LocalBundle) -> JobSpec:
         names = feature_columns_from(first.columns, spec.passthrough, bundle.spec.feature_count,
                                      first.uri)
         task = task.model_copy(update={"feature_columns": names})
-    return spec.model_copy(update={"task": task})
+    return spec.model_copy(update={"task": task, "sharding": _sharding(spec, bundle)})
+
+
+def _sharding(spec: JobSpec, bundle: LocalBundle) -> ShardingSpec:
+    """Shards of IMAGE_ROWS_PER_SHARD images where the job sets no size: an image costs a
+    hundred times a text row, and 10,000 of them would leave all but one worker idle on a
+    folder of a few thousand."""
+    sharding = spec.sharding
+    if bundle.spec.modality != "image" or "rows_per_shard" in sharding.model_fields_set:
+        return sharding
+    return sharding.model_copy(update={"rows_per_shard": IMAGE_ROWS_PER_SHARD})
 
 
 def _read_columns(spec: JobSpec, bundle: LocalBundle) -> list[str]:

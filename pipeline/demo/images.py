@@ -104,7 +104,11 @@ def image_files(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
     return files
 
 
-def write_image_data(out: Path, count: int, seed: int = 0) -> None:
+def write_image_data(out: Path, count: int, seed: int = 0, truncated: int = 1) -> None:
+    """``count`` image files, the last ``truncated`` of them cut in half (as an interrupted
+    upload leaves them): the job dead-letters those and scores the rest."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in image_files(count, seed):
+    for i, (name, data) in enumerate(image_files(count, seed)):
+        if i >= count - truncated:
+            name, data = f"truncated-{name}", data[:len(data) // 2]
         (out / name).write_bytes(data)

@@ -37,7 +37,8 @@ LAYERS: dict[str, list[str]] = {
     "driver": ["actor_pool", "ray_backend", "runner", "report", "planning", "job"],
     "entry points": ["", "api", "predictor", "run", "submit", "accuracy_gate", "import_checks",
                      "models",
-                     "models.__main__", "demo", "demo.__main__", "demo.text", "demo.tabular"],
+                     "models.__main__", "demo", "demo.__main__", "demo.text", "demo.tabular",
+                     "demo.images"],
 }
 LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i
             for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
