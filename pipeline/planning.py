@@ -49,7 +49,7 @@ from pipeline.tasks import build_task, resolve_task
 from pipeline.tasks.classify import feature_columns_from
 
 TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
-IMAGE_ROWS_PER_SHARD = 500  # a few seconds of one CPU worker's time
+IMAGE_ROWS_PER_SHARD = 250  # a few seconds of one CPU worker: a short tail at the end
 
 
 @dataclass
