@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.batch_formats import from_arrow, to_arrow
-from pipeline.job import JobResult, Start, execute
+from pipeline.job import JobResult, Start, run_spec
 from pipeline.job_file import load_spec
-from pipeline.planning import plan_job
 from pipeline.progress import Console
 from pipeline.scoring import LoadedModel
 from pipeline.spec import BatchingSpec, JobSpec
@@ -20,11 +19,13 @@ def run_job(
     progress: bool = True,
     fresh: bool = False,
     address: str | None = None,
+    wait: bool = False,
 ) -> JobResult:
-    """Run a job file (or spec) on Ray and return its result; raises PipelineError on exit 2."""
+    """Run a job file (or spec) on Ray and return its result; raises PipelineError on exit 2.
+    ``wait``: when another driver holds the output, wait for it instead of raising."""
     spec = load_spec(path_or_spec, overrides)
-    return execute(plan_job(spec), Start.FRESH if fresh else Start.CONTINUE, address,
-                   Console(show_progress=progress))
+    return run_spec(spec, Start.FRESH if fresh else Start.CONTINUE, address,
+                    Console(show_progress=progress), wait=wait)
 
 
 class Scorer:

@@ -1,13 +1,16 @@
-"""One job from its plan to its report, in four phases:
+"""One job from its plan to its report, under its output's lease, in four phases:
 
     connect        pack a bundle to ship, start or join Ray, check where data and workers live
     prepare        apply the output mode, write job.json and plan.json, open the run manifest
     run_pending    run the shards not committed yet (``runner``), or nothing when none are
     finish         the report, the table commit, orphans, and last ``_SUCCESS``
 
-``execute`` runs them in order; how the job shows itself (progress, the summary) is the
-``Console`` it is given. Planning (``planning.plan_job``) comes before and can fail only with
-exit 2; the exit code of a job that ran is decided in ``report.decide_exit``.
+``run_spec`` takes the output's lease (``pipeline.lease``: one driver per output) before it
+plans, so a plan never reads an output another driver is writing; ``execute`` runs the
+phases in order, renews the lease meanwhile, and commits nothing once it lost it. How the job
+shows itself (progress, the summary) is the ``Console`` it is given. Planning
+(``planning.plan_job``) can fail only with exit 2; the exit code of a job that ran is decided
+in ``report.decide_exit``.
 """
 
 from __future__ import annotations
@@ -24,19 +27,21 @@ import pyarrow as pa
 from pipeline.errors import InputError, OutputError, PipelineError, cause_text, storage_error
 from pipeline.increment import Increment
 from pipeline.layout import PLAN_FILE, OutputLayout
+from pipeline.lease import OutputLease
 from pipeline.locality import Placement, check_placement, ships_model
 from pipeline.models.shipping import PackedBundle, pack_bundle, ship_bundle
 from pipeline.outcome import RunOutcome
 from pipeline.output import prepare_output
 from pipeline.plan import Plan, Shard
-from pipeline.planning import PlannedJob, replanned_fresh
+from pipeline.planning import PlannedJob, plan_job, replanned_fresh
 from pipeline.progress import Console
-from pipeline.ray_backend import RayActors, cluster_view, ray_version, start_ray
+from pipeline.ray_backend import RayActors, cluster_view, ray_job_id, ray_version, start_ray
 from pipeline.redaction import redact
 from pipeline.report import ReportInputs, build_report, summary_lines, with_commit_failure
 from pipeline.runner import Runner
 from pipeline.runs import RunLog, finish_run, listed, read_runs, sizing_record, start_run
 from pipeline.sinks import TABLE_DIRS, RunCommit, Sink, sink_for
+from pipeline.spec import JobSpec
 from pipeline.state import (
     InputDelta,
     JobDocument,
@@ -76,15 +81,67 @@ class JobResult:
         return sink_for(self.format).read(layout)
 
 
-def execute(planned: PlannedJob, start: Start = Start.CONTINUE, address: str | None = None,
-            console: Console | None = None) -> JobResult:
-    """Run a planned job to its end; raises PipelineError (exit 2) when nothing could run."""
+def run_spec(spec: JobSpec, start: Start = Start.CONTINUE, address: str | None = None,
+             console: Console | None = None, wait: bool = False) -> JobResult:
+    """Plan, take the output's lease (``wait``: wait for another driver to give it back),
+    plan again if another driver wrote the output meanwhile, run, give the lease back."""
     console = console or Console()
+    planned = plan_job(spec)  # reads only: an invalid job leaves no trace, lease included
+    lease = take_lease(planned.spec, wait, console)
+    try:
+        if lease.contended or runs_changed(planned):
+            planned = plan_job(spec)  # another driver wrote the output since it was planned
+        return execute(planned, start, address, console, lease)
+    finally:
+        lease.release()
+
+
+def runs_changed(planned: PlannedJob) -> bool:
+    """An incremental plan read the output's runs: has a run been written since?"""
+    if planned.increment is None:
+        return False
+    spec = planned.spec
+    now = read_runs(OutputLayout(spec.output.uri, spec.output.storage_options)).last
+    return _run_key(now) != _run_key(planned.runs.last)
+
+
+def _run_key(manifest: RunManifest | None) -> tuple | None:
+    return None if manifest is None else (manifest.run, manifest.status, manifest.updated_at)
+
+
+def take_lease(spec: JobSpec, wait: bool, console: Console) -> OutputLease:
+    """The lease of ``spec``'s output, or OutputError (exit 2) naming the driver holding it."""
+    layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    lease = OutputLease(layout, spec.name, spec.output.lease_timeout_s)
+    try:
+        lease.acquire(wait, console.note)
+    except PipelineError:
+        raise
+    except Exception as exc:  # permissions, credentials, bad storage options: nothing ran
+        raise storage_error(exc, "output.uri", layout.uri, "take the lease of",
+                            spec.output.storage_options) from exc
+    return lease
+
+
+def execute(planned: PlannedJob, start: Start = Start.CONTINUE, address: str | None = None,
+            console: Console | None = None, lease: OutputLease | None = None) -> JobResult:
+    """Run a planned job to its end; raises PipelineError (exit 2) when nothing could run,
+    LeaseLost (exit 1) when another driver took the output over meanwhile. Without a
+    ``lease`` it takes one (not waiting) and gives it back at the end."""
+    console = console or Console()
+    if lease is None:
+        own = take_lease(planned.spec, False, console)
+        try:
+            return execute(planned, start, address, console, own)
+        finally:
+            own.release()
     started = time.time()
     connection = connect(planned, address, started)
+    lease.note_ray_job(ray_job_id())
+    lease.start_heartbeat()
     output = prepare(planned, start)
-    outcome = run_pending(output, connection, console)
-    report = finish(output, outcome, connection, started)
+    outcome = run_pending(output, connection, console, lease)
+    report = finish(output, outcome, connection, started, lease)
     console.summary(summary_lines(report))
     spec = output.planned.spec
     return JobResult(report.exit_code, report, output.layout.uri, spec.output.storage_options,
@@ -233,7 +290,8 @@ def _input_delta(plan: Plan, inc: Increment | None, held_before: set[str],
 # ----------------------------------------------------------------------------- run
 
 
-def run_pending(output: PreparedOutput, connection: Connection, console: Console) -> RunOutcome:
+def run_pending(output: PreparedOutput, connection: Connection, console: Console,
+                lease: OutputLease) -> RunOutcome:
     """The shards not committed yet, on Ray; a note instead when there are none."""
     planned = output.planned
     plan = planned.plan
@@ -247,7 +305,7 @@ def run_pending(output: PreparedOutput, connection: Connection, console: Console
         actors = RayActors(planned.spec, planned.fingerprint, planned.read_columns,
                            connection.placement, shipped, planned.bundle.identity)
         return Runner(planned.spec, pending, actors, progress=bar,
-                      placement=connection.placement).run()
+                      placement=connection.placement, stop=lease.lost).run()
     finally:
         bar.close()
 
@@ -267,9 +325,11 @@ def _nothing_to_run(output: PreparedOutput) -> str:
 
 
 def finish(output: PreparedOutput, outcome: RunOutcome, connection: Connection,
-           started: float) -> JobReport:
+           started: float, lease: OutputLease) -> JobReport:
     """The report; for a run whose every shard committed, the table commit, the orphans and
-    ``_SUCCESS`` (written last, only when the output is complete)."""
+    ``_SUCCESS`` (written last, only when the output is complete). A driver that lost its
+    lease writes none of them (LeaseLost)."""
+    lease.check()
     planned, layout = output.planned, output.layout
     spec = planned.spec
     report = build_report(ReportInputs(spec.name, layout.uri, planned.plan, planned.fingerprint,
@@ -288,6 +348,7 @@ def finish(output: PreparedOutput, outcome: RunOutcome, connection: Connection,
     report.run = latest.public_view() if latest is not None else None
     with_retries(lambda: layout.write_report(report), "writing report.json")
     if report.exit_code == 0:
+        lease.check()  # the commit took time: still ours before the last steps
         with_retries(lambda: layout.remove_orphans(output.planned_ids,
                                                    parts=not output.sink.keeps_dropped_files),
                      "removing orphaned part files")

@@ -4,6 +4,7 @@
     <output>/_pipeline/dead_letter/<shard>.parquet
     <output>/_pipeline/shards/<shard>.json   written last for a shard: the commit point
     <output>/_pipeline/job.json, report.json, plan.json, runs/<run>.json
+    <output>/_pipeline/lease.json            the driver that holds the output (pipeline.lease)
     <output>/_SUCCESS                        written last for the job
 
 Storage state is the truth: resume lists the markers. Writing a shard's files and its marker
@@ -23,6 +24,7 @@ from pipeline.state import FIRST_VERSIONED, FORMAT_VERSION, JobDocument, JobRepo
 JOB_FILE = "job.json"
 REPORT_FILE = "report.json"
 PLAN_FILE = "plan.json"
+LEASE_FILE = "lease.json"  # not output: a wipe keeps it, and it alone is no earlier output
 
 
 @dataclass(frozen=True)
@@ -159,12 +161,25 @@ class OutputLayout:
             self.fs.rm(self._path("_SUCCESS"))
 
     def has_output(self) -> bool:
+        """Part files, ``_SUCCESS`` or anything under ``_pipeline/`` but the lease."""
         self.fs.invalidate_cache(self.root)
         try:
-            return any(n.rsplit("/", 1)[-1].startswith(("part-", "_pipeline", "_SUCCESS"))
-                       for n in self.fs.ls(self.root, detail=False))
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return False
+        if any(n.startswith(("part-", "_SUCCESS")) for n in names):
+            return True
+        return "_pipeline" in names and bool(self._pipeline_entries())
+
+    def _pipeline_entries(self) -> list[str]:
+        """What ``_pipeline/`` holds, the lease left out."""
+        folder = self._path("_pipeline")
+        self.fs.invalidate_cache(folder)
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n.rstrip("/").rsplit("/", 1)[-1] != LEASE_FILE]
 
     def remove_orphans(self, keep: set[str], parts: bool = True) -> int:
         """Delete part and dead-letter files of shards outside the plan (left by a failed
@@ -205,7 +220,10 @@ class OutputLayout:
         if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
             self.fs.rm(doomed)
         present = {name.rstrip("/").rsplit("/", 1)[-1] for name in names}
-        for folder in ("_pipeline", *table_dirs):
+        for folder in table_dirs:
             if folder in present:
                 self.fs.rm(self._path(folder), recursive=True)  # batched the same way
+        entries = self._pipeline_entries() if "_pipeline" in present else []
+        if entries:  # all of _pipeline/ but the lease of the run that wipes
+            self.fs.rm(entries, recursive=True)
         self.fs.invalidate_cache(self.root)

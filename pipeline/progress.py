@@ -97,6 +97,10 @@ class Console:
     def summary(self, lines: list[str]) -> None:
         print("\n".join(lines), flush=True)
 
+    def note(self, line: str) -> None:
+        """A line while the job waits or runs (always shown: it says why nothing moves)."""
+        print(line, flush=True)
+
 
 class Silent(Console):
     """No output at all: tests, benchmarks and callers that read the report themselves."""
@@ -105,4 +109,7 @@ class Silent(Console):
         super().__init__(show_progress=False)
 
     def summary(self, lines: list[str]) -> None:
+        pass
+
+    def note(self, line: str) -> None:
         pass

@@ -43,6 +43,13 @@ def ray_version() -> str:
     return ray.__version__
 
 
+def ray_job_id() -> str | None:
+    """The connected driver's Ray job id (None before connecting)."""
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_job_id()
+
+
 def cluster_view() -> ClusterView:
     """How many nodes the connected cluster has and which one the driver is on."""
     from ray.util.client import ray as client_ray

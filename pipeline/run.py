@@ -1,4 +1,5 @@
 """python -m pipeline.run JOB.yaml [PROFILE.yaml ...] [--set key=value ...] [--dry-run] [--fresh]
+    [--wait]
 
 Later files are merged over earlier ones: `python -m pipeline.run jobs/embed.yaml configs/cuda.yaml`.
 
@@ -13,7 +14,7 @@ import json
 import sys
 
 from pipeline.cli_common import run_cli
-from pipeline.job import Start, execute
+from pipeline.job import Start, run_spec
 from pipeline.job_file import json_schema, load_spec
 from pipeline.planning import describe_plan, plan_job
 from pipeline.progress import Console
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--fresh", action="store_true",
                         help="discard earlier output in output.uri and start over")
+    parser.add_argument("--wait", action="store_true",
+                        help="another driver holds the output: wait for it instead of exiting 2")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     parser.add_argument("--schema", action="store_true", help="print the job file JSON schema")
@@ -46,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.job:
             parser.error("a job file is required")
         spec = load_spec(args.job[0] if len(args.job) == 1 else args.job, args.overrides)
-        planned = plan_job(spec)
         if args.dry_run:
-            print("\n".join(describe_plan(planned)))
+            print("\n".join(describe_plan(plan_job(spec))))
             return 0
         start = Start.FRESH if args.fresh else Start.CONTINUE
-        return execute(planned, start, args.address,
-                       Console(show_progress=not args.no_progress)).exit_code
+        return run_spec(spec, start, args.address, Console(show_progress=not args.no_progress),
+                        wait=args.wait).exit_code
 
     return run_cli(body, args.debug)
 

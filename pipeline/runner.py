@@ -53,13 +53,15 @@ class Runner:
 
     def __init__(self, spec: JobSpec, shards: list[Shard], backend: ActorBackend,
                  progress: ProgressSink | None = None, placement: Placement | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stop: Callable[[], str | None] | None = None) -> None:
         self.spec = spec
         self.shards = {s.id: s for s in shards}
         self.backend = backend
         self.progress = progress or NoProgress()
         self.placement = placement or Placement()
         self.clock = clock
+        self.stop = stop  # why the job must stop now (its output lease was lost), or None
         plans = pool_plans(spec)
         self.pool = ActorPool(plans, backend, autoscale=not self.placement.pin_node, clock=clock)
         self.metrics = JobMetrics(spec.name, [p.name for p in plans])
@@ -98,6 +100,8 @@ class Runner:
         self.metrics.tick(self.pool.in_flight_by_pool)
         if self.spec.retry.fail_fast and self.scheduler.failed:
             self.outcome.aborted = "retry.fail_fast: a shard failed after all attempts"
+        if self.stop is not None and (why := self.stop()):
+            self.outcome.aborted = why
 
     def _collect(self) -> None:
         waiting = self.pool.refs()

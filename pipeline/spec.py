@@ -207,6 +207,9 @@ class OutputSpec(Strict):
         "retire", description="incremental: what happens to the rows of input files that no "
         "longer exist")
     index: IndexSpec | None = None
+    lease_timeout_s: float = Field(
+        60.0, ge=1, description="one driver per output: a lease (_pipeline/lease.json) renewed "
+        "every quarter of this; a holder that stops renewing for this long is taken over")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -228,6 +231,10 @@ class RetrySpec(Strict):
     max_backoff_s: float = Field(30.0, ge=0)
     fail_fast: bool = False
     shard_timeout_s: float = Field(3600.0, gt=0)
+    max_split_attempts: int = Field(
+        64, ge=0, description="extra attempts a shard may spend isolating rows that kill its "
+        "worker process or run it out of memory (retried alone, then in halves down to single "
+        "rows, which are dead-lettered); 0: no isolation")
 
 
 class BadRowsSpec(Strict):

@@ -4,6 +4,7 @@
     _pipeline/runs/<run>.json       RunManifest   one pass over the input (with its ledger)
     _pipeline/report.json           JobReport     totals, figures and failures of the last run
     _pipeline/job.json              JobDocument   the resolved spec, fingerprint and versions
+    _pipeline/lease.json            LeaseRecord   the driver that holds the output now
 
 Pydantic models, like the job file: reading a file validates it (a damaged one fails in one
 line naming it), fills defaults for keys an older writer did not know, and keeps keys a newer
@@ -410,3 +411,29 @@ class JobDocument(OfJob):
     @property
     def output_format(self) -> str:
         return (self.spec.get("output") or {}).get("format", "parquet")
+
+
+# ----------------------------------------------------------------------------- the lease
+
+
+class LeaseRecord(VersionedRecord):
+    """``_pipeline/lease.json``: the one driver that may write this output now, renewed by its
+    heartbeat (``pipeline.lease``)."""
+
+    KIND: ClassVar[str] = "lease"
+    token: str  # this holding: a driver knows its own lease by it
+    host: str
+    pid: int
+    pid_started: float | None = None  # the process's start (Linux): tells a reused pid apart
+    process_space: str | None = None  # boot id and pid namespace: who can see that pid
+    job: str
+    ray_job_id: str | None = None  # known once the driver joined Ray
+    started_at: float
+    renewed_at: float
+    timeout_s: float  # a lease not renewed for this long is taken over
+    took_over: str | None = None  # the holder this one replaced, in words
+
+    def describe(self, now: float) -> str:
+        ray_job = f", Ray job {self.ray_job_id}" if self.ray_job_id else ""
+        return (f"host {self.host} pid {self.pid} (job {self.job}{ray_job}), last renewed "
+                f"{max(0.0, now - self.renewed_at):.0f} s ago")

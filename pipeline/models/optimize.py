@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -132,11 +133,28 @@ def to_int8(bundle: LocalBundle, base: Candidate, workdir: Path,
         recipe["smoothquant"] = {"alpha": SMOOTH_ALPHA, "calibration": calibration.described}
     source, target = workdir / "float.onnx", workdir / "int8.onnx"
     onnx.save_model(model, str(source))
+    # x86 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 (vpmaddubsw): 7-bit
+    # weights keep those sums in range, as onnxruntime's quantization guide advises.
+    reduce_range = not cpu_has_vnni()
+    recipe["reduce_range"] = reduce_range
     with quiet():
         quantize_dynamic(source, target, per_channel=True, op_types_to_quantize=list(QUANTIZED_OPS),
-                         nodes_to_exclude=keep_float,
+                         nodes_to_exclude=keep_float, reduce_range=reduce_range,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return Candidate(onnx.load(str(target)), recipe, base.fusions)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (int8 dot products without int16 saturation); True on
+    other architectures, where the question does not arise."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return True
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def build_candidate(bundle: LocalBundle, level: str, workdir: Path,

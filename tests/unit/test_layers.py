@@ -30,7 +30,7 @@ LAYERS: dict[str, list[str]] = {
     "data": ["formats", "listing", "plan", "increment", "pools", "state", "outcome", "layout",
              "output", "runs", "commit", "dead_letters", "batch_formats", "sinks",
              "sinks.base", "sinks.object_store", "sinks.parquet_sink", "sinks.delta_sink",
-             "sinks.lance_sink", "sinks.lance_index"],
+             "sinks.lance_sink", "sinks.lance_index", "lease", "isolation"],
     "compute": ["tasks", "tasks.base", "tasks.text", "tasks.embed", "tasks.classify",
                 "tasks.tensor", "tasks.images", "tasks.rerank", "inference", "scoring",
                 "ray_context", "worker"],
@@ -42,8 +42,9 @@ LAYERS: dict[str, list[str]] = {
 }
 LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i
             for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
-PURE = ["spec", "job_file", "plan", "scheduler", "pools", "increment", "listing", "health", "state",
-        "outcome", "actor_pool", "report", "runs", "layout", "output", "formats", "errors"]
+PURE = ["spec", "job_file", "plan", "isolation", "lease", "scheduler", "pools", "increment",
+        "listing", "health", "state", "outcome", "actor_pool", "report", "runs", "layout",
+        "output", "formats", "errors"]
 FORBIDDEN_IN_PURE = ("ray", "onnxruntime", "pipeline.worker", "pipeline.runner")
 
 
