@@ -44,6 +44,7 @@ class Gone:
 
     reason: str
     unschedulable: bool = False  # no node can hold the actor (resources, affinity)
+    kind: str = "other"  # pipeline.isolation.death_kind: process, memory, node, stopped, other
 
 
 CallResult = Done | Failed | Gone
@@ -66,6 +67,11 @@ class ActorBackend(Protocol):
         ...
 
     def result(self, ref: Any) -> CallResult: ...
+
+    def count_rows(self, shard: Shard) -> int:
+        """The rows of ``shard``, read (not scored) on the cluster: to cut a shard whose
+        footers did not say."""
+        ...
 
     def kill(self, handle: Any) -> None: ...
 

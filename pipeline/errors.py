@@ -113,6 +113,15 @@ class DeviceError(TransientError):
         return (DeviceError, (self.message, self.provider, self.provider_after, self.shard_id))
 
 
+class OutOfMemory(TransientError):
+    """A shard ran its worker out of memory: a ``MemoryError``, or onnxruntime failing to
+    allocate for a single row. Another worker may have the memory, so it is transient; the
+    runner retries the shard in smaller pieces with smaller batches (``pipeline.isolation``)."""
+
+    def __reduce__(self):
+        return (OutOfMemory, (self.message, True, self.shard_id))
+
+
 # Every DeviceError message starts with this, so that a reader of a log line knows it at once.
 DEVICE_ERROR_PREFIX = "device error"
 

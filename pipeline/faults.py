@@ -10,6 +10,11 @@ until ``parties`` distinct processes have reached the barrier (each leaves a fil
 pid in ``dir``, on a filesystem they share), or until the timeout: multi-node tests use it to
 make every worker take shards, however long the last one takes to start.
 
+``"point": "worker.rows"`` fires on the rows themselves: ``"column"`` (default ``id``) and
+``"values"`` name them, and when a window holding one reaches the model the worker process
+dies (``"action": "abort"``: ``os.abort()``, SIGABRT; ``"segv"``: SIGSEGV) or allocates far
+past its memory (``"oom"``: a real ``MemoryError``), as a poison row does in native code.
+
 ``"action": "device"`` (at "worker.infer", which runs just before the shard's inference, in the
 same thread) breaks the session for that one shard: every run of its batches raises a CUDA-like
 error (``"message"`` overrides it), as a sticky device error would, so the shard goes through
@@ -65,6 +70,28 @@ def maybe_inject(point: str, shard_id: str, attempt: int) -> None:
         if action == "transient":
             raise TransientError(f"injected transient fault at {point} for shard {shard_id}")
         raise ShardError(f"injected fault at {point} for shard {shard_id}")
+
+
+def maybe_inject_rows(window: Any, shard_id: str) -> None:
+    """Faults on given rows of ``window`` (a pyarrow Table about to be scored)."""
+    for rule in _rules():
+        if rule.get("point") != "worker.rows":
+            continue
+        column = rule.get("column", "id")
+        if column not in window.column_names:
+            continue
+        hit = set(rule.get("values", [])) & set(window[column].to_pylist())
+        if not hit:
+            continue
+        action = rule.get("action", "abort")
+        print(f"injected {action} on rows {sorted(hit)} of shard {shard_id}", flush=True)
+        if action == "segv":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if action == "oom":
+            import numpy as np
+
+            np.empty(1 << 50, dtype=np.uint8)  # 1 PiB: the allocator refuses, MemoryError
+        os.abort()
 
 
 def _wait_at_barrier(rule: dict[str, Any]) -> None:

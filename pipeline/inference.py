@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import DEVICE_ERROR_PREFIX, DeviceError, ShardError, TransientError, one_line
+from pipeline.errors import (
+    DEVICE_ERROR_PREFIX,
+    DeviceError,
+    OutOfMemory,
+    ShardError,
+    one_line,
+)
 from pipeline.faults import FailingSession, take_session_fault
 from pipeline.providers import run_bound
 from pipeline.sessions import LoadedSession, running_provider
@@ -130,8 +136,9 @@ class _Runner:
             self.run(batch.subset(slice(half, None)))
             return
         if kind == "oom":
-            # Not the row's fault: retry the shard (another worker may have the memory).
-            raise TransientError(f"out of memory on a single row: {message}")
+            # Maybe not the row's fault: the runner retries the shard in smaller pieces,
+            # elsewhere, and dead-letters the row only when it alone still does not fit.
+            raise OutOfMemory(f"out of memory on a single row: {message}")
         row = int(batch.rows[0])
         self._probe(row, message)
         self.failed += 1

@@ -31,21 +31,26 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pipeline.plan import Shard
 
 DeathKind = Literal["process", "memory", "node", "stopped", "other"]
-BURST_DEATHS = 3  # worker processes dying within BURST_WINDOW_S of each other: not a row
-BURST_WINDOW_S = 5.0
+# Worker processes dying within BURST_WINDOW_S of each other: not a row. Rows kill workers
+# one at a time (each new worker must start and reach the row); a host in trouble kills
+# several at once.
+BURST_DEATHS = 3
+BURST_WINDOW_S = 1.0
 SUB_SHARD = re.compile(r"^(?P<root>.+)-r(?P<start>\d+)-(?P<end>\d+)of(?P<rows>\d+)$")
 
 # How Ray words a death (ActorDiedError and its context), lower case.
 NODE_WORDS = ("node has died", "node died", "nodediederror", "node was terminated",
               "preempted", "node is dead", "raylet")
+# Not "OOM killer": Ray names it among the possible causes of every unexplained death.
 MEMORY_WORDS = ("node_out_of_memory", "running low on memory", "memory monitor",
-                "outofmemoryerror", "oom killer", "killed due to memory")
+                "outofmemoryerror", "killed due to memory")
 STOPPED_WORDS = ("ray.kill", "killed by `ray.kill`", "intended_user_exit", "exit_actor",
                  "no result within retry.shard_timeout_s")
 PROCESS_WORDS = ("worker process has died", "worker unexpectedly exits", "exits unexpectedly",
@@ -68,11 +73,11 @@ def death_kind(reason: str, preempted: bool = False) -> DeathKind:
 
 
 def death_summary(reason: str) -> str:
-    """A short cause for a dead letter: Ray's exit type and detail, not its boilerplate."""
-    match = re.search(r"worker exit type: (\S+)", reason, re.IGNORECASE)
-    signal = re.search(r"\b(SIG[A-Z]+|signal \d+)", reason)
-    bits = [b for b in (match and match.group(1), signal and signal.group(1)) if b]
-    return ", ".join(bits) or reason.split(".")[0][:120]
+    """A short cause for a dead letter: Ray's exit type and the first words of its detail."""
+    kind = re.search(r"worker exit type: (\S+)", reason, re.IGNORECASE)
+    detail = re.search(r"worker exit detail: ([^.]*)", reason, re.IGNORECASE)
+    bits = [b.group(1).strip() for b in (kind, detail) if b]
+    return ": ".join(bits)[:160] if bits else reason.split(".")[0][:160]
 
 
 def root_of(shard_id: str) -> str:
@@ -105,6 +110,37 @@ def halves(shard: Shard, root: Shard, rows: int, smaller_batches: bool) -> list[
     return [sub_shard(root, start, middle, rows, batch), sub_shard(root, middle, end, rows, batch)]
 
 
+def root_shard(shard: Shard) -> Shard:
+    """The root a sub-shard was cut from (the shard itself for a root)."""
+    cut = range_of(shard.id)
+    if cut is None:
+        return shard
+    return replace(shard, id=root_of(shard.id), rows=cut[2], rows_range=None, batch_rows=None,
+                   dead_letter=None, bytes=shard.bytes * cut[2] // max(1, cut[1] - cut[0]))
+
+
+def roots_done(roots: Iterable[str], committed: Iterable[str]) -> set[str]:
+    """The root shards that are committed: by their own marker, or by markers of sub-shards
+    that cover all their rows."""
+    roots, ids = set(roots), set(committed)
+    done = roots & ids
+    ranges: dict[str, list[tuple[int, int, int]]] = {}
+    for sid in ids:
+        cut = range_of(sid)
+        if cut is not None and root_of(sid) in roots:
+            ranges.setdefault(root_of(sid), []).append(cut)
+    for root, cuts in ranges.items():
+        at = 0
+        for start, end, _ in sorted(cuts):
+            if start > at:
+                break
+            at = max(at, end)
+        else:
+            if at >= cuts[0][2]:
+                done.add(root)
+    return done
+
+
 def remaining_pieces(root: Shard, committed: set[str]) -> list[Shard] | None:
     """The sub-shards still to run for ``root`` given committed shard ids: None when none of
     its pieces is committed (run it whole), [] when they cover it."""
@@ -134,8 +170,8 @@ class Verdict:
 class Isolation:
     """Which shards ran alone, how many extra attempts each root has used, recent deaths."""
 
-    def __init__(self, roots: list[Shard], max_split_attempts: int) -> None:
-        self.roots = {s.id: s for s in roots}
+    def __init__(self, shards: list[Shard], max_split_attempts: int) -> None:
+        self.roots = {root_of(s.id): root_shard(s) for s in shards}
         self.max_split_attempts = max_split_attempts
         self.extra: dict[str, int] = {}  # root id -> extra attempts used
         self.deaths: deque[float] = deque()

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputError, OutputError, PipelineError, cause_text, storage_error
 from pipeline.increment import Increment
+from pipeline.isolation import remaining_pieces, root_of, roots_done
 from pipeline.layout import PLAN_FILE, OutputLayout
 from pipeline.lease import OutputLease
 from pipeline.locality import Placement, check_placement, ships_model
@@ -183,18 +184,19 @@ class PreparedOutput:
     layout: OutputLayout
     sink: Sink
     runs: RunLog
-    done: set[str]  # planned shards committed before this run
+    done: set[str]  # planned shards committed before this run (whole, or by their pieces)
     dropped: list[str]  # committed shards outside the plan (incremental: replaced, retired)
-    earlier: dict[str, ShardMarker]  # markers of the done shards
+    earlier: dict[str, ShardMarker]  # markers of the done shards and committed pieces
     manifest: RunManifest | None  # None: nothing new since the last complete run
-
-    @property
-    def pending(self) -> list[Shard]:
-        return [s for s in self.planned.plan.shards if s.id not in self.done]
+    pending: list[Shard]  # what runs now: shards, or the pieces of cut ones still missing
 
     @property
     def planned_ids(self) -> set[str]:
         return {s.id for s in self.planned.plan.shards}
+
+    def owns(self, shard_id: str) -> bool:
+        """A planned shard, or a piece cut from one (pipeline.isolation)."""
+        return root_of(shard_id) in self.planned_ids
 
 
 def prepare(planned: PlannedJob, start: Start) -> PreparedOutput:
@@ -219,16 +221,22 @@ def prepare(planned: PlannedJob, start: Start) -> PreparedOutput:
         raise storage_error(exc, "output.uri", layout.uri, "prepare",
                             spec.output.storage_options) from exc
     planned_ids = {s.id for s in planned.plan.shards}
-    done = committed & planned_ids
-    dropped = sorted(committed - planned_ids)
-    earlier = with_retries(lambda: layout.read_markers(sorted(done)), "reading shard markers")
+    owned = {sid for sid in committed if root_of(sid) in planned_ids}
+    done = roots_done(planned_ids, owned)
+    pending: list[Shard] = []
+    for shard in planned.plan.shards:
+        if shard.id not in done:  # whole, or the pieces a cut left without a marker
+            pieces = remaining_pieces(shard, owned)
+            pending.extend([shard] if pieces is None else pieces)
+    dropped = sorted(committed - owned)
+    earlier = with_retries(lambda: layout.read_markers(sorted(owned)), "reading shard markers")
     up_to_date = (len(done) == len(planned_ids) and not dropped and runs.open is None
                   and runs.complete is not None)
     manifest = None if up_to_date else with_retries(
         lambda: start_run(layout, runs, run_record(planned, runs, dropped)),
         "writing the run manifest")
     return PreparedOutput(planned, layout, sink_for(spec.output.format), runs, done, dropped,
-                          earlier, manifest)
+                          earlier, manifest, pending)
 
 
 def job_document(planned: PlannedJob) -> JobDocument:
@@ -246,7 +254,8 @@ def job_document(planned: PlannedJob) -> JobDocument:
 def check_not_stale(planned: PlannedJob, committed: set[str], uri: str) -> None:
     """Committed shards missing from the plan mean the input changed (shard ids hash each
     file's etag or size): resuming would mix old and new rows."""
-    stale = committed - {s.id for s in planned.plan.shards}
+    planned_ids = {s.id for s in planned.plan.shards}
+    stale = {sid for sid in committed if root_of(sid) not in planned_ids}
     if not stale:
         return
     broken = [f for f in planned.plan.files if f.error]
@@ -297,6 +306,10 @@ def run_pending(output: PreparedOutput, connection: Connection, console: Console
     plan = planned.plan
     bar = console.progress(plan.total_rows, len(plan.shards),
                            sum(m.rows_in for m in output.earlier.values()), len(output.done))
+    lost = lease.lost()
+    if lost:  # taken over while preparing: nothing more is sent
+        bar.close()
+        return RunOutcome(aborted=lost)
     try:
         pending = output.pending
         if not pending:
@@ -349,7 +362,8 @@ def finish(output: PreparedOutput, outcome: RunOutcome, connection: Connection,
     with_retries(lambda: layout.write_report(report), "writing report.json")
     if report.exit_code == 0:
         lease.check()  # the commit took time: still ours before the last steps
-        with_retries(lambda: layout.remove_orphans(output.planned_ids,
+        keep = output.planned_ids | set(output.earlier) | set(outcome.markers)
+        with_retries(lambda: layout.remove_orphans(keep,
                                                    parts=not output.sink.keeps_dropped_files),
                      "removing orphaned part files")
         with_retries(layout.write_success, "writing _SUCCESS")
@@ -361,14 +375,14 @@ def _commit_run(output: PreparedOutput, outcome: RunOutcome,
     """The run's table commit (every step repeats safely: a retry commits once); on failure
     the shards stand and the next invocation commits the run."""
     layout, spec = output.layout, output.planned.spec
-    planned_ids = output.planned_ids
     live = {**output.earlier,
-            **{sid: m for sid, m in outcome.markers.items() if sid in planned_ids}}
+            **{sid: m for sid, m in outcome.markers.items() if output.owns(sid)}}
     gone = with_retries(lambda: layout.read_markers(output.dropped), "reading dropped markers")
     commit = RunCommit(manifest.run, output.planned.fingerprint, live, gone, spec.output.index)
     added = set(manifest.shards.added)
     manifest.rows = RunRows(total=sum(m.rows_out for m in live.values()),
-                            added=sum(m.rows_out for sid, m in live.items() if sid in added),
+                            added=sum(m.rows_out for sid, m in live.items()
+                                      if root_of(sid) in added),
                             removed=sum(m.rows_out for m in gone.values()))
     try:
         return with_retries(lambda: finish_run(layout, output.sink, manifest, commit,

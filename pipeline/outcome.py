@@ -34,6 +34,10 @@ class RunOutcome:
     notes: list[str] = field(default_factory=list)
     # Seconds since the epoch at which the first worker was ready (its session loaded).
     first_worker_at: float | None = None
+    # Shards cut to isolate rows that kill workers (pipeline.isolation): root -> its pieces,
+    # and the single rows dead-lettered that way (sub-shard -> why).
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    isolated_rows: dict[str, str] = field(default_factory=dict)
 
     @property
     def device_errors(self) -> int:

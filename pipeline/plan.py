@@ -53,6 +53,11 @@ class Shard:
     rows: int | None  # known when footers were read; None otherwise
     bytes: int
     error: str | None = None  # set when a file could not even be planned (corrupt footer)
+    # A sub-shard (pipeline.isolation): rows [start, end) of its root's rows in reading order,
+    # smaller model batches, or rows to dead-letter unread by the model, with the reason.
+    rows_range: tuple[int, int] | None = None
+    batch_rows: int | None = None
+    dead_letter: str | None = None
 
     @property
     def uri(self) -> str:
@@ -70,7 +75,8 @@ class Shard:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:
         pieces = tuple(Piece(**p) for p in data["pieces"])
-        return cls(**{**data, "pieces": pieces})
+        rows_range = tuple(data["rows_range"]) if data.get("rows_range") else None
+        return cls(**{**data, "pieces": pieces, "rows_range": rows_range})
 
 
 def shard_id(pieces: tuple[Piece, ...]) -> str:

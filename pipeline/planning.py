@@ -26,6 +26,7 @@ from pipeline.errors import (
     storage_error,
 )
 from pipeline.increment import Increment, plan_increment
+from pipeline.isolation import roots_done
 from pipeline.layout import PLAN_FILE, OutputLayout
 from pipeline.listing import inspect, list_input_files
 from pipeline.locality import resolve_spec
@@ -170,7 +171,8 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str],
     files, sizing = survey(spec.input.uri, spec.input.format, spec.input.storage_options,
                            sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
                            sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard))
-    held = [ledger[sid] for sid in sorted(committed) if sid in ledger]
+    # A shard cut to isolate rows that kill workers is held when its pieces cover it.
+    held = [ledger[sid] for sid in sorted(roots_done(ledger, committed))]
     increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")
     return Plan(increment.shards, files, read_columns, sizing), increment, runs
 

@@ -17,10 +17,12 @@ from ray.exceptions import ActorUnschedulableError, RayError, RayTaskError
 
 from pipeline.actor_pool import CallResult, Done, Failed, Gone
 from pipeline.errors import ConfigError, one_line
+from pipeline.isolation import death_kind
 from pipeline.locality import ClusterView, Placement
 from pipeline.models.shipping import ShippedBundle
 from pipeline.plan import Shard
 from pipeline.pools import PoolPlan
+from pipeline.shard_rows import count_rows
 from pipeline.spec import JobSpec
 from pipeline.worker import ShardWorker
 
@@ -64,6 +66,12 @@ def error_line(exc: BaseException) -> str:
     """Ray error strings carry tracebacks: the last non-empty line is the cause."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     return one_line(lines[-1] if lines else type(exc).__name__)
+
+
+def death_line(text: str) -> str:
+    """Ray's words for a worker process's death, without the actor's ids and addresses."""
+    start = text.find("The actor is dead because")
+    return one_line(text[start:] if start >= 0 else text, 400)
 
 
 class RayActors:
@@ -121,7 +129,17 @@ class RayActors:
         except ActorUnschedulableError as exc:
             return Gone(error_line(exc), unschedulable=True)
         except RayError as exc:  # actor died, node died, OOM-killed, runtime env failed
-            return Gone(error_line(exc))
+            text = " ".join(str(exc).split())
+            kind = death_kind(text, bool(getattr(exc, "preempted", False)))
+            return Gone(death_line(text) if kind in ("process", "memory") else error_line(exc),
+                        kind=kind)
+
+    def count_rows(self, shard: Shard) -> int:
+        # No CPU asked: actors may hold every CPU, and a task waiting for one would wait forever.
+        counter = ray.remote(num_cpus=0)(count_rows).options(
+            scheduling_strategy=self._scheduling_strategy())
+        return int(ray.get(counter.remote(shard, self.worker_args[2],
+                                          self.spec.input.storage_options)))
 
     def kill(self, handle: Any) -> None:
         with contextlib.suppress(Exception):  # already gone

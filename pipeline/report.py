@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from pipeline.isolation import root_of, roots_done
 from pipeline.models.bundle import LocalBundle
 from pipeline.outcome import RunOutcome
 from pipeline.plan import Plan
@@ -15,6 +16,8 @@ from pipeline.state import (
     Attempts,
     BadRows,
     Failure,
+    Isolated,
+    IsolatedRow,
     JobReport,
     NodeFigures,
     PoolFigures,
@@ -45,7 +48,8 @@ def build_report(job: ReportInputs, outcome: RunOutcome,
     """The report of a run: ``earlier`` are the markers of shards committed before it."""
     wall = time.time() - job.started_at
     markers = {**earlier, **outcome.markers}
-    totals = _totals(job, outcome, markers, len(earlier), wall)
+    roots = [s.id for s in job.plan.shards]
+    totals = _totals(job, outcome, markers, len(roots_done(roots, earlier)), wall)
     bad_rows = _bad_rows(markers, totals, job.max_bad_fraction)
     exit_code = decide_exit(totals, bad_rows)
     return JobReport(
@@ -59,7 +63,7 @@ def build_report(job: ReportInputs, outcome: RunOutcome,
         timeline=_timeline(outcome.markers, job.started_at),
         providers=dict(Counter(m.provider for m in markers.values())),
         fallbacks=sorted({w.fallback for w in outcome.workers if w.fallback}),
-        notes=list(outcome.notes))
+        notes=list(outcome.notes), isolation=_isolation(outcome, markers))
 
 
 def decide_exit(totals: Totals, bad_rows: BadRows, commit_failure: str | None = None) -> int:
@@ -81,8 +85,9 @@ def _totals(job: ReportInputs, outcome: RunOutcome, markers: dict[str, ShardMark
             resumed: int, wall: float) -> Totals:
     run_rows = sum(m.rows_in for m in outcome.markers.values())
     first = min((m.committed_at for m in outcome.markers.values()), default=None)
+    committed = roots_done([s.id for s in job.plan.shards], markers)
     return Totals(
-        shards=len(job.plan.shards), committed=len(markers), resumed=resumed,
+        shards=len(job.plan.shards), committed=len(committed), resumed=resumed,
         run_now=len(outcome.markers), failed=len(outcome.failed),
         rows_in=sum(m.rows_in for m in markers.values()),
         rows_out=sum(m.rows_out for m in markers.values()),
@@ -112,10 +117,21 @@ def _attempts(outcome: RunOutcome) -> Attempts:
                     errors_by_type=dict(sorted(by_type.items())))
 
 
+def _isolation(outcome: RunOutcome, markers: dict[str, ShardMarker]) -> Isolated | None:
+    """Shards cut to isolate rows that kill workers, and the rows dead-lettered that way."""
+    if not outcome.splits:
+        return None
+    rows = [IsolatedRow(shard=sid, reason=why, committed=sid in markers)
+            for sid, why in sorted(outcome.isolated_rows.items())]
+    return Isolated(shards=len(outcome.splits),
+                    pieces=sum(len(p) for p in outcome.splits.values()), rows=rows)
+
+
 def _failures(plan: Plan, outcome: RunOutcome) -> list[Failure]:
     shards = {s.id: s for s in plan.shards}
-    return [Failure(shard=sid, input=redact_uri(shards[sid].uri),
-                    pieces=[(redact_uri(p.uri), *p.key()[1:]) for p in shards[sid].pieces],
+    return [Failure(shard=sid, input=redact_uri(shards[root_of(sid)].uri),
+                    pieces=[(redact_uri(p.uri), *p.key()[1:])
+                            for p in shards[root_of(sid)].pieces],
                     attempts=outcome.attempts.get(sid, 0), last_error=err,
                     errors=[e.message for e in outcome.errors.get(sid, [])],
                     error_types=[e.type for e in outcome.errors.get(sid, [])])
@@ -207,6 +223,11 @@ def summary_lines(report: JobReport) -> list[str]:
         lines.append(f"  retried shards: {len(attempts.retried_shards)}, "
                      f"worker losses: {attempts.actor_deaths}, "
                      f"device errors: {attempts.device_errors}")
+    if report.isolation:
+        iso = report.isolation
+        lines.append(f"  isolated: {iso.shards} shard{'s' if iso.shards != 1 else ''} cut into "
+                     f"{iso.pieces} pieces to find rows that kill workers; "
+                     f"{len(iso.rows)} row{'s' if len(iso.rows) != 1 else ''} dead-lettered")
     lines += [f"  dead letter: {n} x {reason}"
               for reason, n in list(report.bad_rows.by_reason.items())[:5]]
     lines += [f"  FAILED shard {f.shard} ({f.input}) after {f.attempts} attempts: {f.last_error}"

@@ -16,7 +16,8 @@ from typing import Protocol
 
 from pipeline import health
 from pipeline.actor_pool import ActorBackend, ActorPool, Done, Failed, Gone, WorkerState
-from pipeline.errors import DeviceError, PipelineError
+from pipeline.errors import DeviceError, OutOfMemory, PipelineError
+from pipeline.isolation import Isolation, Verdict, root_of
 from pipeline.locality import Placement
 from pipeline.metrics import JobMetrics
 from pipeline.outcome import WORKER_LOST, AttemptError, RunOutcome
@@ -70,6 +71,8 @@ class Runner:
             retry.max_attempts, retry.backoff_s, retry.max_backoff_s),
             spec.workers.max_in_flight, clock=clock)
         self.outcome = RunOutcome()
+        self.isolation = Isolation(shards, retry.max_split_attempts)
+        self._root_rows: dict[str, int | None] = {}
         self.start_watch = health.StartWatch(clock())
         self._deaths_since_success = 0
         self._secrets = (spec.input.storage_options, spec.model.storage_options,
@@ -145,13 +148,15 @@ class Runner:
                                          figures.provider or "?")
         self.scheduler.add_worker(wid)
 
-    def _worker_lost(self, wid: str, reason: str) -> None:
+    def _worker_lost(self, wid: str, reason: str, counted: bool = True) -> None:
+        """A worker is gone; ``counted``: its death counts toward giving up (a death that
+        isolation blamed on a row does not)."""
         record = self.pool.remove(wid)
         if record is None:
             return
         reason = scrub(reason, *self._secrets)
         self.outcome.actor_deaths += 1
-        self._deaths_since_success += 1
+        self._deaths_since_success += int(counted)
         log.warning("worker %s lost: %s", wid, reason)
         error = AttemptError(WORKER_LOST, f"worker lost: {reason}")
         for sid in self.scheduler.remove_worker(wid, error):
@@ -175,12 +180,69 @@ class Runner:
         if isinstance(result, Failed):
             self._shard_failed(record.id, record.pool, sid, result)
         elif isinstance(result, Gone):  # the actor, its node or its process is gone: requeue
-            self._worker_lost(record.id, result.reason)
+            self._worker_died(record.id, sid, result)
         else:
             self._shard_done(record.id, sid, result.value, self.clock() - sent)
 
+    def _worker_died(self, wid: str, sid: str, gone: Gone) -> None:
+        """A call's worker died under it. Deaths that may be a row's doing settle its shards
+        through the isolation policy (alone, halves, dead letters); the rest requeue."""
+        if self.isolation.max_split_attempts == 0 or gone.kind not in ("process", "memory") \
+                or self.isolation.is_burst(self.clock()):
+            self._worker_lost(wid, gone.reason)
+            return
+        lost = self.scheduler.take_worker(wid)
+        reason = scrub(gone.reason, *self._secrets)
+        error = AttemptError(WORKER_LOST, f"worker lost: {reason}")
+        for shard_id in lost:
+            verdict = self.isolation.after_death(self.shards[shard_id], len(lost) == 1,
+                                                 gone.kind, reason, self._rows_of(shard_id))
+            self._settle(wid, shard_id, verdict, error)
+        self._worker_lost(wid, gone.reason, counted=False)
+
+    def _settle(self, wid: str, sid: str, verdict: Verdict, error: AttemptError) -> None:
+        if verdict.action == "retry":
+            self.scheduler.retry(sid, wid, error)
+        elif verdict.action == "isolate":
+            self.scheduler.run_alone(sid, error)
+        elif verdict.action == "fail":
+            self.scheduler.fail(sid, AttemptError(error.type, verdict.message))
+        else:  # split, dead_letter: pieces replace the shard
+            self.shards.update({p.id: p for p in verdict.pieces})
+            self.scheduler.replace(sid, [p.id for p in verdict.pieces],
+                                   alone=verdict.action == "split", error=error)
+            root = root_of(sid)
+            self.outcome.splits.setdefault(root, []).extend(p.id for p in verdict.pieces)
+            for piece in verdict.pieces:
+                if piece.dead_letter:
+                    self.outcome.isolated_rows[piece.id] = piece.dead_letter
+            log.warning("shard %s: %s into %s", sid, verdict.action.replace("_", "-"),
+                        ", ".join(p.id for p in verdict.pieces))
+
+    def _rows_of(self, sid: str) -> int | None:
+        """The rows of a shard's root: from its footers, or counted once on the cluster."""
+        root = root_of(sid)
+        if root not in self._root_rows:
+            shard = self.isolation.roots[root]
+            rows = shard.rows
+            if rows is None:
+                try:
+                    rows = self.backend.count_rows(shard)
+                except Exception as exc:  # the shard fails as it would have without isolation
+                    log.warning("could not count the rows of shard %s: %s", root, exc)
+            self._root_rows[root] = rows
+        return self._root_rows[root]
+
     def _shard_failed(self, wid: str, pool: str, sid: str, result: Failed) -> None:
         cause = result.cause
+        if (isinstance(cause, (OutOfMemory, MemoryError)) and
+                self.isolation.max_split_attempts > 0):
+            self.scheduler.call_ended(wid, sid)
+            message = scrub(result.text, *self._secrets)
+            verdict = self.isolation.after_memory_error(self.shards[sid], message,
+                                                       self._rows_of(sid))
+            self._settle(wid, sid, verdict, AttemptError(type(cause).__name__, message))
+            return
         transient = bool(getattr(cause, "transient", not isinstance(cause, PipelineError)))
         message = scrub(result.text, *self._secrets)  # it goes into report.json
         error = AttemptError(type(cause).__name__, message, isinstance(cause, DeviceError))
@@ -246,7 +308,8 @@ class Runner:
         out.failed = {sid: error.message for sid, error in self.scheduler.failed.items()}
         if out.aborted:
             for sid in self.shards:
-                if sid not in out.markers and sid not in out.failed:
+                if sid not in out.markers and sid not in out.failed and \
+                        sid not in self.scheduler.replaced:
                     out.failed[sid] = f"not run: {out.aborted}"
         out.workers = self.pool.retired
         return out

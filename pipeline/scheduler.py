@@ -6,6 +6,11 @@ failed on. The runner feeds events in and executes the assignments that come out
 
 Every event costs O(1) or O(log n) in the number of shards (a deque of ready shards, a heap
 of backing-off ones), so a job of 100,000 shards does not slow the driver down.
+
+Shards suspected of killing their worker run *alone* (``pipeline.isolation``): they wait in a
+queue of their own, go only to a worker with nothing in flight, and that worker takes nothing
+else until they return, so a death names its shard. A shard may be *replaced* by pieces (its
+sub-shards), which then settle it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class Scheduler:
         self.in_flight: dict[str, set[str]] = {}  # worker -> shard ids
         self.done: set[str] = set()
         self.failed: dict[str, Any] = {}  # shard id -> last error
+        self.alone: deque[str] = deque()  # ready shards that must run alone on a worker
+        self.running_alone: set[str] = set()
+        self.replaced: dict[str, list[str]] = {}  # shard id -> the pieces that replaced it
 
     # ----------------------------------------------------------------- workers
 
@@ -63,10 +71,39 @@ class Scheduler:
 
     def remove_worker(self, worker: str, reason: Any) -> list[str]:
         """A worker died: its in-flight shards count an attempt and go back to the queue."""
-        lost = sorted(self.in_flight.pop(worker, set()))
+        lost = self.take_worker(worker)
         for sid in lost:
             self._retry_or_fail(sid, worker, reason, transient=True)
         return lost
+
+    def take_worker(self, worker: str) -> list[str]:
+        """A worker died: its in-flight shards, for the caller to settle one by one
+        (``retry``, ``run_alone``, ``replace`` or ``fail``)."""
+        lost = sorted(self.in_flight.pop(worker, set()))
+        self.running_alone.difference_update(lost)
+        return lost
+
+    def retry(self, sid: str, worker: str, error: Any, transient: bool = True) -> bool:
+        """As after any failure: back off and retry while attempts remain, else fail."""
+        return self._retry_or_fail(sid, worker, error, transient)
+
+    def run_alone(self, sid: str, error: Any) -> None:
+        """Retry ``sid`` alone on a worker, at once, whatever its attempts so far (the caller
+        bounds these retries: retry.max_split_attempts)."""
+        self.states[sid].errors.append(error)
+        self.alone.append(sid)
+
+    def replace(self, sid: str, pieces: list[str], alone: bool, error: Any) -> None:
+        """``sid`` is settled by ``pieces`` (new shard ids), queued at the front."""
+        self.states[sid].errors.append(error)
+        self.replaced[sid] = list(pieces)
+        for piece in pieces:
+            self.states[piece] = ShardState(piece)
+        (self.alone if alone else self.ready).extendleft(reversed(pieces))
+
+    def fail(self, sid: str, error: Any) -> None:
+        self.states[sid].errors.append(error)
+        self.failed[sid] = error
 
     @property
     def workers(self) -> list[str]:
@@ -79,6 +116,15 @@ class Scheduler:
         out = []
         self._promote(self.clock())
         for worker in sorted(self.in_flight, key=lambda w: len(self.in_flight[w])):
+            if self.alone and not self.in_flight[worker]:
+                sid = self.alone.popleft()
+                self.states[sid].attempts += 1
+                self.in_flight[worker].add(sid)
+                self.running_alone.add(sid)
+                out.append((worker, sid, self.states[sid].attempts))
+                continue
+            if self.in_flight[worker] & self.running_alone:
+                continue  # nothing beside a shard that runs alone
             while self.ready and len(self.in_flight[worker]) < self.max_in_flight:
                 sid = self._pick(worker)
                 if sid is None:
@@ -117,12 +163,19 @@ class Scheduler:
 
     def succeeded(self, worker: str, sid: str) -> None:
         self.in_flight.get(worker, set()).discard(sid)
+        self.running_alone.discard(sid)
         self.done.add(sid)
 
     def shard_failed(self, worker: str, sid: str, error: Any, transient: bool) -> bool:
         """Record a failure; True when the shard will be tried again."""
         self.in_flight.get(worker, set()).discard(sid)
+        self.running_alone.discard(sid)
         return self._retry_or_fail(sid, worker, error, transient)
+
+    def call_ended(self, worker: str, sid: str) -> None:
+        """A call returned with an outcome the caller settles itself (``replace``, ...)."""
+        self.in_flight.get(worker, set()).discard(sid)
+        self.running_alone.discard(sid)
 
     def _retry_or_fail(self, sid: str, worker: str, error: Any, transient: bool) -> bool:
         state = self.states[sid]
@@ -141,11 +194,12 @@ class Scheduler:
     # ----------------------------------------------------------------- progress
 
     def finished(self) -> bool:
-        return not self.ready and not self.backing_off and not any(self.in_flight.values())
+        return not self.ready and not self.alone and not self.backing_off and \
+            not any(self.in_flight.values())
 
     def wait_hint(self) -> float:
         """Seconds until the earliest queued shard may start (0 if one is ready now)."""
-        if self.ready:
+        if self.ready or self.alone:
             return 0.0
         if not self.backing_off:
             return 1.0
@@ -153,7 +207,7 @@ class Scheduler:
 
     def remaining(self) -> int:
         """Shards not finished yet: ready, backing off or in flight."""
-        return len(self.ready) + len(self.backing_off) + self.in_flight_count()
+        return len(self.ready) + len(self.alone) + len(self.backing_off) + self.in_flight_count()
 
     def in_flight_count(self) -> int:
         return sum(len(v) for v in self.in_flight.values())

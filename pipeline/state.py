@@ -168,6 +168,11 @@ class ShardMarker(VersionedRecord):
     attempt_token: str = ""  # tells this attempt's marker from another's (markers since 611142c)
     committed_at: float = 0.0
     lance: dict[str, Any] | None = None  # Lance output: the fragments the shard wrote
+    # A piece cut from a shard to isolate rows that kill workers (pipeline.isolation): its
+    # rows of the root shard, the batch cap it ran with, or why its rows were dead-lettered.
+    rows_range: tuple[int, int] | None = None
+    batch_rows: int | None = None
+    dead_letter: str | None = None
 
 
 class Superseded(StateRecord):
@@ -329,6 +334,7 @@ class WorkerFigures(StateRecord):
     node_id: str | None = None
     node_ip: str | None = None
     session: dict[str, Any] | None = None
+    memory_mb: float | None = None  # what the worker's process could use: cgroup or machine
     shards: int = 0
     rows: int = 0
     read_s: float = 0.0
@@ -369,6 +375,20 @@ class OfJob(VersionedRecord):
     bundle_identity: str
 
 
+class IsolatedRow(StateRecord):
+    shard: str  # the one-row piece, <root>-r<row>-<row+1>of<rows>
+    reason: str
+    committed: bool = False  # its dead letter is written
+
+
+class Isolated(StateRecord):
+    """Shards cut because rows killed their workers or ran them out of memory."""
+
+    shards: int = 0  # shards cut
+    pieces: int = 0  # pieces they were cut into
+    rows: list[IsolatedRow] = Field(default_factory=list)  # single rows dead-lettered
+
+
 class JobReport(OfJob):
     """``_pipeline/report.json``: the output as of the last run."""
 
@@ -394,6 +414,7 @@ class JobReport(OfJob):
     notes: list[str] = Field(default_factory=list)
     startup: Startup | None = None
     run: RunView | None = None
+    isolation: Isolated | None = None
 
 
 class JobDocument(OfJob):

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import providers, storage
+from pipeline import providers
 from pipeline.commit import ShardWriter
 from pipeline.dead_letters import dead_letter_table
-from pipeline.errors import ModelError, ShardError, classify_io_error
-from pipeline.faults import maybe_inject
-from pipeline.formats import iter_piece, windows
+from pipeline.errors import ModelError, OutOfMemory, ShardError, classify_io_error, one_line
+from pipeline.faults import maybe_inject, maybe_inject_rows
+from pipeline.formats import windows
 from pipeline.inference import score_table
 from pipeline.layout import OutputLayout
 from pipeline.metadata import part_metadata
@@ -38,10 +38,11 @@ from pipeline.plan import Shard
 from pipeline.pools import PoolSettings
 from pipeline.redaction import redact_uri
 from pipeline.sessions import SessionCache, SessionSettings
+from pipeline.shard_rows import PIECE_COLUMN, shard_tables
 from pipeline.sinks import sink_for
 from pipeline.spec import JobSpec
 from pipeline.state import ShardMarker, ShardResult, Superseded, Timings, WorkerFigures
-from pipeline.tasks import build_task
+from pipeline.tasks import Task, build_task
 
 
 def session_settings(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle) -> SessionSettings:
@@ -136,7 +137,7 @@ class ShardWorker:
         """Who this worker is and how its session runs; answering it means it is ready."""
         return WorkerFigures(worker=self.identity, pool=self.pool.name,
                              provider=self.loaded.active, fallback=self.loaded.fallback,
-                             session=self.tuning, **self.node)
+                             session=self.tuning, memory_mb=memory_limit_mb(), **self.node)
 
     def process(self, shard_data: dict[str, Any], attempt: int) -> ShardResult:
         """Read, score and commit one shard; the shard's marker on storage (this attempt's,
@@ -154,6 +155,7 @@ class ShardWorker:
             raise ShardError(f"{shard.uri}: {shard.error}")
         maybe_inject("worker.start", shard.id, attempt)
         stats = ShardStats()
+        task = self.task.with_max_rows(shard.batch_rows) if shard.batch_rows else self.task
         metadata = part_metadata(self.fingerprint, self.bundle.sha256, self.bundle.identity,
                                  shard.id)
         try:
@@ -162,9 +164,15 @@ class ShardWorker:
             with ShardWriter(self.layout, shard.id, self.spec.output.compression, metadata,
                              parts) as out:
                 # Windows span pieces: a shard of many tiny files still infers full batches.
-                stream = windows(self._tables(shard), self.task.batching.window_rows)
+                window_rows = task.batching.window_rows
+                stream = windows(shard_tables(shard, self.read_columns,
+                                              self.spec.input.storage_options, window_rows),
+                                 window_rows)
                 for window in stats.timed_iter("read_s", stream):
-                    self._score_window(shard, attempt, window, out, stats)
+                    if shard.dead_letter:  # rows that kill workers: kept, never scored
+                        self._dead_letter_window(shard, window, out, stats)
+                    else:
+                        self._score_window(shard, attempt, task, window, out, stats)
                 marker = self._marker(shard, attempt, out, stats)
                 # The part file is in place, the marker not yet: where a crash is injected.
                 committed, ours = out.commit(
@@ -172,6 +180,8 @@ class ShardWorker:
                                                                attempt))
         except ShardError:
             raise
+        except MemoryError as exc:  # the runner retries it in smaller pieces
+            raise OutOfMemory(f"out of memory: {one_line(exc) or 'MemoryError'}") from exc
         except Exception as exc:
             raise classify_io_error(exc, f"writing output of shard {shard.id}") from exc
         if ours:
@@ -182,40 +192,44 @@ class ShardWorker:
         return ShardResult(marker=committed, superseded=Superseded(
             attempt=attempt, worker=self.identity, published=out.published))
 
-    def _tables(self, shard: Shard) -> Iterator[pa.Table]:
-        """The shard's rows piece after piece, each row tagged with its piece's index."""
-        window_rows = self.task.batching.window_rows
-        for index, piece in enumerate(shard.pieces):
-            fs, path = storage.filesystem(piece.uri, self.spec.input.storage_options)
-            try:
-                for table in iter_piece(fs, path, piece, self.read_columns, window_rows, piece.uri):
-                    yield table.append_column(PIECE_COLUMN, pa.array(
-                        np.full(table.num_rows, index, dtype=np.int32), pa.int32()))
-            except ShardError:
-                raise
-            except Exception as exc:
-                raise classify_io_error(exc, f"reading {piece.uri}") from exc
-
-    def _score_window(self, shard: Shard, attempt: int, tagged: pa.Table,
+    def _score_window(self, shard: Shard, attempt: int, task: Task, tagged: pa.Table,
                       out: ShardWriter, stats: ShardStats) -> None:
         pieces = tagged[PIECE_COLUMN].to_numpy()
         window = tagged.drop_columns([PIECE_COLUMN])
         shard_id = shard.id
+        maybe_inject_rows(window, shard_id)  # faults that kill the process on given rows
         # Tokenizing (thread-safe) happens outside the lock, overlapping another shard's inference.
         with stats.timed("prepare_s"):
-            prepared = self.task.prepare(window)
+            prepared = task.prepare(window)
         waiting = time.perf_counter()
         with self.infer_lock:  # time spent waiting here is neither reading nor inferring
             stats.add("wait_s", time.perf_counter() - waiting)
             self._exit_if_broken()  # a call that waited behind the one that broke the session
             maybe_inject("worker.infer", shard_id, attempt)
             with stats.timed("infer_s"):
-                scored = score_table(self.task, self.loaded, window, prepared)
+                scored = score_table(task, self.loaded, window, prepared)
         with stats.timed("write_s"):
             out.write(self._output_table(window, scored))
             out.write_dead(self._dead_letter_table(window, scored.bad, shard, stats.rows_in,
                                                    pieces))
         stats.count(window.num_rows, scored)
+
+    def _dead_letter_window(self, shard: Shard, tagged: pa.Table, out: ShardWriter,
+                            stats: ShardStats) -> None:
+        """Every row of the window to the dead letters with the shard's reason, unscored."""
+        pieces = tagged[PIECE_COLUMN].to_numpy()
+        window = tagged.drop_columns([PIECE_COLUMN])
+        reason = str(shard.dead_letter)
+        bad = dict.fromkeys(range(window.num_rows), reason)
+        empty = pa.table({**{name: window[name].slice(0, 0) for name in self.spec.passthrough},
+                          **dict(zip(self.task.output_schema.names,
+                                     self.task.output_schema.empty_table().columns,
+                                     strict=True))})
+        with stats.timed("write_s"):
+            out.write(empty)  # the part file has the output's columns, and no row
+            out.write_dead(self._dead_letter_table(window, bad, shard, stats.rows_in, pieces))
+        stats.rows_in += window.num_rows
+        stats.reasons[reason] = stats.reasons.get(reason, 0) + window.num_rows
 
     def _marker(self, shard: Shard, attempt: int, out: ShardWriter,
                 stats: ShardStats) -> ShardMarker:
@@ -233,7 +247,8 @@ class ShardWorker:
             peak_rss_mb=peak_rss_mb(),
             part=self.layout.part_path(shard.id).rsplit("/", 1)[-1],
             attempt_token=uuid.uuid4().hex,  # tells this attempt's marker from another's
-            committed_at=time.time())
+            committed_at=time.time(), rows_range=shard.rows_range,
+            batch_rows=shard.batch_rows, dead_letter=shard.dead_letter)
 
     def _exit_if_broken(self) -> None:
         """After a DeviceError this process's session, and often its CUDA context, is unusable:
@@ -265,13 +280,35 @@ class ShardWorker:
             "_input": lambda rows: pa.array([redact_uri(shard.pieces[pieces[r]].uri)
                                              for r in rows], pa.string()),
         }
+        # The row's position in its root shard: a sub-shard's rows start at its range.
+        offset += shard.rows_range[0] if shard.rows_range else 0
         row = {"_row": lambda rows: pa.array([offset + r for r in rows], pa.int64())}
         return dead_letter_table(table, bad, [*self.spec.passthrough, *self.task.input_columns],
                                  before_reason=row, after_reason=where)
 
 
-PIECE_COLUMN = "__pipeline_piece"  # which piece of the shard a row came from, while in flight
 MARKER_PIECES = 32  # a packed shard of many small files names the first ones only
+
+
+def memory_limit_mb() -> float | None:
+    """The memory this process may use: its cgroup's limit where one is set, else the
+    machine's (Linux); Ray's memory monitor kills workers as the node nears it."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            limits.append(int(value))
+    try:
+        with open("/proc/meminfo") as fh:
+            total = next(line for line in fh if line.startswith("MemTotal:"))
+        limits.append(int(total.split()[1]) * 1024)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return round(min(limits) / 2**20, 1) if limits else None
 
 
 def peak_rss_mb() -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ class Task(ABC):
         self.batching = batching
         self.input_types = input_types
         self.storage_options = storage_options or {}  # opens image files a path column names
+
+    def with_max_rows(self, rows: int) -> Task:
+        """This task with batches of at most ``rows`` rows, and its token budget and windows
+        cut in proportion: a shard that ran its worker out of memory is retried with it."""
+        b = self.batching
+        scale = min(1.0, rows / b.max_rows)
+        smaller = copy.copy(self)  # shares the tokenizer or decoder, as threads already do
+        smaller.batching = b.model_copy(update={
+            "max_rows": max(1, min(rows, b.max_rows)),
+            "max_tokens": max(1, int(b.max_tokens * scale)),
+            "window_rows": max(1, min(b.window_rows, int(b.window_rows * scale) + 1))})
+        return smaller
 
     @property
     @abstractmethod
