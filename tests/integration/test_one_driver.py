@@ -63,16 +63,10 @@ def committed(layout: OutputLayout) -> int:
     return len(layout.committed_shards())
 
 
-@pytest.fixture(params=["local", "s3"])
-def place(request, tmp_path) -> tuple[str, dict]:
-    if request.param == "local":
-        return str(tmp_path / "out"), {}
-    bucket = request.getfixturevalue("s3_bucket")
-    return f"s3://{bucket}/out", request.getfixturevalue("s3_options")
-
-
-def test_second_driver_refused_then_takes_over_a_stopped_one_exactly_once(place, tmp_path):
-    uri, options = place
+def test_second_driver_refused_then_takes_over_a_stopped_one_exactly_once(
+        tmp_path, s3_bucket, s3_options):
+    """On the S3 endpoint (conditional PUTs); the same on local disk is the next test's."""
+    uri, options = f"s3://{s3_bucket}/out", s3_options
     ids = write_tabular_input(tmp_path / "in", 800, 2, seed=81)
     job = tabular_job(str(tmp_path / "in"), uri)
     job["output"]["lease_timeout_s"] = TIMEOUT_S
@@ -120,12 +114,18 @@ def test_second_driver_refused_then_takes_over_a_stopped_one_exactly_once(place,
 
 
 def test_a_killed_driver_is_taken_over_at_once_on_the_same_machine(tmp_path):
+    """On local disk (flock): refused while it runs; once it is killed, a rerun on the same
+    machine sees its process is gone and takes over without waiting for the timeout."""
     ids = write_tabular_input(tmp_path / "in", 200, 2, seed=82)
     job = tabular_job(str(tmp_path / "in"), str(tmp_path / "out"))
     job["output"]["lease_timeout_s"] = 600  # only the dead process lets the rerun in
     layout = OutputLayout(str(tmp_path / "out"))
-    first = driver(job, tmp_path, "first", seconds_per_shard=1.0)
+    first = driver(job, tmp_path, "first", seconds_per_shard=2.0)
     wait_for(lambda: committed(layout) >= 1 or first.poll() is not None, "a first commit")
+    refused = driver(job, tmp_path, "refused")
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and f"pid {first.pid}" in out, out[-2000:]
+    assert first.poll() is None
     first.kill()
     first.wait()
     assert lease_of(layout).pid == first.pid

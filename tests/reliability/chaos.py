@@ -17,7 +17,7 @@ from tests.reliability import harness
 from tests.support.fixtures import S3_KEY, S3_SECRET, free_port, wait_http
 
 FAULTS = ["worker_kill", "node_loss", "driver_kill", "s3_faults", "corrupt_file",
-          "deleted_file", "bad_rows"]
+          "deleted_file", "bad_rows", "poison_rows", "oom_rows", "two_drivers"]
 
 
 def main() -> int:
@@ -46,9 +46,11 @@ def main() -> int:
             for seed in range(args.trials):
                 with tempfile.TemporaryDirectory() as tmp:
                     started = time.monotonic()
-                    fn = getattr(harness, fault)
+                    fn = getattr(harness, fault if fault != "oom_rows" else "poison_rows")
                     rows = args.rows if fault != "bad_rows" else min(args.rows, 400)
-                    if fault == "s3_faults":
+                    if fault == "oom_rows":
+                        trial = fn(Path(tmp), rows, seed, action="oom")
+                    elif fault == "s3_faults":
                         trial = fn(Path(tmp), rows, seed, s3_url, options)
                     else:
                         trial = fn(Path(tmp), rows, seed)

@@ -251,6 +251,70 @@ def bad_rows(work: Path, rows: int, seed: int) -> Trial:
                   strict_exit=strict.exit_code)
 
 
+def poison_rows(work: Path, rows: int, seed: int, action: str = "abort",
+                rows_per_shard: int = 50) -> Trial:
+    """(h) rows that kill the worker process (``abort``: SIGABRT, ``segv``) or run it out of
+    memory (``oom``) on three different shards: isolated by splitting and dead-lettered."""
+    rng = random.Random(seed)
+    ids = write_tabular_input(work / "in", rows, 3, seed)
+    per_file = -(-rows // 3)
+    shards = [(start, min(start + rows_per_shard, (start // per_file + 1) * per_file))
+              for f in range(3) for start in range(f * per_file, min(rows, (f + 1) * per_file),
+                                                   rows_per_shard)]
+    poison = {rng.randrange(a, b) for a, b in rng.sample(shards, 3)}
+    os.environ["PIPELINE_FAULTS"] = json.dumps(
+        [{"point": "worker.rows", "action": action, "values": sorted(poison)}])
+    job = tabular_job(str(work / "in"), str(work / "out"),
+                      sharding={"rows_per_shard": rows_per_shard})
+    try:
+        result = pipeline.run_job(job, progress=False)
+    finally:
+        del os.environ["PIPELINE_FAULTS"]
+    a = audit(str(work / "out"), ids)
+    isolated = result.report["isolation"] or {"rows": []}
+    ok = a["dead_ids"] == poison and len(isolated["rows"]) == len(poison)
+    deaths = result.report["attempts"]["actor_deaths"]
+    fault = {"abort": "row aborts worker", "segv": "row segfaults worker",
+             "oom": "row exhausts memory"}[action]
+    return _trial(fault, result.exit_code if ok else -1, 0, a, deaths, poison=sorted(poison),
+                  dead=sorted(a["dead_ids"]), deaths=deaths,
+                  pieces=isolated.get("pieces", 0), reasons=result.report["bad_rows"]["by_reason"])
+
+
+def two_drivers(work: Path, rows: int, seed: int) -> Trial:
+    """(i) two drivers on one output: the second is refused while the first runs, then waits
+    (``--wait``); the first is killed and the second takes over and finishes."""
+    rng = random.Random(seed)
+    ids = write_tabular_input(work / "in", rows, 3, seed)
+    job_file = work / "job.yaml"
+    job_file.write_text(yaml.safe_dump(tabular_job(str(work / "in"), str(work / "out"))))
+    env = {**os.environ, "PIPELINE_FAULTS": json.dumps(
+        [{"point": "worker.start", "action": "sleep", "seconds": 0.3}])}
+    markers = work / "out" / "_pipeline" / "shards"
+    first = _cli(job_file, env)
+    deadline = time.monotonic() + 120
+    while first.poll() is None and not list(markers.glob("*.json")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    refused = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file),
+                              "--no-progress"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    second = subprocess.Popen([sys.executable, "-m", "pipeline.run", str(job_file),
+                               "--no-progress", "--wait"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(rng.uniform(0.5, 2.0))
+    first_alive = first.poll() is None
+    if first_alive:
+        os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    out, _ = second.communicate(timeout=600)
+    a = audit(str(work / "out"), ids)
+    ok = refused.returncode == 2 and "held by another driver" in refused.stderr
+    return _trial("two drivers", second.returncode if ok else -1, 0, a, REPLICAS * IN_FLIGHT,
+                  refused=refused.returncode, killed_running=first_alive,
+                  tail=out[-300:] if second.returncode else "")
+
+
 # --------------------------------------------------------------------------- out-of-process faults
 
 

@@ -72,3 +72,19 @@ def test_node_removed_mid_job(tmp_path):
     trial = harness.node_loss(tmp_path, ROWS, seed=7)
     check(trial)
     assert trial.details["deaths"] >= 1
+
+
+def test_rows_that_abort_the_worker_are_isolated_and_dead_lettered(tmp_path):
+    trial = harness.poison_rows(tmp_path, 400, seed=8, action="abort", rows_per_shard=16)
+    check(trial)
+    assert trial.details["dead"] == trial.details["poison"] and trial.details["deaths"] >= 3
+    [reason] = trial.details["reasons"]
+    assert reason.startswith("worker process died on this row (")
+
+
+def test_rows_that_exhaust_memory_are_isolated_and_dead_lettered(tmp_path):
+    trial = harness.poison_rows(tmp_path, 400, seed=9, action="oom", rows_per_shard=16)
+    check(trial)
+    assert trial.details["dead"] == trial.details["poison"]
+    [reason] = trial.details["reasons"]
+    assert reason.startswith("too large for this worker (out of memory: Unable to allocate")
