@@ -37,7 +37,7 @@ def shard_tables(shard: Shard, columns: list[str] | None, storage_options: dict[
         if end is not None and seen >= end:
             return
         size = known_rows(piece)
-        if size is not None and seen + size <= start:
+        if size is not None and shard.rows_range is not None and seen + size <= start:
             seen += size
             continue
         fs, path = storage.filesystem(piece.uri, storage_options)
@@ -47,8 +47,8 @@ def shard_tables(shard: Shard, columns: list[str] | None, storage_options: dict[
                 if end is not None:
                     high = min(high, end - seen)
                 seen += table.num_rows
-                if high > low:
-                    part = table.slice(low, high - low)
+                if high > low or table.num_rows == 0:  # an empty file still gives its schema
+                    part = table.slice(low, max(0, high - low))
                     yield part.append_column(PIECE_COLUMN, pa.array(
                         np.full(part.num_rows, index, dtype=np.int32), pa.int32()))
                 if end is not None and seen >= end:

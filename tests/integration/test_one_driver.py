@@ -116,11 +116,11 @@ def test_second_driver_refused_then_takes_over_a_stopped_one_exactly_once(
 def test_a_killed_driver_is_taken_over_at_once_on_the_same_machine(tmp_path):
     """On local disk (flock): refused while it runs; once it is killed, a rerun on the same
     machine sees its process is gone and takes over without waiting for the timeout."""
-    ids = write_tabular_input(tmp_path / "in", 200, 2, seed=82)
+    ids = write_tabular_input(tmp_path / "in", 400, 2, seed=82)
     job = tabular_job(str(tmp_path / "in"), str(tmp_path / "out"))
     job["output"]["lease_timeout_s"] = 600  # only the dead process lets the rerun in
     layout = OutputLayout(str(tmp_path / "out"))
-    first = driver(job, tmp_path, "first", seconds_per_shard=2.0)
+    first = driver(job, tmp_path, "first", seconds_per_shard=3.0)
     wait_for(lambda: committed(layout) >= 1 or first.poll() is not None, "a first commit")
     refused = driver(job, tmp_path, "refused")
     out, _ = refused.communicate(timeout=120)
