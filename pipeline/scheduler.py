@@ -115,7 +115,11 @@ class Scheduler:
         """(worker, shard, attempt) for every free slot that a ready shard can fill."""
         out = []
         self._promote(self.clock())
-        for worker in sorted(self.in_flight, key=lambda w: len(self.in_flight[w])):
+        order = sorted(self.in_flight, key=lambda w: len(self.in_flight[w]))
+        # A shard waiting to run alone needs an empty worker: the least busy one takes no new
+        # shards until it is empty (else it could wait until the queue runs dry).
+        draining = order[0] if self.alone and order and self.in_flight[order[0]] else None
+        for worker in order:
             if self.alone and not self.in_flight[worker]:
                 sid = self.alone.popleft()
                 self.states[sid].attempts += 1
@@ -123,7 +127,7 @@ class Scheduler:
                 self.running_alone.add(sid)
                 out.append((worker, sid, self.states[sid].attempts))
                 continue
-            if self.in_flight[worker] & self.running_alone:
+            if self.in_flight[worker] & self.running_alone or worker == draining:
                 continue  # nothing beside a shard that runs alone
             while self.ready and len(self.in_flight[worker]) < self.max_in_flight:
                 sid = self._pick(worker)

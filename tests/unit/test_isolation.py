@@ -133,6 +133,17 @@ def test_a_shard_that_runs_alone_has_its_worker_to_itself():
     assert not scheduler.finished()
 
 
+def test_a_busy_worker_drains_for_a_shard_that_must_run_alone():
+    scheduler = Scheduler([f"s{i}" for i in range(8)], RetryPolicy(backoff_s=0), max_in_flight=2)
+    scheduler.add_worker("w1")
+    scheduler.assignments()
+    scheduler.call_ended("w1", "s0")  # s0 failed for lack of memory: it runs alone next
+    scheduler.run_alone("s0", "out of memory")
+    assert scheduler.assignments() == []  # w1 is left to drain, not refilled
+    scheduler.succeeded("w1", "s1")
+    assert [(w, s) for w, s, _ in scheduler.assignments()] == [("w1", "s0")]
+
+
 # ----------------------------------------------------------------------------- the whole loop
 
 

@@ -30,7 +30,7 @@ LAYERS: dict[str, list[str]] = {
     "data": ["formats", "listing", "plan", "increment", "pools", "state", "outcome", "layout",
              "output", "runs", "commit", "dead_letters", "batch_formats", "sinks",
              "sinks.base", "sinks.object_store", "sinks.parquet_sink", "sinks.delta_sink",
-             "sinks.lance_sink", "sinks.lance_index", "lease", "isolation",
+             "sinks.lance_sink", "sinks.lance_index", "lease", "lease_stores", "isolation",
              "shard_rows"],
     "compute": ["tasks", "tasks.base", "tasks.text", "tasks.embed", "tasks.classify",
                 "tasks.tensor", "tasks.images", "tasks.rerank", "inference", "scoring",
