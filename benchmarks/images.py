@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.throughput import cpu_session, peak_rss_mb, run_json
+from benchmarks.throughput import cpu_session, peak_rss_mb, run_json, timed_job
 from pipeline.demo.images import write_image_data
 from pipeline.models.bundle import fetch_bundle
 from pipeline.tasks.images import pixels, preprocess
@@ -115,16 +114,7 @@ def pipeline_command(model_dir: str, folder: Path, work: Path) -> dict[str, Any]
     out = work / "out-pipeline"
     job = {"name": "bench-images", "input": {"uri": str(folder), "format": "images"},
            "model": {"uri": model_dir}, "passthrough": ["path"], "output": {"uri": str(out)}}
-    job_file = work / "pipeline.json"
-    job_file.write_text(json.dumps(job))
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress"],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"pipeline.run exited {proc.returncode}: {proc.stderr[-800:]}")
-    report = json.loads((out / "_pipeline" / "report.json").read_text())
-    markers = [json.loads(p.read_text()) for p in (out / "_pipeline" / "shards").glob("*.json")]
+    seconds, report, markers = timed_job(job, work, "pipeline")
     table = pq.read_table(out, columns=["path", "probabilities"]).sort_by("path")
     session = next((w["session"] for w in report["workers"] if w.get("session")), {})
     return {"seconds": seconds, "rows": table.num_rows,

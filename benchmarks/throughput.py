@@ -160,6 +160,23 @@ def child(kind: str, model: str, texts_file: Path, threads: int, vectors: Path) 
                      "--vectors", str(vectors)])
 
 
+def timed_job(job: dict[str, Any], work: Path, name: str) -> tuple[float, dict, list[dict]]:
+    """``python -m pipeline.run`` on ``job`` as its own process, timed from outside (start-up
+    and all): seconds, report.json and the shard markers."""
+    job_file = work / f"{name}.json"
+    job_file.write_text(json.dumps(job))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline.run exited {proc.returncode}: {proc.stderr[-800:]}")
+    out = Path(job["output"]["uri"]) / "_pipeline"
+    report = json.loads((out / "report.json").read_text())
+    markers = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
+    return seconds, report, markers
+
+
 def pipeline_command(input_dir: Path, model: str, work: Path,
                      workers: dict[str, Any] | None = None) -> dict[str, Any]:
     """The command users run, timed from outside: start-up and all."""
@@ -173,16 +190,7 @@ def pipeline_command(input_dir: Path, model: str, work: Path,
            "sharding": {"rows_per_shard": 2000}, "output": {"uri": str(out)}}
     if workers:
         job["workers"] = workers
-    job_file = work / f"{name}.json"
-    job_file.write_text(json.dumps(job))
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", str(job_file), "--no-progress"],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"pipeline.run exited {proc.returncode}: {proc.stderr[-800:]}")
-    report = json.loads((out / "_pipeline" / "report.json").read_text())
-    markers = [json.loads(p.read_text()) for p in (out / "_pipeline" / "shards").glob("*.json")]
+    seconds, report, markers = timed_job(job, work, name)
     table = pq.read_table(out, columns=["id", "embedding"]).sort_by("id")
     return {"seconds": seconds, "first_shard_s": report["totals"]["first_shard_s"],
             "peak_rss_mb": max(m["peak_rss_mb"] for m in markers),

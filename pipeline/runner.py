@@ -180,11 +180,11 @@ class Runner:
         if isinstance(result, Failed):
             self._shard_failed(record.id, record.pool, sid, result)
         elif isinstance(result, Gone):  # the actor, its node or its process is gone: requeue
-            self._worker_died(record.id, sid, result)
+            self._worker_died(record.id, result)
         else:
             self._shard_done(record.id, sid, result.value, self.clock() - sent)
 
-    def _worker_died(self, wid: str, sid: str, gone: Gone) -> None:
+    def _worker_died(self, wid: str, gone: Gone) -> None:
         """A call's worker died under it. Deaths that may be a row's doing settle its shards
         through the isolation policy (alone, halves, dead letters); the rest requeue."""
         if self.isolation.max_split_attempts == 0 or gone.kind not in ("process", "memory") \
@@ -207,6 +207,7 @@ class Runner:
             self.scheduler.run_alone(sid, error)
         elif verdict.action == "fail":
             self.scheduler.fail(sid, AttemptError(error.type, verdict.message))
+            self.progress.shard_failed()
         else:  # split, dead_letter: pieces replace the shard
             self.shards.update({p.id: p for p in verdict.pieces})
             self.scheduler.replace(sid, [p.id for p in verdict.pieces],
