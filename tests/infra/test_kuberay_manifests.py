@@ -38,7 +38,7 @@ INFRA = REPO_ROOT / "infra" / "kuberay"
 IMAGE = "ghcr.io/example/onnx-ray-pipeline:latest"
 SECRET = "pipeline-s3-credentials"
 CONFIGMAP = "pipeline-jobs"
-ENTRYPOINT = "python -m pipeline.run /jobs/embed.yaml --no-progress"
+ENTRYPOINT = "python -m pipeline.run /jobs/embed.yaml --no-progress --wait"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 DOCUMENTS = [
