@@ -416,13 +416,17 @@ def node_loss(work: Path, rows: int, seed: int) -> Trial:
 
 
 def summarize(trials: list[Trial]) -> str:
-    rows = ["| fault | trials | completed | rows lost | rows duplicated | shards recomputed "
-            "(max allowed) |", "|---|---|---|---|---|---|"]
+    rows = ["| fault | trials | completed | rows lost | rows duplicated | poison rows "
+            "dead-lettered | shards recomputed (max allowed) |", "|---|---|---|---|---|---|---|"]
     for fault in dict.fromkeys(t.fault for t in trials):
         group = [t for t in trials if t.fault == fault]
+        poison = sum(len(t.details.get("poison", [])) for t in group)
+        dead = sum(len(set(t.details.get("dead", [])) & set(t.details.get("poison", [])))
+                   for t in group)
         rows.append(
             f"| {fault} | {len(group)} | {sum(t.completed for t in group)} | "
             f"{sum(t.rows_lost for t in group)} | {sum(t.rows_duplicated for t in group)} | "
+            f"{f'{dead} of {poison}' if poison else '-'} | "
             f"{sum(t.shards_recomputed for t in group)} "
             f"({sum(t.recompute_bound for t in group)}) |")
     return "\n".join(rows)
