@@ -2,7 +2,7 @@
 Data's image batch-inference guide, on the same image files and the same model.onnx, in one
 run (part of make bench; make bench-images alone).
 
-    python -m benchmarks.images [--images 2000] [--threads N] [--skip ray-data,...]
+    python -m benchmarks.images [--images 4000] [--threads N] [--skip ray-data,...]
 
 Every variant runs in its own process over one folder of JPEG/PNG/WebP crops of scikit-learn's
 sample photos (pipeline.demo.images), with the demo classifier (models/image):
@@ -150,7 +150,7 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--model", default="models/image")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads for every variant (default: all cores)")
