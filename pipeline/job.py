@@ -113,8 +113,8 @@ def _run_key(manifest: RunManifest | None) -> tuple | None:
 def take_lease(spec: JobSpec, wait: bool, console: Console) -> OutputLease:
     """The lease of ``spec``'s output, or OutputError (exit 2) naming the driver holding it."""
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-    lease = OutputLease(layout, spec.name, spec.output.lease_timeout_s)
     try:
+        lease = OutputLease(layout, spec.name, spec.output.lease_timeout_s)
         lease.acquire(wait, console.note)
     except PipelineError:
         raise
