@@ -15,6 +15,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec.utils import read_block
 
+from pipeline.arrow_types import plain_table
 from pipeline.errors import ShardError
 
 EXTENSIONS = {
@@ -105,7 +106,10 @@ def iter_piece(fs, path: str, piece: Any, columns: list[str] | None, window_rows
             stream = iter([pa.table([[piece.uri], [fh.read()]], schema=IMAGE_SCHEMA)])
         else:
             raise ValueError(f"unknown format {piece.format}")
-        for table in windows(stream, window_rows):
+        # View and dictionary types made plain before windows concatenate files' tables.
+        plain = (plain_table(t if isinstance(t, pa.Table) else pa.Table.from_batches([t]))
+                 for t in stream)
+        for table in windows(plain, window_rows):
             yield _check_columns(table, columns, where)
 
 

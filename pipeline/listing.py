@@ -17,6 +17,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.arrow_types import encode_schema
 from pipeline.errors import InputError, access_error, one_line, storage_error
 from pipeline.formats import IMAGE_SCHEMA, format_of, read_schema
 from pipeline.redaction import scrub
@@ -36,6 +37,7 @@ class InputFile:
     num_batches: int | None = None  # Arrow IPC file format, once its footer is read
     columns: list[str] | None = None  # once a footer or a first block is read
     bytes_per_row: float | None = None  # measured on a sample, for sizing shards
+    schema: str | None = None  # its Arrow schema (arrow_types.encode_schema), once read
     error: str | None = None
 
     @property
@@ -152,7 +154,8 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
             with fs.open(path, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
             file.row_group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-            file.columns = list(meta.schema.to_arrow_schema().names)
+            arrow = meta.schema.to_arrow_schema()
+            file.columns, file.schema = list(arrow.names), encode_schema(arrow)
             rows = sum(file.row_group_rows)
             file.bytes_per_row = file.size / rows if rows else None
         elif file.format == "images":  # one row each; decoding is the task's, not planning's
@@ -162,7 +165,8 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
             with fs.open(path, "rb") as fh:
                 _inspect_ipc(file, fh)
         else:
-            file.columns = list(read_schema(fs, path, file.format).names)
+            schema = read_schema(fs, path, file.format)
+            file.columns, file.schema = list(schema.names), encode_schema(schema)
             if sample:
                 file.bytes_per_row = _text_bytes_per_row(fs, path, file)
 
@@ -180,15 +184,35 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
             file.error = f"unreadable {file.format} file: {text}"
 
 
+def read_schemas(files: list[InputFile], storage_options: dict[str, Any]) -> None:
+    """The Arrow schema of each file not read yet, in parallel (a Parquet footer, an IPC
+    header, a first block), so that planning sees every file's column types; a file that
+    cannot be read is left to its shard, which reports it."""
+    todo = [f for f in files if f.schema is None and not f.error and f.format != "images"]
+
+    def read(file: InputFile) -> None:
+        fs, path = storage.filesystem(file.uri, storage_options)
+        try:
+            schema = read_schema(fs, path, file.format)
+        except Exception:  # the shard reading this file reports what is wrong
+            return
+        file.columns, file.schema = list(schema.names), encode_schema(schema)
+
+    if todo:
+        with ThreadPoolExecutor(min(FOOTER_THREADS, len(todo))) as pool:
+            list(pool.map(read, todo))
+
+
 def _inspect_ipc(file: InputFile, fh: Any) -> None:
     try:
         reader = ipc.open_file(fh)
     except pa.ArrowInvalid:  # the stream format has no footer: read as a whole
         fh.seek(0)
-        file.columns = list(ipc.open_stream(fh).schema.names)
+        schema = ipc.open_stream(fh).schema
+        file.columns, file.schema = list(schema.names), encode_schema(schema)
         file.num_batches = None
         return
-    file.columns = list(reader.schema.names)
+    file.columns, file.schema = list(reader.schema.names), encode_schema(reader.schema)
     file.num_batches = reader.num_record_batches
     if file.num_batches:
         first = reader.get_batch(0).num_rows
@@ -206,4 +230,4 @@ def _text_bytes_per_row(fs: Any, path: str, file: InputFile) -> float | None:
     return len(head) / lines if lines else None
 
 
-__all__ = ["InputFile", "inspect", "list_input_files"]
+__all__ = ["InputFile", "inspect", "list_input_files", "read_schemas"]

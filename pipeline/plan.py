@@ -26,10 +26,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import storage
+from pipeline.arrow_types import check_unifiable, decode_schema
 from pipeline.errors import InputError, OutputError
-from pipeline.listing import GLOB_CHARS, InputFile, inspect, list_input_files
+from pipeline.listing import GLOB_CHARS, InputFile, inspect, list_input_files, read_schemas
 
 FALLBACK_BYTES_PER_ROW = 1024.0
+# Inputs of up to this many files have every file's schema read at planning, so that column
+# types that cannot be unified stop the job before it runs; larger ones are checked on the
+# files planning reads anyway (samples, split files), the rest by the shards reading them.
+SCHEMA_CHECK_FILES = 256
 PLAN_VERSION = 2
 
 
@@ -266,6 +271,8 @@ def check_columns(files: list[InputFile], needed: list[str]) -> None:
             raise InputError(
                 f"{f.uri}: column {missing[0]!r} is missing (has: {', '.join(f.columns[:15])})"
             )
+    check_unifiable([(f.uri, decode_schema(f.schema)) for f in files
+                     if f.schema is not None and not f.error], needed)
 
 
 def make_plan(
@@ -309,6 +316,8 @@ def survey(
         for fmt, target in measured.bytes_per_shard.items():
             sizing.bytes_per_shard.setdefault(fmt, target)
     inspect([f for f in files if _needs_footer(f, sizing)], storage_options)
+    if len(files) <= SCHEMA_CHECK_FILES:
+        read_schemas(files, storage_options)
     check_columns(files, needed_columns)
     return files, sizing
 

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: dict[str, list[str]] = {
-    "base": ["errors", "redaction", "metadata", "storage", "faults", "cli_common", "health",
+    "base": ["errors", "arrow_types", "redaction", "metadata", "storage", "faults", "cli_common", "health",
              "scheduler", "metrics", "progress"],
     "descriptions": ["spec", "job_file", "locality", "providers", "sessions", "models.identity",
                      "models.bundle", "models.onnx_types", "models.onnx_graph",
@@ -45,7 +45,7 @@ LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i
             for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
 PURE = ["spec", "job_file", "plan", "isolation", "lease", "scheduler", "pools", "increment",
         "listing", "health", "state", "outcome", "actor_pool", "report", "runs", "layout",
-        "output", "formats", "errors"]
+        "output", "formats", "errors", "arrow_types"]
 FORBIDDEN_IN_PURE = ("ray", "onnxruntime", "pipeline.worker", "pipeline.runner")
 
 
