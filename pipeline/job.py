@@ -87,11 +87,12 @@ def run_spec(spec: JobSpec, start: Start = Start.CONTINUE, address: str | None =
     """Plan, take the output's lease (``wait``: wait for another driver to give it back),
     plan again if another driver wrote the output meanwhile, run, give the lease back."""
     console = console or Console()
-    planned = plan_job(spec)  # reads only: an invalid job leaves no trace, lease included
+    fresh = start is Start.FRESH
+    planned = plan_job(spec, fresh)  # reads only: an invalid job leaves no trace, lease included
     lease = take_lease(planned.spec, wait, console)
     try:
         if lease.contended or runs_changed(planned):
-            planned = plan_job(spec)  # another driver wrote the output since it was planned
+            planned = plan_job(spec, fresh)  # another driver wrote the output since planning
         return execute(planned, start, address, console, lease)
     finally:
         lease.release()
@@ -248,6 +249,7 @@ def job_document(planned: PlannedJob) -> JobDocument:
         rows=planned.plan.total_rows,
         versions={"python": platform.python_version(), "onnxruntime": ort.__version__,
                   "pyarrow": pa.__version__, "ray": ray_version()},
+        input_table=planned.table.record() if planned.table else None,
         written_at=time.time())
 
 
@@ -279,6 +281,7 @@ def run_record(planned: PlannedJob, runs: RunLog, dropped: list[str]) -> RunMani
     return RunManifest(
         run=0, mode=spec.output.mode, format=spec.output.format, fingerprint=planned.fingerprint,
         input_files=files, shards=shards, ledger=list(plan.shards),
+        input_table=planned.table.record() if planned.table else None,
         deleted_rows_not_kept=listed(inc.lost_with_deleted) if inc and inc.lost_with_deleted
         else None,
         sizing=sizing_record(plan.sizing, spec.sharding.bytes_per_shard) if plan.sizing else None)

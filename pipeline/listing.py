@@ -38,6 +38,7 @@ class InputFile:
     columns: list[str] | None = None  # once a footer or a first block is read
     bytes_per_row: float | None = None  # measured on a sample, for sizing shards
     schema: str | None = None  # its Arrow schema (arrow_types.encode_schema), once read
+    read: str | None = None  # a table's data file: how workers read it (pipeline.sources)
     error: str | None = None
 
     @property
@@ -154,8 +155,9 @@ def _inspect(file: InputFile, storage_options: dict[str, Any], sample: bool) -> 
             with fs.open(path, "rb") as fh:
                 meta = pq.ParquetFile(fh).metadata
             file.row_group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-            arrow = meta.schema.to_arrow_schema()
-            file.columns, file.schema = list(arrow.names), encode_schema(arrow)
+            if file.read is None:  # a table's data file has the table's columns already
+                arrow = meta.schema.to_arrow_schema()
+                file.columns, file.schema = list(arrow.names), encode_schema(arrow)
             rows = sum(file.row_group_rows)
             file.bytes_per_row = file.size / rows if rows else None
         elif file.format == "images":  # one row each; decoding is the task's, not planning's

@@ -34,7 +34,8 @@ def resolve_uri(uri: str) -> str:
 def resolve_spec(spec: JobSpec) -> JobSpec:
     """The spec with input, output and model URIs resolved on this (the driver's) machine."""
     return spec.model_copy(update={
-        "input": spec.input.model_copy(update={"uri": resolve_uri(spec.input.uri)}),
+        "input": spec.input.model_copy(update={
+            "uri": resolve_uri(spec.input.uri) if spec.input.uri is not None else None}),
         "output": spec.output.model_copy(update={"uri": resolve_uri(spec.output.uri)}),
         "model": spec.model.model_copy(update={"uri": resolve_uri(spec.model.uri)}),
     })
@@ -61,7 +62,8 @@ def check_placement(spec: JobSpec, cluster: ClusterView) -> Placement:
     """Refuse node-local data that workers on other nodes could not see (exit 2)."""
     shared = spec.storage.shared_filesystem
     local = [(key, uri) for key, uri in (("input.uri", spec.input.uri),
-                                          ("output.uri", spec.output.uri)) if is_node_local(uri)]
+                                          ("output.uri", spec.output.uri))
+             if uri is not None and is_node_local(uri)]
     if not local or shared:
         return Placement(None)
     key, uri = local[0]

@@ -46,6 +46,9 @@ class Piece:
     kind: str = "file"  # file | rows (Parquet) | bytes (CSV, JSONL) | batches (Arrow IPC)
     start: int = 0
     end: int = 0  # [start, end) in rows, bytes or batches; unused for "file"
+    # How a worker reads a table's data file (``pipeline.sources``): the table version to
+    # open, deletes to apply, partition values. Not identity: ``version`` holds the deletes.
+    read: str | None = None
 
     def key(self) -> list[Any]:
         return [self.uri, self.version, self.kind, self.start, self.end]
@@ -131,12 +134,13 @@ class Plan:
 def cut_file(file: InputFile, sizing: Sizing) -> list[Shard] | None:
     """Shards of a file too big to share one, or None for a file to coalesce with others."""
     target = sizing.target_bytes(file.format)
-    whole = Piece(file.uri, file.version, file.format)
+    whole = Piece(file.uri, file.version, file.format, read=file.read)
     if file.error:
         return [make_shard([whole], None, file.size, error=file.error)]
-    if file.format == "parquet" and file.row_group_rows is not None:
+    if file.format in ("parquet", "lance") and file.row_group_rows is not None:
         if not file.row_group_rows or sum(file.row_group_rows) == 0:  # empty: still one shard
-            return [make_shard([Piece(file.uri, file.version, "parquet", "rows", 0, 0)], 0, file.size)]
+            return [make_shard([Piece(file.uri, file.version, file.format, "rows", 0, 0,
+                                      read=file.read)], 0, file.size)]
         if file.size <= target and sum(file.row_group_rows) <= sizing.rows_per_shard:
             return None
         return _cut_rows(file, sizing.rows_per_shard)
@@ -147,7 +151,7 @@ def cut_file(file: InputFile, sizing: Sizing) -> list[Shard] | None:
     if file.format == "ipc" and file.num_batches and file.num_batches > 1:
         per = max(1, round(file.num_batches * target / file.size))
         return [make_shard([Piece(file.uri, file.version, "ipc", "batches", a,
-                                  min(a + per, file.num_batches))],
+                                  min(a + per, file.num_batches), read=file.read)],
                            None, int(file.size * min(per, file.num_batches - a) / file.num_batches))
                 for a in range(0, file.num_batches, per)]
     return [make_shard([whole], None, file.size)]
@@ -173,15 +177,16 @@ def _cut_rows(file: InputFile, rows_per_shard: int) -> list[Shard]:
         offset += n
     if offset > start:
         ranges.append((start, offset))
-    return [make_shard([Piece(file.uri, file.version, "parquet", "rows", a, b)], b - a,
-                       int(file.size * (b - a) / total)) for a, b in ranges]
+    return [make_shard([Piece(file.uri, file.version, file.format, "rows", a, b, read=file.read)],
+                       b - a, int(file.size * (b - a) / total)) for a, b in ranges]
 
 
 def _cut_bytes(file: InputFile, target: int) -> list[Shard]:
     """Byte ranges: a reader takes the lines that start inside its range (see formats)."""
     parts = max(1, math.ceil(file.size / target))
     bounds = [(file.size * k) // parts for k in range(parts + 1)]
-    return [make_shard([Piece(file.uri, file.version, file.format, "bytes", a, b)], None, b - a)
+    return [make_shard([Piece(file.uri, file.version, file.format, "bytes", a, b, read=file.read)],
+                       None, b - a)
             for a, b in itertools.pairwise(bounds)]
 
 
@@ -204,7 +209,7 @@ def coalesce(files: list[InputFile], sizing: Sizing) -> list[Shard]:
 
 
 def _group_shard(group: list[InputFile]) -> Shard:
-    pieces = [Piece(f.uri, f.version, f.format) for f in group]
+    pieces = [Piece(f.uri, f.version, f.format, read=f.read) for f in group]
     known = [1 if f.format == "images" else sum(f.row_group_rows) for f in group
              if f.format == "images" or f.row_group_rows is not None]
     rows = sum(known) if len(known) == len(group) else None
@@ -283,10 +288,12 @@ def make_plan(
     needed_columns: list[str],
     bytes_per_shard: int | None = None,
     known: dict[tuple[str, str], InputFile] | None = None,
+    listed: list[InputFile] | None = None,
 ) -> Plan:
-    """List, read the footers that splitting needs (reusing ``known`` ones), cut shards."""
+    """List (or take the ``listed`` files of a source), read the footers that splitting needs
+    (reusing ``known`` ones), cut shards."""
     files, sizing = survey(uri, fmt, storage_options, rows_per_shard, needed_columns,
-                           bytes_per_shard, known)
+                           bytes_per_shard, known, listed=listed)
     return Plan(cut_shards(files, sizing), files, needed_columns, sizing)
 
 
@@ -299,15 +306,17 @@ def survey(
     bytes_per_shard: int | None = None,
     known: dict[tuple[str, str], InputFile] | None = None,
     sizing: Sizing | None = None,
+    listed: list[InputFile] | None = None,
 ) -> tuple[list[InputFile], Sizing]:
     """The input files with the footers that splitting needs, and the shard size targets
-    (``sizing`` when given: an incremental output keeps the targets of its first run)."""
-    files = list_input_files(uri, fmt, storage_options)
+    (``sizing`` when given: an incremental output keeps the targets of its first run).
+    ``listed``: the files a source listed (a table version's data files); else a listing."""
+    files = list(listed) if listed is not None else list_input_files(uri, fmt, storage_options)
     known = known or {}
     for i, f in enumerate(files):
         cached = known.get(f.key)
         if cached is not None and cached.format == f.format and cached.error is None:
-            files[i] = InputFile.from_dict(cached.to_dict())
+            files[i] = InputFile.from_dict({**cached.to_dict(), "read": f.read})
     inspect([f for f in _samples(files) if f.columns is None], storage_options, sample=True)
     measured = measure_sizing(files, rows_per_shard, bytes_per_shard)
     if sizing is None:

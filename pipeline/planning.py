@@ -9,7 +9,6 @@ smoke run), lists the input and cuts it into shards (reusing footers an earlier 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -28,13 +27,14 @@ from pipeline.errors import (
 from pipeline.increment import Increment, plan_increment
 from pipeline.isolation import roots_done
 from pipeline.layout import PLAN_FILE, OutputLayout
-from pipeline.listing import inspect, list_input_files
+from pipeline.listing import inspect
 from pipeline.locality import resolve_spec
 from pipeline.models.bundle import LocalBundle
 from pipeline.models.importing import open_model
 from pipeline.models.validate import ProviderCheck, validate_bundle
 from pipeline.plan import (
     Plan,
+    Shard,
     check_output_not_input,
     known_files,
     make_plan,
@@ -43,13 +43,14 @@ from pipeline.plan import (
 )
 from pipeline.runs import RunLog, read_runs, shards_from_markers
 from pipeline.sessions import SessionSettings, create_session
+from pipeline.sources import Listing, TableVersion, check_filter, list_input, require_library
+from pipeline.sources.iceberg import worker_storage_options as iceberg_worker_options
 from pipeline.spec import ClassifyTaskSpec, JobSpec, ShardingSpec, output_clash
 from pipeline.state import FORMAT_VERSION
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task, resolve_task
 from pipeline.tasks.classify import feature_columns_from
 
-TABLE_LIBRARIES = {"delta": "deltalake", "lance": "lance"}
 IMAGE_ROWS_PER_SHARD = 250  # a few seconds of one CPU worker: a short tail at the end
 
 
@@ -65,6 +66,7 @@ class PlannedJob:
     increment: Increment | None = None  # incremental mode: what this run keeps and changes
     runs: RunLog = field(default_factory=RunLog)
     imported: bool = False  # model.uri named a converter's output, imported on this node
+    table: TableVersion | None = None  # a table input: the version this job reads
 
 
 def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
@@ -72,36 +74,84 @@ def fingerprint_of(spec: JobSpec, bundle_identity: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def plan_job(spec: JobSpec) -> PlannedJob:
-    """Everything that can fail before a worker starts (exit 2 territory)."""
+def plan_job(spec: JobSpec, fresh: bool = False) -> PlannedJob:
+    """Everything that can fail before a worker starts (exit 2 territory). ``fresh``: the
+    output will be wiped, so a table input is read at its current version."""
     started = time.perf_counter()
     spec = resolve_spec(spec)  # workers never resolve a path in their own working directory
-    check_table_library(spec.output.format)
+    require_library(spec.output.format, "output.format")
+    require_library(spec.input.format, "input.format")
     bundle, imported = open_model(spec.model.uri, spec.model.storage_options, spec.model.sha256)
     report = validate_bundle(bundle, smoke=True, providers=["cpu"])
-    spec = with_task(spec, bundle)
+    listing = list_input(spec.input, _table_version(spec, fresh))
+    spec = _with_table_version(spec, listing)
+    spec = with_task(spec, bundle, listing)
     read_columns = _read_columns(spec, bundle)
+    check_filter(spec.input.filter, listing.files[0].columns if listing.files else None)
     known = known_files(_earlier_plan(spec))
     increment, runs = None, RunLog()
     if spec.output.mode == "incremental":
-        plan, increment, runs = _plan_incremental(spec, read_columns, known)
+        plan, increment, runs = _plan_incremental(spec, read_columns, known, listing)
     else:
-        plan = make_plan(spec.input.uri, spec.input.format, spec.input.storage_options,
+        plan = make_plan(str(spec.input.uri), spec.input.format, spec.input.storage_options,
                          spec.sharding.rows_per_shard, read_columns,
-                         spec.sharding.bytes_per_shard, known=known)
+                         spec.sharding.bytes_per_shard, known=known, listed=listing.files)
     if plan.files and all(f.error for f in plan.files):
         raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
+    plan.shards = _rows_known(plan.shards, spec.input.filter)
     try:
         check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
-                               spec.input.uri, spec.input.storage_options)
+                               listing.location or str(spec.input.uri),
+                               spec.input.storage_options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"output.storage_options: "
                           f"{cause_text(exc, spec.output.storage_options)}") from exc
     return PlannedJob(spec, bundle, plan, fingerprint_of(spec, bundle.identity), read_columns,
-                      report.providers, time.perf_counter() - started, increment, runs, imported)
+                      report.providers, time.perf_counter() - started, increment, runs, imported,
+                      listing.table)
 
 
-def with_task(spec: JobSpec, bundle: LocalBundle) -> JobSpec:
+def _table_version(spec: JobSpec, fresh: bool) -> int | None:
+    """The version a table input is read at: ``input.version``; else the one the output's
+    runs recorded, for a run this invocation resumes (an open run, or in resume mode the last
+    run: the job finishes over the input it started on); else None (the current one)."""
+    if not spec.input.is_table or spec.input.version is not None:
+        return spec.input.version
+    if fresh or spec.output.mode == "overwrite":
+        return None
+    try:
+        runs = read_runs(OutputLayout(spec.output.uri, spec.output.storage_options))
+    except Exception:  # no output yet, or unreadable now: the planner's other reads say why
+        return None
+    manifest = runs.open or (runs.complete if spec.output.mode != "incremental" else None)
+    recorded = manifest.input_table if manifest is not None else None
+    if recorded and recorded.get("format") == spec.input.format:
+        return int(recorded["version"])
+    return None
+
+
+def _with_table_version(spec: JobSpec, listing: Listing) -> JobSpec:
+    """The spec as it ran: the table version read (job.json records it), and for Iceberg the
+    storage options workers read data files with."""
+    if listing.table is None:
+        return spec
+    update: dict[str, Any] = {"version": listing.table.version}
+    if spec.input.format == "iceberg" and not spec.input.storage_options:
+        update["storage_options"] = iceberg_worker_options(spec.input)
+    return spec.model_copy(update={"input": spec.input.model_copy(update=update)})
+
+
+def _rows_known(shards: list[Shard], row_filter: str | None) -> list[Shard]:
+    """A filter, or the deletes of a table's data file, drop rows that a footer counts: such
+    shards' row counts are unknown until read."""
+    def dropped(shard: Shard) -> bool:
+        return bool(row_filter) or any(p.read and p.format == "parquet" and
+                                       ("dv=" in p.version or "del=" in p.version)
+                                       for p in shard.pieces)
+    return [replace(s, rows=None) if s.rows is not None and dropped(s) else s for s in shards]
+
+
+def with_task(spec: JobSpec, bundle: LocalBundle, listing: Listing | None = None) -> JobSpec:
     """The job's task in full: the bundle's own when the job has no task block, the
     conventional columns where it leaves them out, the input's columns for a model whose
     converter kept no feature names."""
@@ -111,8 +161,12 @@ def with_task(spec: JobSpec, bundle: LocalBundle) -> JobSpec:
         raise ConfigError(f"passthrough: {clash}")
     if isinstance(task, ClassifyTaskSpec) and bundle.spec.modality == "tabular" and \
             not task.feature_columns and not bundle.spec.features:
-        first = list_input_files(spec.input.uri, spec.input.format, spec.input.storage_options)[0]
-        inspect([first], spec.input.storage_options, sample=True)
+        listing = listing or list_input(spec.input, spec.input.version)
+        if not listing.files:
+            raise InputError(f"input: {spec.input.where} has no rows to take feature names from")
+        first = listing.files[0]
+        if first.columns is None:
+            inspect([first], spec.input.storage_options, sample=True)
         if first.columns is None:
             raise InputError(f"{first.uri}: {first.error or 'its columns cannot be read'}")
         names = feature_columns_from(first.columns, spec.passthrough, bundle.spec.feature_count,
@@ -142,16 +196,8 @@ def _read_columns(spec: JobSpec, bundle: LocalBundle) -> list[str]:
     return list(spec.input.columns)
 
 
-def check_table_library(fmt: str) -> None:
-    """A table format whose library is missing: exit 2 before anything runs."""
-    module = TABLE_LIBRARIES.get(fmt)
-    if module and importlib.util.find_spec(module) is None:
-        raise ConfigError(f"output.format: {fmt} needs the {module} package, which is not "
-                          "installed (pip install 'onnx-ray-pipeline[tables]')")
-
-
-def _plan_incremental(spec: JobSpec, read_columns: list[str],
-                      known: dict) -> tuple[Plan, Increment, RunLog]:
+def _plan_incremental(spec: JobSpec, read_columns: list[str], known: dict,
+                      listing: Listing) -> tuple[Plan, Increment, RunLog]:
     """The input as listed now against the shards the output holds (see ``increment``)."""
     layout = OutputLayout(spec.output.uri, spec.output.storage_options)
     try:  # never guess: an output read as empty would recompute (and drop) everything
@@ -168,9 +214,10 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str],
         raise storage_error(exc, "output.uri", layout.uri, "read the runs of",
                             spec.output.storage_options) from exc
     sh = spec.sharding
-    files, sizing = survey(spec.input.uri, spec.input.format, spec.input.storage_options,
+    files, sizing = survey(str(spec.input.uri), spec.input.format, spec.input.storage_options,
                            sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
-                           sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard))
+                           sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard),
+                           listed=listing.files)
     # A shard cut to isolate rows that kill workers is held when its pieces cover it.
     held = [ledger[sid] for sid in sorted(roots_done(ledger, committed))]
     increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")
@@ -227,6 +274,10 @@ def describe_plan(planned: PlannedJob) -> list[str]:
         *_import_lines(planned),
         f"reads columns: {', '.join(planned.read_columns)}",
     ]
+    if planned.table is not None:
+        t = planned.table
+        lines.append(f"table {t.format} {t.table or t.location}, version {t.version}"
+                     + (f"; filter {spec.input.filter}" if spec.input.filter else ""))
     for f in plan.files[:10]:
         state = f" [{f.error}]" if f.error else ""
         rg = f", {len(f.row_group_rows)} row groups" if f.row_group_rows is not None else ""

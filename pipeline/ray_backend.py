@@ -139,7 +139,8 @@ class RayActors:
         counter = ray.remote(num_cpus=0)(count_rows).options(
             scheduling_strategy=self._scheduling_strategy())
         return int(ray.get(counter.remote(shard, self.worker_args[2],
-                                          self.spec.input.storage_options)))
+                                          self.spec.input.storage_options, 65536,
+                                          self.spec.input.filter)))
 
     def kill(self, handle: Any) -> None:
         with contextlib.suppress(Exception):  # already gone

@@ -17,7 +17,8 @@ REDACTED = "***"
 # Redacted wherever they appear, even outside storage_options and under a harmless parent.
 SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|private|session|"
                         r"connection_string|(^|_)key$|(^|_)sas(_|$))", re.I)
-STORAGE_OPTIONS = re.compile(r"storage_?options?", re.I)
+# Storage options and table catalog properties (input.catalog, output.catalog): who asks.
+STORAGE_OPTIONS = re.compile(r"storage_?options?|catalog", re.I)
 # Kept under storage_options: where and how a store is reached, never who is asking.
 SAFE_OPTIONS = frozenset({
     # s3fs / botocore
@@ -30,6 +31,8 @@ SAFE_OPTIONS = frozenset({
     "project", "access", "consistency", "default_location", "requests_timeout",
     # adlfs
     "account_name", "blocksize", "location_mode",
+    # pyiceberg catalog properties
+    "type", "uri", "warehouse", "s3.endpoint", "s3.region", "client.region", "py-io-impl",
 })
 MIN_SCRUB = 8  # shorter values are too likely to occur in ordinary text
 _USERINFO = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")

@@ -17,13 +17,53 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TABLE_FORMATS = ("delta", "lance", "iceberg")
+
+
 class InputSpec(Strict):
-    uri: str = Field(description="file, directory or glob; local path or fsspec URL")
-    format: Literal["parquet", "ipc", "csv", "jsonl", "images"] | None = Field(
+    uri: str | None = Field(None, description="file, directory or glob; local path or fsspec "
+                            "URL; for a table, its location (Iceberg: its metadata file)")
+    format: Literal["parquet", "ipc", "csv", "jsonl", "images", "delta", "lance",
+                    "iceberg"] | None = Field(
         None, description="default: from the file extension; images: a folder or glob of "
-        "JPEG/PNG/WebP/GIF/TIFF/BMP files, one row each (path, image bytes)")
+        "JPEG/PNG/WebP/GIF/TIFF/BMP files, one row each (path, image bytes); delta, lance, "
+        "iceberg: a table, read through its log or manifests at one version")
     columns: list[str] | None = Field(None, description="read only these (default: what is used)")
+    version: int | None = Field(None, description="tables: the Delta or Lance version, or the "
+                                "Iceberg snapshot id, to read (default: the current one when the "
+                                "job plans, recorded and kept by a resume)")
+    filter: str | None = Field(None, min_length=1, description="rows to score, as a SQL-like "
+                               "predicate: lang = 'en' AND day >= '2026-12-01' (prunes table "
+                               "files and partitions where it can)")
+    table: str | None = Field(None, description="iceberg: namespace.name in input.catalog")
+    catalog: dict[str, Any] = Field(default_factory=dict, description="iceberg: pyiceberg "
+                                    "catalog properties (type, uri, warehouse, credentials)")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _where(self) -> InputSpec:
+        if self.table is not None:
+            if self.format != "iceberg":
+                raise ValueError("input.table names an Iceberg table: set input.format: iceberg")
+            if not self.catalog:
+                raise ValueError("input.table needs input.catalog (pyiceberg catalog "
+                                 "properties: type, uri, warehouse...)")
+            if self.uri is not None:
+                raise ValueError("give input.table with input.catalog, or input.uri, not both")
+        elif self.uri is None:
+            raise ValueError("input.uri is required (or input.table for an Iceberg catalog)")
+        if self.version is not None and self.format not in TABLE_FORMATS:
+            raise ValueError("input.version applies to tables (format delta, lance, iceberg)")
+        return self
+
+    @property
+    def is_table(self) -> bool:
+        return self.format in TABLE_FORMATS
+
+    @property
+    def where(self) -> str:
+        """The input, for messages and identity: its URI or its catalog table."""
+        return self.uri if self.uri is not None else f"iceberg table {self.table}"
 
 
 class ModelSpec(Strict):
@@ -273,8 +313,12 @@ class JobSpec(Strict):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Everything that changes output values (the model hash is added by the planner)."""
+        source = {"uri": self.input.uri, "format": self.input.format}
+        # Keys only where set: outputs of jobs from before they existed keep their fingerprint.
+        source.update({k: v for k, v in (("table", self.input.table),
+                                         ("filter", self.input.filter)) if v is not None})
         return {
-            "input": {"uri": self.input.uri, "format": self.input.format},
+            "input": source,
             "task": self.task.model_dump(mode="json"),
             "passthrough": list(self.passthrough),
         }

@@ -252,6 +252,7 @@ class RunManifest(VersionedRecord):
     deleted_rows_not_kept: FileList | None = None
     rows: RunRows | None = None
     table: dict[str, Any] | None = None  # what the sink's commit_run returned, and format
+    input_table: dict[str, Any] | None = None  # a table input: format, location, version read
     resumed: int = 0  # how often a crashed run was picked up again
     started_at: float = 0.0
     updated_at: float | None = None
@@ -427,6 +428,7 @@ class JobDocument(OfJob):
     files: int
     rows: int | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+    input_table: dict[str, Any] | None = None  # a table input: format, location, version read
     written_at: float
 
     @property

@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def check_for_cluster(spec: JobSpec) -> None:
     """Refuse what cannot work on a remote cluster, before anything is sent (exit 2)."""
     for key, uri in (("input.uri", spec.input.uri), ("output.uri", spec.output.uri)):
-        if not is_node_local(uri):
+        if uri is None or not is_node_local(uri):
             continue
         path = uri.split("://", 1)[-1]
         if not spec.storage.shared_filesystem:

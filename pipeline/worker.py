@@ -166,7 +166,8 @@ class ShardWorker:
                 # Windows span pieces: a shard of many tiny files still infers full batches.
                 window_rows = task.batching.window_rows
                 stream = windows(shard_tables(shard, self.read_columns,
-                                              self.spec.input.storage_options, window_rows),
+                                              self.spec.input.storage_options, window_rows,
+                                              self.spec.input.filter),
                                  window_rows)
                 for window in stats.timed_iter("read_s", stream):
                     if shard.dead_letter:  # rows that kill workers: kept, never scored

@@ -31,6 +31,8 @@ LAYERS: dict[str, list[str]] = {
              "output", "runs", "commit", "dead_letters", "batch_formats", "sinks",
              "sinks.base", "sinks.object_store", "sinks.parquet_sink", "sinks.delta_sink",
              "sinks.lance_sink", "sinks.lance_index", "lease", "lease_stores", "isolation",
+             "sources.base", "sources.filters", "sources.files", "sources.delta",
+             "sources.lance_source", "sources.iceberg", "sources.tables", "sources",
              "shard_rows"],
     "compute": ["tasks", "tasks.base", "tasks.text", "tasks.embed", "tasks.classify",
                 "tasks.tensor", "tasks.images", "tasks.rerank", "inference", "scoring",

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import planning
+from pipeline import sources
 from pipeline.errors import ConfigError
 from pipeline.job_file import json_schema, load_spec
 from pipeline.redaction import redact
+from pipeline.spec import InputSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,11 +63,15 @@ def test_json_schema_lists_top_level_keys():
 
 
 def test_table_format_without_its_library_is_a_one_line_error(monkeypatch):
-    planning.check_table_library("delta")  # installed with the tables extra: no error
-    monkeypatch.setitem(planning.TABLE_LIBRARIES, "delta", "no_such_module_here")
+    sources.require_library("delta", "output.format")  # the tables extra: no error
+    monkeypatch.setitem(sources.LIBRARIES, "delta", "no_such_module_here")
     with pytest.raises(ConfigError, match=r"output.format: delta needs the no_such_module_here "
                                           r"package.*\[tables\]"):
-        planning.check_table_library("delta")
+        sources.require_library("delta", "output.format")
+    monkeypatch.setitem(sources.LIBRARIES, "iceberg", "no_such_iceberg_module")
+    with pytest.raises(ConfigError, match=r"input.format: iceberg needs the "
+                                          r"no_such_iceberg_module package"):
+        sources.list_input(InputSpec(format="iceberg", uri="x/metadata/v1.metadata.json"))
 
 
 def test_every_documented_index_option_is_set_from_a_job_file():

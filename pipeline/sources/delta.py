@@ -1,0 +1,140 @@
+"""Delta Lake input through ``deltalake``: the data files of one table version from its log.
+
+Each add action of the version is one input file (a Parquet file, cut into shards like any
+other). Its identity is its path, size and modification time, plus a hash of the rows its
+deletion vector deletes, if it has one. A data file does not hold its partition columns; the
+worker adds them from the add action's partition values. Deletion vectors are read through
+delta-rs (``DeltaTable.deletion_vectors``: a keep mask per file), whatever their storage.
+
+With ``input.filter`` naming only partition columns, files of other partitions are pruned
+from the log alone; any filter is applied to every row by the worker as well.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.arrow_types import encode_schema, plain_schema
+from pipeline.errors import InputError, cause_text
+from pipeline.listing import InputFile
+from pipeline.sinks.object_store import object_store_options, table_path
+from pipeline.sources.base import Listing, TableVersion, deletes_id, read_info
+from pipeline.sources.filters import filter_columns, to_arrow
+from pipeline.spec import InputSpec
+
+
+def open_table(uri: str, storage_options: dict[str, Any], version: int | None) -> Any:
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    options = object_store_options(uri, storage_options)
+    try:
+        table = DeltaTable(table_path(uri), storage_options=options)
+    except TableNotFoundError as exc:
+        raise InputError(f"input.uri: {uri} is not a Delta table (no _delta_log there)") from exc
+    except Exception as exc:
+        raise InputError(f"input.uri: cannot open Delta table {uri} "
+                         f"({cause_text(exc, storage_options)})") from exc
+    if version is not None and version != table.version():
+        latest = table.version()
+        try:
+            table.load_as_version(version)
+        except Exception as exc:
+            raise InputError(f"input.version: Delta table {uri} has no version {version} "
+                             f"(versions up to {latest}; older ones may be vacuumed)") from exc
+    return table
+
+
+def list_delta(spec: InputSpec, version: int | None) -> Listing:
+    uri = str(spec.uri)
+    table = open_table(uri, spec.storage_options, version)
+    schema = plain_schema(pa.schema(table.schema().to_arrow()))
+    partitions = list(table.metadata().partition_columns)
+    actions = pa.table(table.get_add_actions(flatten=True))
+    masks = _deleted_positions(table) if _has_deletion_vectors(table) else {}
+    encoded = encode_schema(schema)
+    part_schema = pa.schema([schema.field(c) for c in partitions])
+    values = _partition_values(actions, partitions, part_schema)
+    keep = _partitions_kept(values, part_schema, spec.filter)
+    files: list[InputFile] = []
+    for i, row in enumerate(actions.select(["path", "size_bytes", "modification_time",
+                                            "num_records"]).to_pylist()):
+        if not keep[i]:
+            continue
+        file_uri = _file_uri(uri, row["path"])
+        deleted = masks.get(file_uri)
+        identity = f"size={row['size_bytes']},mtime={row['modification_time']}"
+        if deleted is not None:
+            identity += f",dv={deletes_id(deleted.tolist())}"
+        files.append(InputFile(
+            uri=file_uri, format="parquet", size=int(row["size_bytes"]), version=identity,
+            columns=list(schema.names), schema=encoded,
+            read=read_info(source="delta", table=uri, version=table.version(),
+                           partition={c: values[c][i] for c in partitions},
+                           partition_schema=encode_schema(part_schema) if partitions else None,
+                           dv=deleted is not None)))
+    files.sort(key=lambda f: f.uri)
+    return Listing(files, TableVersion("delta", uri, table.version()),
+                   pruned=len(keep) - sum(keep))
+
+
+def _file_uri(root: str, path: str) -> str:
+    if "://" in path:
+        return path
+    from urllib.parse import unquote
+
+    return storage.join(root, unquote(path))
+
+
+def _partition_values(actions: pa.Table, partitions: list[str],
+                      part_schema: pa.Schema) -> dict[str, list[Any]]:
+    values: dict[str, list[Any]] = {}
+    for name in partitions:
+        column = actions[f"partition.{name}"]
+        values[name] = [None if v is None else str(v) for v in column.to_pylist()]
+    return values
+
+
+def _partitions_kept(values: dict[str, list[Any]], part_schema: pa.Schema,
+                     text: str | None) -> list[bool]:
+    rows = len(next(iter(values.values()))) if values else None
+    if not text or rows is None or not set(filter_columns(text)) <= set(part_schema.names):
+        return [True] * (rows if rows is not None else _count(values))
+    typed = pa.table({name: pa.array(values[name], pa.string()).cast(part_schema.field(name).type)
+                      for name in part_schema.names})
+    mask = typed.add_column(0, "__row", pa.array(range(rows))).filter(to_arrow(text, typed.schema))
+    kept = set(mask["__row"].to_pylist())
+    return [i in kept for i in range(rows)]
+
+
+def _count(values: dict[str, list[Any]]) -> int:
+    return 0 if not values else len(next(iter(values.values())))
+
+
+def _has_deletion_vectors(table: Any) -> bool:
+    features = table.protocol().reader_features or []
+    return "deletionVectors" in features
+
+
+def _deleted_positions(table: Any) -> dict[str, np.ndarray]:
+    """Deleted row positions of each file that has a deletion vector."""
+    reader = table.deletion_vectors()
+    found: dict[str, np.ndarray] = {}
+    for row in pa.table(reader).to_pylist():
+        keep = np.asarray(row["selection_vector"], dtype=bool)
+        found[row["filepath"]] = np.flatnonzero(~keep)
+    return found
+
+
+@lru_cache(maxsize=4)
+def deleted_rows(table_uri: str, version: int, options_key: str) -> dict[str, np.ndarray]:
+    """Worker side: the deleted positions of every file of one table version (cached)."""
+    import json
+
+    table = open_table(table_uri, json.loads(options_key), version)
+    return _deleted_positions(table)
