@@ -24,7 +24,7 @@ from pipeline.errors import InputError, cause_text
 from pipeline.listing import InputFile
 from pipeline.sinks.object_store import object_store_options, table_path
 from pipeline.sources.base import Listing, TableVersion, deletes_id, read_info
-from pipeline.sources.filters import filter_columns, to_arrow
+from pipeline.sources.filters import conjuncts_over
 from pipeline.spec import InputSpec
 
 
@@ -60,7 +60,7 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
     encoded = encode_schema(schema)
     part_schema = pa.schema([schema.field(c) for c in partitions])
     values = _partition_values(actions, partitions, part_schema)
-    keep = _partitions_kept(values, part_schema, spec.filter)
+    keep = _partitions_kept(values, part_schema, spec.filter, actions.num_rows)
     files: list[InputFile] = []
     for i, row in enumerate(actions.select(["path", "size_bytes", "modification_time",
                                             "num_records"]).to_pylist()):
@@ -101,19 +101,18 @@ def _partition_values(actions: pa.Table, partitions: list[str],
 
 
 def _partitions_kept(values: dict[str, list[Any]], part_schema: pa.Schema,
-                     text: str | None) -> list[bool]:
-    rows = len(next(iter(values.values()))) if values else None
-    if not text or rows is None or not set(filter_columns(text)) <= set(part_schema.names):
-        return [True] * (rows if rows is not None else _count(values))
+                     text: str | None, count: int) -> list[bool]:
+    """Which files the filter may keep, judged on their partition values alone."""
+    if not text or not values:
+        return [True] * count
     typed = pa.table({name: pa.array(values[name], pa.string()).cast(part_schema.field(name).type)
                       for name in part_schema.names})
-    mask = typed.add_column(0, "__row", pa.array(range(rows))).filter(to_arrow(text, typed.schema))
-    kept = set(mask["__row"].to_pylist())
-    return [i in kept for i in range(rows)]
-
-
-def _count(values: dict[str, list[Any]]) -> int:
-    return 0 if not values else len(next(iter(values.values())))
+    expression = conjuncts_over(text, set(part_schema.names), typed.schema)
+    if expression is None:
+        return [True] * count
+    kept = typed.append_column("__row", pa.array(range(count))).filter(expression)
+    found = set(kept["__row"].to_pylist())
+    return [i in found for i in range(count)]
 
 
 def _has_deletion_vectors(table: Any) -> bool:

@@ -75,6 +75,34 @@ def to_arrow(text: str, schema: pa.Schema) -> pc.Expression:
     return _expr(parse_filter(text), schema)
 
 
+def conjuncts_over(text: str, columns: set[str], schema: pa.Schema) -> pc.Expression | None:
+    """The part of the filter that only reads ``columns`` (partition columns): the top-level
+    AND terms naming no other column, as one expression; None when there is none. A row
+    the filter keeps is always kept by it, so files it rejects can be pruned."""
+    terms: list[Any] = []
+
+    def split(node: Any) -> None:
+        if type(node).__name__ == "And":
+            split(node.left)
+            split(node.right)
+        else:
+            terms.append(node)
+
+    split(parse_filter(text))
+    kept = []
+    for term in terms:
+        names: list[str] = []
+        _walk(term, names)
+        if names and set(names) <= columns:
+            kept.append(_expr(term, schema))
+    if not kept:
+        return None
+    expression = kept[0]
+    for more in kept[1:]:
+        expression = expression & more
+    return expression
+
+
 def apply_filter(table: pa.Table, text: str | None) -> pa.Table:
     if not text:
         return table
