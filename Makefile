@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed-stamp
 TEXT_ROWS ?= 20000
 TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
+TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images bench-images test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables bench-images test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,18 @@ bench: models
 # The image variant alone: the pipeline, a raw onnxruntime loop and Ray Data's image guide.
 bench-images: models
 	$(PY) -m benchmarks.images
+
+# A Delta table scored incrementally, before and after a night of appends and deletes: the
+# second run computes only the files that changed.
+data/.patients-rows-$(TABLE_ROWS): $(STAMP) pipeline/demo/tables.py
+	rm -rf data/patients out/patients-scored
+	$(PY) -m pipeline.demo table --rows $(TABLE_ROWS) --out data/patients
+	touch $@
+
+tables: models data/.patients-rows-$(TABLE_ROWS)
+	$(PY) -m pipeline.run jobs/tables.yaml
+	$(PY) -m pipeline.demo table-night --out data/patients
+	$(PY) -m pipeline.run jobs/tables.yaml
 
 # Optional side environment for the sentence-transformers baseline of `make bench` (PyTorch,
 # CPU build); kept apart so the project itself never depends on PyTorch.

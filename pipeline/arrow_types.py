@@ -7,9 +7,11 @@ not concatenate it with ``string``, so every table a worker reads is made plain 
 becomes its offset-based type, a dictionary its value type, at any depth. Values are kept.
 
 Types that still differ across the files of one input (``int32`` here, ``int64`` there;
-``string`` and ``large_string``) are unified by Arrow's permissive promotion; those that
-cannot be (an int in one file, a string in another) are refused at planning
-(``check_unifiable``), naming both files and both types.
+``string`` and ``large_string``) are unified by Arrow's permissive promotion. A passthrough
+column whose types cannot be unified (an int in one file, a string in another) is refused at
+planning (``check_unifiable``), naming both files and both types; a task's input column of
+the wrong type in some file is the task's to judge: its rows are dead-lettered with the type
+named, as for any wrongly typed row.
 """
 
 from __future__ import annotations

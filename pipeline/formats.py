@@ -63,6 +63,12 @@ def windows(batches: Iterable[pa.RecordBatch | pa.Table], rows: int) -> Iterator
     yielded = False
     for batch in batches:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        if pending and not _unifiable(pending[-1].schema, table.schema):
+            # Files of one shard whose column types cannot be merged (a task's column of the
+            # wrong type in one of them): separate windows, so the task judges each row.
+            yielded = True
+            yield _concat(pending)
+            pending, count = [], 0
         schema = table.schema
         for offset in range(0, max(table.num_rows, 1), rows):
             part = table.slice(offset, rows)
@@ -80,6 +86,16 @@ def windows(batches: Iterable[pa.RecordBatch | pa.Table], rows: int) -> Iterator
         yield _concat(pending)
     elif schema is not None and not yielded:
         yield schema.empty_table()
+
+
+def _unifiable(a: pa.Schema, b: pa.Schema) -> bool:
+    if a.equals(b):
+        return True
+    try:
+        pa.unify_schemas([a, b], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+    return True
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

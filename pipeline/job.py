@@ -42,7 +42,7 @@ from pipeline.report import ReportInputs, build_report, summary_lines, with_comm
 from pipeline.runner import Runner
 from pipeline.runs import RunLog, finish_run, listed, read_runs, sizing_record, start_run
 from pipeline.sinks import TABLE_DIRS, RunCommit, Sink, sink_for
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, OutputSpec
 from pipeline.state import (
     InputDelta,
     JobDocument,
@@ -70,6 +70,7 @@ class JobResult:
     output_uri: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     format: str = "parquet"
+    output: OutputSpec | None = field(default=None, repr=False)  # the job's output section
 
     @property
     def ok(self) -> bool:
@@ -77,9 +78,9 @@ class JobResult:
 
     def read(self) -> pa.Table:
         """The output as a reader of its format sees it: every committed part file (Parquet),
-        or the table's current version (Delta, Lance)."""
+        or the table's current version (Delta, Lance, Iceberg)."""
         layout = OutputLayout(self.output_uri, self.storage_options)
-        return sink_for(self.format).read(layout)
+        return sink_for(self.format, self.output).read(layout)
 
 
 def run_spec(spec: JobSpec, start: Start = Start.CONTINUE, address: str | None = None,
@@ -147,7 +148,7 @@ def execute(planned: PlannedJob, start: Start = Start.CONTINUE, address: str | N
     console.summary(summary_lines(report))
     spec = output.planned.spec
     return JobResult(report.exit_code, report, output.layout.uri, spec.output.storage_options,
-                     spec.output.format)
+                     spec.output.format, spec.output)
 
 
 # ----------------------------------------------------------------------------- connect
@@ -208,6 +209,9 @@ def prepare(planned: PlannedJob, start: Start) -> PreparedOutput:
         committed = with_retries(lambda: prepare_output(
             layout, spec.output.mode, wipe, planned.fingerprint, spec.output.format,
             TABLE_DIRS), f"preparing {layout.uri}")
+        drop = getattr(sink_for(spec.output.format, spec.output), "drop", None)
+        if wipe and drop is not None:  # a catalog table: its files were just wiped
+            with_retries(lambda: drop(layout), "dropping the output table")
         if planned.increment is not None and start is Start.FRESH:
             planned = replanned_fresh(planned)  # the output was wiped: everything is new
         if planned.increment is None:
@@ -236,7 +240,8 @@ def prepare(planned: PlannedJob, start: Start) -> PreparedOutput:
     manifest = None if up_to_date else with_retries(
         lambda: start_run(layout, runs, run_record(planned, runs, dropped)),
         "writing the run manifest")
-    return PreparedOutput(planned, layout, sink_for(spec.output.format), runs, done, dropped,
+    return PreparedOutput(planned, layout, sink_for(spec.output.format, spec.output), runs, done,
+                          dropped,
                           earlier, manifest, pending)
 
 
@@ -381,8 +386,9 @@ def _commit_run(output: PreparedOutput, outcome: RunOutcome,
     live = {**output.earlier,
             **{sid: m for sid, m in outcome.markers.items() if output.owns(sid)}}
     gone = with_retries(lambda: layout.read_markers(output.dropped), "reading dropped markers")
-    commit = RunCommit(manifest.run, output.planned.fingerprint, live, gone, spec.output.index)
     added = set(manifest.shards.added)
+    commit = RunCommit(manifest.run, output.planned.fingerprint, live, gone, spec.output.index,
+                       {sid for sid in live if root_of(sid) in added})
     manifest.rows = RunRows(total=sum(m.rows_out for m in live.values()),
                             added=sum(m.rows_out for sid, m in live.items()
                                       if root_of(sid) in added),

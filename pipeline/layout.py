@@ -14,6 +14,7 @@ in the right order is ``pipeline.commit``'s job; this module only knows the plac
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,18 @@ class BrokenMarker:
 
 def _marker_bytes(marker: ShardMarker) -> bytes:
     return json.dumps(marker.to_dict(), indent=1, default=str).encode()
+
+
+# A shard's part file: ``part-<20 hex>.parquet``, or a piece cut to isolate rows
+# (``-r<start>-<end>of<rows>``). Other writers' files (delta-rs: part-00000-<uuid>-c000...)
+# never match, so a table sink never takes them for its own.
+PART_FILE = re.compile(r"^part-([0-9a-f]{20}(?:-r\d+-\d+of\d+)?)\.parquet$")
+
+
+def shard_of_part(name: str) -> str | None:
+    """The shard id of a part file's name (its last path segment), None for other files."""
+    match = PART_FILE.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return match.group(1) if match else None
 
 
 class OutputLayout:

@@ -36,7 +36,11 @@ def resolve_spec(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={
         "input": spec.input.model_copy(update={
             "uri": resolve_uri(spec.input.uri) if spec.input.uri is not None else None}),
-        "output": spec.output.model_copy(update={"uri": resolve_uri(spec.output.uri)}),
+        "output": spec.output.model_copy(update={
+            "uri": resolve_uri(spec.output.uri),
+            # A Delta or Lance table to merge into is a location; an Iceberg table a name.
+            "table": resolve_uri(spec.output.table) if spec.output.table
+            and spec.output.format != "iceberg" else spec.output.table}),
         "model": spec.model.model_copy(update={"uri": resolve_uri(spec.model.uri)}),
     })
 

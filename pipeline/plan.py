@@ -266,8 +266,12 @@ def _needs_footer(file: InputFile, sizing: Sizing) -> bool:
     return file.format in ("parquet", "ipc") and file.size > sizing.target_bytes(file.format)
 
 
-def check_columns(files: list[InputFile], needed: list[str]) -> None:
-    """Files whose columns are known (footers read); the others are checked by the workers."""
+def check_columns(files: list[InputFile], needed: list[str],
+                  unified: list[str] | None = None) -> None:
+    """Files whose columns are known (footers read); the others are checked by the workers.
+    ``unified``: columns written as they are read (passthrough), whose types across files
+    must unify (a task's input column of a wrong type is the task's: its rows are
+    dead-lettered with the type named)."""
     for f in files:
         if f.error or f.columns is None:
             continue
@@ -277,7 +281,8 @@ def check_columns(files: list[InputFile], needed: list[str]) -> None:
                 f"{f.uri}: column {missing[0]!r} is missing (has: {', '.join(f.columns[:15])})"
             )
     check_unifiable([(f.uri, decode_schema(f.schema)) for f in files
-                     if f.schema is not None and not f.error], needed)
+                     if f.schema is not None and not f.error],
+                    needed if unified is None else unified)
 
 
 def make_plan(
@@ -289,11 +294,12 @@ def make_plan(
     bytes_per_shard: int | None = None,
     known: dict[tuple[str, str], InputFile] | None = None,
     listed: list[InputFile] | None = None,
+    unified: list[str] | None = None,
 ) -> Plan:
     """List (or take the ``listed`` files of a source), read the footers that splitting needs
     (reusing ``known`` ones), cut shards."""
     files, sizing = survey(uri, fmt, storage_options, rows_per_shard, needed_columns,
-                           bytes_per_shard, known, listed=listed)
+                           bytes_per_shard, known, listed=listed, unified=unified)
     return Plan(cut_shards(files, sizing), files, needed_columns, sizing)
 
 
@@ -307,6 +313,7 @@ def survey(
     known: dict[tuple[str, str], InputFile] | None = None,
     sizing: Sizing | None = None,
     listed: list[InputFile] | None = None,
+    unified: list[str] | None = None,
 ) -> tuple[list[InputFile], Sizing]:
     """The input files with the footers that splitting needs, and the shard size targets
     (``sizing`` when given: an incremental output keeps the targets of its first run).
@@ -327,7 +334,7 @@ def survey(
     inspect([f for f in files if _needs_footer(f, sizing)], storage_options)
     if len(files) <= SCHEMA_CHECK_FILES:
         read_schemas(files, storage_options)
-    check_columns(files, needed_columns)
+    check_columns(files, needed_columns, unified)
     return files, sizing
 
 

@@ -45,7 +45,7 @@ from pipeline.runs import RunLog, read_runs, shards_from_markers
 from pipeline.sessions import SessionSettings, create_session
 from pipeline.sources import Listing, TableVersion, check_filter, list_input, require_library
 from pipeline.sources.iceberg import worker_storage_options as iceberg_worker_options
-from pipeline.spec import ClassifyTaskSpec, JobSpec, ShardingSpec, output_clash
+from pipeline.spec import ClassifyTaskSpec, JobSpec, ShardingSpec, output_clash, output_columns
 from pipeline.state import FORMAT_VERSION
 from pipeline.storage import with_retries
 from pipeline.tasks import build_task, resolve_task
@@ -90,12 +90,14 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> PlannedJob:
     check_filter(spec.input.filter, listing.files[0].columns if listing.files else None)
     known = known_files(_earlier_plan(spec))
     increment, runs = None, RunLog()
-    if spec.output.mode == "incremental":
+    check_merge_key(spec)
+    if spec.output.mode in ("incremental", "merge"):  # a merge upserts what changed
         plan, increment, runs = _plan_incremental(spec, read_columns, known, listing)
     else:
         plan = make_plan(str(spec.input.uri), spec.input.format, spec.input.storage_options,
                          spec.sharding.rows_per_shard, read_columns,
-                         spec.sharding.bytes_per_shard, known=known, listed=listing.files)
+                         spec.sharding.bytes_per_shard, known=known, listed=listing.files,
+                         unified=list(spec.passthrough))
     if plan.files and all(f.error for f in plan.files):
         raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
     plan.shards = _rows_known(plan.shards, spec.input.filter)
@@ -111,6 +113,17 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> PlannedJob:
                       listing.table)
 
 
+def check_merge_key(spec: JobSpec) -> None:
+    """output.key names columns the output has: passthrough columns or task outputs."""
+    if spec.output.key is None:
+        return
+    written = [*spec.passthrough, *output_columns(spec.task)]
+    missing = [k for k in spec.output.key if k not in written]
+    if missing:
+        raise ConfigError(f"output.key: column {missing[0]!r} is not written by the job; add "
+                          "it to passthrough (the output has: " + ", ".join(written) + ")")
+
+
 def _table_version(spec: JobSpec, fresh: bool) -> int | None:
     """The version a table input is read at: ``input.version``; else the one the output's
     runs recorded, for a run this invocation resumes (an open run, or in resume mode the last
@@ -123,7 +136,7 @@ def _table_version(spec: JobSpec, fresh: bool) -> int | None:
         runs = read_runs(OutputLayout(spec.output.uri, spec.output.storage_options))
     except Exception:  # no output yet, or unreadable now: the planner's other reads say why
         return None
-    manifest = runs.open or (runs.complete if spec.output.mode != "incremental" else None)
+    manifest = runs.open or (runs.complete if spec.output.mode == "resume" else None)
     recorded = manifest.input_table if manifest is not None else None
     if recorded and recorded.get("format") == spec.input.format:
         return int(recorded["version"])
@@ -217,7 +230,7 @@ def _plan_incremental(spec: JobSpec, read_columns: list[str], known: dict,
     files, sizing = survey(str(spec.input.uri), spec.input.format, spec.input.storage_options,
                            sh.rows_per_shard, read_columns, sh.bytes_per_shard, known,
                            sizing=runs.sizing(sh.rows_per_shard, sh.bytes_per_shard),
-                           listed=listing.files)
+                           listed=listing.files, unified=list(spec.passthrough))
     # A shard cut to isolate rows that kill workers is held when its pieces cover it.
     held = [ledger[sid] for sid in sorted(roots_done(ledger, committed))]
     increment = plan_increment(files, sizing, held, spec.output.deleted_inputs == "keep")

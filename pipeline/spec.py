@@ -235,14 +235,24 @@ class IndexSpec(Strict):
 
 
 class OutputSpec(Strict):
-    uri: str
-    format: Literal["parquet", "delta", "lance"] = Field(
+    uri: str = Field(description="where part files and the job's state (_pipeline/) go; for "
+                     "delta and lance the table itself")
+    format: Literal["parquet", "delta", "lance", "iceberg"] = Field(
         "parquet", description="parquet: a part file per shard, visible as it commits; delta, "
-        "lance: a table, one version per run, committed when the run's last shard is")
+        "lance, iceberg: a table, one version (snapshot) per run, committed when the run's "
+        "last shard is")
+    table: str | None = Field(None, description="iceberg: namespace.name in output.catalog "
+                              "(created on the first run); merge into a Delta or Lance table "
+                              "elsewhere than output.uri (the input table itself, say): its URI")
+    catalog: dict[str, Any] = Field(default_factory=dict, description="iceberg: pyiceberg "
+                                    "catalog properties (type, uri, warehouse, credentials)")
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    mode: Literal["resume", "incremental", "overwrite", "fail_if_exists"] = Field(
+    mode: Literal["resume", "incremental", "overwrite", "fail_if_exists", "merge"] = Field(
         "resume", description="resume: finish the job over an unchanged input; incremental: "
-        "every run processes new and changed input files and retires deleted ones")
+        "every run processes new and changed input files and retires deleted ones; merge "
+        "(tables): each run upserts its rows into the table by output.key")
+    key: list[str] | None = Field(None, min_length=1, description="merge: the columns that "
+                                  "identify a row (passthrough columns)")
     deleted_inputs: Literal["retire", "keep"] = Field(
         "retire", description="incremental: what happens to the rows of input files that no "
         "longer exist")
@@ -256,6 +266,19 @@ class OutputSpec(Strict):
     def _index_needs_lance(self) -> OutputSpec:
         if self.index is not None and self.format != "lance":
             raise ValueError("output.index needs output.format: lance")
+        if self.format == "iceberg" and (not self.table or not self.catalog):
+            raise ValueError("output.format iceberg needs output.table (namespace.name) and "
+                             "output.catalog (pyiceberg catalog properties)")
+        if self.format != "iceberg" and self.catalog:
+            raise ValueError("output.catalog applies to output.format: iceberg")
+        if self.format != "iceberg" and self.table and self.mode != "merge":
+            raise ValueError("output.table applies to output.format: iceberg, or to "
+                             "output.mode: merge (the Delta or Lance table to merge into)")
+        if self.mode == "merge" and self.format == "parquet":
+            raise ValueError("output.mode merge needs a table: output.format delta, lance or "
+                             "iceberg")
+        if (self.mode == "merge") != (self.key is not None):
+            raise ValueError("output.mode merge and output.key go together")
         return self
 
 

@@ -107,7 +107,7 @@ class ShardWorker:
         self.read_columns = read_columns
         self.pool = pool
         self.layout = OutputLayout(spec.output.uri, spec.output.storage_options)
-        self.sink = sink_for(spec.output.format)
+        self.sink = sink_for(spec.output.format, spec.output)
         # A bundle only the driver can read arrives through the object store.
         self.bundle = install_bundle(shipped_bundle) if shipped_bundle else \
             fetch_bundle(spec.model.uri, spec.model.storage_options, spec.model.sha256)

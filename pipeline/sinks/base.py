@@ -83,6 +83,7 @@ class RunCommit:
     live: dict[str, ShardMarker]
     dropped: dict[str, ShardMarker] = field(default_factory=dict)
     index: IndexSpec | None = None  # output.index (Lance), None when not asked for
+    added: set[str] = field(default_factory=set)  # shards this run computed (merge: its rows)
 
 
 class Sink(Protocol):

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError, cause_text
-from pipeline.layout import OutputLayout
+from pipeline.layout import OutputLayout, shard_of_part
 from pipeline.metadata import COMMIT_FINGERPRINT, COMMIT_RUN
 from pipeline.sinks.base import FileParts, PartFiles, RunCommit
 from pipeline.sinks.object_store import object_store_options, table_path
@@ -118,9 +118,12 @@ class DeltaSink:
 
     @staticmethod
     def _files(table: Any, layout: OutputLayout) -> dict[str, int]:
+        """The table's files that are this output's part files: files other writers added
+        are never removed by a run's commit."""
         actions = pa.table(table.get_add_actions(flatten=True))  # arro3 -> pyarrow (C stream)
         data = actions.select(["path", "size_bytes"]).to_pylist()
-        return {row["path"].rsplit("/", 1)[-1]: row["size_bytes"] for row in data}
+        return {row["path"].rsplit("/", 1)[-1]: row["size_bytes"] for row in data
+                if "/" not in row["path"] and shard_of_part(row["path"]) is not None}
 
     @staticmethod
     def _sizes(layout: OutputLayout) -> dict[str, int]:

@@ -68,17 +68,23 @@ def worker_storage_options(spec: InputSpec) -> dict[str, Any]:
     return spec.storage_options or fsspec_options(spec.catalog)
 
 
+def open_catalog(catalog: dict[str, Any], storage_options: dict[str, Any], key: str) -> Any:
+    """A pyiceberg catalog from its properties (``key``: input.catalog or output.catalog)."""
+    from pyiceberg.catalog import load_catalog
+
+    props = {**io_properties(storage_options), **catalog}
+    name = str(catalog.get("name", "default"))
+    try:
+        return load_catalog(name, **{k: v for k, v in props.items() if k != "name"})
+    except Exception as exc:
+        raise ConfigError(f"{key}: cannot open the Iceberg catalog "
+                          f"({cause_text(exc, catalog, storage_options)})") from exc
+
+
 def load_table(spec: InputSpec) -> Any:
     props = {**io_properties(spec.storage_options), **spec.catalog}
     if spec.table is not None:
-        from pyiceberg.catalog import load_catalog
-
-        name = str(spec.catalog.get("name", "default"))
-        try:
-            catalog = load_catalog(name, **{k: v for k, v in props.items() if k != "name"})
-        except Exception as exc:
-            raise ConfigError(f"input.catalog: cannot open the Iceberg catalog "
-                              f"({cause_text(exc, spec.catalog, spec.storage_options)})") from exc
+        catalog = open_catalog(spec.catalog, spec.storage_options, "input.catalog")
         try:
             return catalog.load_table(spec.table)
         except Exception as exc:

@@ -73,7 +73,7 @@ def test_types_that_cannot_be_unified_are_refused_at_planning(tmp_path: Path,
     pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), src / "a.parquet")
     pq.write_table(pa.table({"id": ["x", "y"], "text": pa.array(["c", "d"], pa.string_view())}),
                    src / "b.parquet", store_schema=True)
-    spec = embed_job(str(src), str(tmp_path / "out"), minilm_dir)
+    spec = embed_job(str(src), str(tmp_path / "out"), minilm_dir)  # id is passed through
     with pytest.raises(InputError) as caught:
         pipeline.run_job(spec, progress=False)
     message = str(caught.value)
@@ -97,3 +97,22 @@ def test_plain_table_keeps_values_of_every_view_type() -> None:
                                               pa.large_list(pa.int64()), pa.list_(pa.string())]
     assert plain.to_pylist() == table.to_pylist()
     plain.validate(full=True)
+
+
+def test_task_column_of_another_type_in_one_file_of_a_shard_is_dead_lettered(
+        tmp_path: Path, minilm_dir: Path, text_rows: list[str]) -> None:
+    """The task judges a wrongly typed column row by row, even when its file shares a shard
+    with good files: those rows are dead-lettered with the type named, the rest scored."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.table({"id": pa.array(range(5), pa.int64()), "text": text_rows[:5]}),
+                   src / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array(range(5, 8), pa.int64()), "text": [1, 2, 3]}),
+                   src / "b.parquet")
+    spec = embed_job(str(src), str(tmp_path / "out"), minilm_dir, bad_rows={"max_fraction": 0.5})
+    result = pipeline.run_job(spec, progress=False)
+    assert result.ok, result.report["failures"]
+    assert result.report["totals"]["shards"] == 1
+    assert sorted(result.read()["id"].to_pylist()) == list(range(5))
+    reasons = result.report["bad_rows"]["by_reason"]
+    assert sum(reasons.values()) == 3 and any("int64" in r for r in reasons), reasons

@@ -51,9 +51,8 @@ def wait_for(condition, what: str, timeout_s: float = 90) -> None:
 def lease_of(layout: OutputLayout) -> LeaseRecord | None:
     path = layout.pipeline_path(LEASE_FILE)
     layout.fs.invalidate_cache()
-    try:
-        with layout.fs.open(path, "rb") as fh:
-            return LeaseRecord.model_validate_json(fh.read())
+    try:  # one GET: an open() (HEAD, then GET If-Match) races the holder's renewals
+        return LeaseRecord.model_validate_json(layout.fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
 
