@@ -210,9 +210,12 @@ class OutputLayout:
                 names = self.fs.ls(folder, detail=False)
             except FileNotFoundError:
                 continue
+            # Only our own part files: a table writer's files at the root (delta-rs writes
+            # part-00000-<uuid>-c000.parquet there on a merge) are the table's.
             doomed = [name for name in names
                       if (base := name.rstrip("/").rsplit("/", 1)[-1]).startswith(".tmp-")
                       or (base.startswith(prefix) and base.endswith(suffix)
+                          and (prefix != "part-" or shard_of_part(base) is not None)
                           and base[len(prefix):len(base) - len(suffix)] not in keep)]
             if doomed:  # one call: object stores delete in batches (S3: 1,000 per request)
                 self.fs.rm(doomed)
