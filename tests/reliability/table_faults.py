@@ -97,8 +97,10 @@ def _driver(job: dict, work: Path, faults: list[dict]) -> subprocess.Popen:
 
 
 def _redone(layout: OutputLayout, before: dict[str, float]) -> int:
-    """Committed shards whose marker changed: computed again."""
-    return sum(1 for sid, at in before.items() if layout.read_marker(sid).committed_at != at)
+    """Committed shards (still held) whose marker changed: computed again."""
+    held = layout.committed_shards()
+    return sum(1 for sid, at in before.items()
+               if sid in held and layout.read_marker(sid).committed_at != at)
 
 
 def merge_commit_kill(work: Path, rows: int, seed: int) -> Trial:
