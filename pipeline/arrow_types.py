@@ -95,21 +95,24 @@ def check_unifiable(schemas: list[tuple[str, pa.Schema]], columns: list[str]) ->
     """Refuse (exit 2) a column whose plain types across files cannot be unified: one line
     naming both files and both types. ``schemas``: (file URI, its schema) of the files whose
     schema planning read."""
-    first: dict[str, tuple[str, pa.DataType]] = {}
+    # Per column: the type unified so far, and the file that last set it (a null-typed
+    # column of an all-null CSV sets nothing, so a later int/string clash is still seen).
+    unified: dict[str, tuple[str, pa.DataType]] = {}
     for uri, schema in schemas:
         for name in columns:
             if name not in schema.names:
                 continue
             t = plain_type(schema.field(name).type)
-            if name not in first:
-                first[name] = (uri, t)
+            if name not in unified or pa.types.is_null(unified[name][1]):
+                unified[name] = (uri, t)
                 continue
-            other_uri, other = first[name]
-            if other == t:
+            other_uri, other = unified[name]
+            if other == t or pa.types.is_null(t):
                 continue
             try:
-                pa.unify_schemas([pa.schema([(name, other)]), pa.schema([(name, t)])],
-                                 promote_options="permissive")
+                merged = pa.unify_schemas([pa.schema([(name, other)]), pa.schema([(name, t)])],
+                                          promote_options="permissive").field(name).type
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                 raise InputError(f"input: column {name!r} is {other} in {other_uri} but {t} in "
                                  f"{uri}; these types cannot be unified") from exc
+            unified[name] = (other_uri, merged)

@@ -388,7 +388,7 @@ def _commit_run(output: PreparedOutput, outcome: RunOutcome,
     gone = with_retries(lambda: layout.read_markers(output.dropped), "reading dropped markers")
     added = set(manifest.shards.added)
     commit = RunCommit(manifest.run, output.planned.fingerprint, live, gone, spec.output.index,
-                       {sid for sid in live if root_of(sid) in added})
+                       {sid for sid in live if root_of(sid) in added}, manifest.token)
     manifest.rows = RunRows(total=sum(m.rows_out for m in live.values()),
                             added=sum(m.rows_out for sid, m in live.items()
                                       if root_of(sid) in added),
@@ -400,4 +400,4 @@ def _commit_run(output: PreparedOutput, outcome: RunOutcome,
     except Exception as exc:  # the shards stand; the next invocation commits the run
         return manifest, (f"run {commit.run_id}: the {output.sink.format} commit failed, every "
                           "shard is committed and a rerun commits the run "
-                          f"({cause_text(exc, spec.output.storage_options)})")
+                          f"({cause_text(exc, spec.output.storage_options, spec.output.catalog)})")

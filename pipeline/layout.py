@@ -39,16 +39,19 @@ def _marker_bytes(marker: ShardMarker) -> bytes:
     return json.dumps(marker.to_dict(), indent=1, default=str).encode()
 
 
-# A shard's part file: ``part-<20 hex>.parquet``, or a piece cut to isolate rows
-# (``-r<start>-<end>of<rows>``). Other writers' files (delta-rs: part-00000-<uuid>-c000...)
-# never match, so a table sink never takes them for its own.
-PART_FILE = re.compile(r"^part-([0-9a-f]{20}(?:-r\d+-\d+of\d+)?)\.parquet$")
+# A shard's part file: ``part-<shard id>.parquet`` (a shard id has no dot). Data files that
+# Spark and delta-rs write (``part-00000-<uuid>-c000[.snappy].parquet``) never match, so a
+# table sink or orphan removal never takes another writer's files for its own.
+PART_FILE = re.compile(r"^part-([^./]+)\.parquet$")
+FOREIGN_PART = re.compile(r"^\d{5}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def shard_of_part(name: str) -> str | None:
     """The shard id of a part file's name (its last path segment), None for other files."""
     match = PART_FILE.match(name.rstrip("/").rsplit("/", 1)[-1])
-    return match.group(1) if match else None
+    if match is None or FOREIGN_PART.match(match.group(1)):
+        return None
+    return match.group(1)
 
 
 class OutputLayout:

@@ -16,6 +16,9 @@ COMMIT_RUN_ID = "pipeline.run_id"
 COMMIT_FINGERPRINT = "pipeline.fingerprint"
 COMMIT_SHARDS_ADDED = "pipeline.shards_added"
 COMMIT_SHARDS_DROPPED = "pipeline.shards_dropped"
+# A run's own token: tells its commit from one of another output (or of the same output
+# before --fresh) with the same fingerprint and run id, in a table both merge into.
+COMMIT_TOKEN = "pipeline.run_token"
 
 
 def part_metadata(fingerprint: str, model_sha256: str, bundle_identity: str,

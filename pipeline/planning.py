@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline import storage
+from pipeline.arrow_types import decode_schema
 from pipeline.errors import (
     ConfigError,
     InputError,
@@ -44,6 +45,7 @@ from pipeline.plan import (
 from pipeline.runs import RunLog, read_runs, shards_from_markers
 from pipeline.sessions import SessionSettings, create_session
 from pipeline.sources import Listing, TableVersion, check_filter, list_input, require_library
+from pipeline.sources.filters import to_arrow
 from pipeline.sources.iceberg import worker_storage_options as iceberg_worker_options
 from pipeline.spec import ClassifyTaskSpec, JobSpec, ShardingSpec, output_clash, output_columns
 from pipeline.state import FORMAT_VERSION
@@ -100,6 +102,7 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> PlannedJob:
                          unified=list(spec.passthrough))
     if plan.files and all(f.error for f in plan.files):
         raise InputError(f"{plan.files[0].uri}: {plan.files[0].error} (no input file is readable)")
+    check_filter_types(spec.input.filter, plan.files)
     plan.shards = _rows_known(plan.shards, spec.input.filter)
     try:
         check_output_not_input(spec.output.uri, plan.files, spec.output.storage_options,
@@ -132,13 +135,18 @@ def _table_version(spec: JobSpec, fresh: bool) -> int | None:
         return spec.input.version
     if fresh or spec.output.mode == "overwrite":
         return None
-    try:
-        runs = read_runs(OutputLayout(spec.output.uri, spec.output.storage_options))
-    except Exception:  # no output yet, or unreadable now: the planner's other reads say why
-        return None
+    layout = OutputLayout(spec.output.uri, spec.output.storage_options)
+    try:  # no output yet reads as no runs; anything else must not silently move versions
+        runs = with_retries(lambda: read_runs(layout), "reading run manifests")
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise storage_error(exc, "output.uri", layout.uri, "read the runs of",
+                            spec.output.storage_options) from exc
     manifest = runs.open or (runs.complete if spec.output.mode == "resume" else None)
     recorded = manifest.input_table if manifest is not None else None
-    if recorded and recorded.get("format") == spec.input.format:
+    if recorded and recorded.get("format") == spec.input.format and \
+            recorded.get("version") is not None:
         return int(recorded["version"])
     return None
 
@@ -148,10 +156,18 @@ def _with_table_version(spec: JobSpec, listing: Listing) -> JobSpec:
     storage options workers read data files with."""
     if listing.table is None:
         return spec
-    update: dict[str, Any] = {"version": listing.table.version}
+    update: dict[str, Any] = {"version": listing.table.version}  # None: an empty table
     if spec.input.format == "iceberg" and not spec.input.storage_options:
         update["storage_options"] = iceberg_worker_options(spec.input)
     return spec.model_copy(update={"input": spec.input.model_copy(update=update)})
+
+
+def check_filter_types(row_filter: str | None, files: list) -> None:
+    """The filter against the first schema planning read: a missing column or a literal
+    that is no value of its column exits 2 here, not in every shard."""
+    schema = next((f.schema for f in files if f.schema is not None and not f.error), None)
+    if row_filter and schema is not None:
+        to_arrow(row_filter, decode_schema(schema))
 
 
 def _rows_known(shards: list[Shard], row_filter: str | None) -> list[Shard]:
@@ -242,7 +258,8 @@ def replanned_fresh(planned: PlannedJob) -> PlannedJob:
     plan, sharding = planned.plan, planned.spec.sharding
     sizing = measure_sizing(plan.files, sharding.rows_per_shard, sharding.bytes_per_shard)
     increment = plan_increment(plan.files, sizing, [], False)
-    new_plan = Plan(increment.shards, plan.files, plan.read_columns, sizing)
+    shards = _rows_known(increment.shards, planned.spec.input.filter)
+    new_plan = Plan(shards, plan.files, plan.read_columns, sizing)
     return replace(planned, plan=new_plan, increment=increment, runs=RunLog())
 
 

@@ -75,7 +75,8 @@ class Runner:
         self._root_rows: dict[str, int | None] = {}
         self.start_watch = health.StartWatch(clock())
         self._deaths_since_success = 0
-        self._secrets = (spec.input.storage_options, spec.model.storage_options,
+        self._secrets = (spec.input.storage_options, spec.input.catalog, spec.output.catalog,
+                         spec.model.storage_options,
                          spec.output.storage_options)
 
     # ------------------------------------------------------------------ the loop

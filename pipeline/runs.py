@@ -14,6 +14,7 @@ pieces it was cut from, so the next run knows which shards a changed or deleted 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
 from pipeline.faults import maybe_inject
@@ -117,7 +118,8 @@ def start_run(layout: OutputLayout, log: RunLog, base: RunManifest) -> RunManife
         manifest = log.open.model_copy(update={**planned, "shards": shards,
                                                "resumed": log.open.resumed + 1})
     else:
-        manifest = base.model_copy(update={"run": log.next_id(), "started_at": time.time()})
+        manifest = base.model_copy(update={"run": log.next_id(), "started_at": time.time(),
+                                           "token": uuid.uuid4().hex[:16]})
     manifest.status = RUNNING
     write_manifest(layout, manifest)
     return manifest

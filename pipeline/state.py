@@ -254,6 +254,7 @@ class RunManifest(VersionedRecord):
     table: dict[str, Any] | None = None  # what the sink's commit_run returned, and format
     input_table: dict[str, Any] | None = None  # a table input: format, location, version read
     resumed: int = 0  # how often a crashed run was picked up again
+    token: str | None = None  # this run's own id in table commits (merges), kept by resumes
     started_at: float = 0.0
     updated_at: float | None = None
     completed_at: float | None = None

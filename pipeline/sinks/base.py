@@ -83,7 +83,9 @@ class RunCommit:
     live: dict[str, ShardMarker]
     dropped: dict[str, ShardMarker] = field(default_factory=dict)
     index: IndexSpec | None = None  # output.index (Lance), None when not asked for
-    added: set[str] = field(default_factory=set)  # shards this run computed (merge: its rows)
+    # Shards this run computed (merge: the rows it upserts); None: not known, every live one.
+    added: set[str] | None = None
+    token: str | None = None  # the run's own token (RunManifest.token), named by merge commits
 
 
 class Sink(Protocol):

@@ -65,7 +65,7 @@ class DeltaSink:
         if table is None and not wanted:  # no row yet: Delta takes no table without columns
             return {"version": None, "committed": False,
                     "note": f"run {run.run_id} has no rows: no Delta table yet"}
-        adds, removes = self._actions(layout, wanted, present)
+        adds, removes = self._actions(layout, wanted, present, run.added)
         schema = self._schema(layout, [a.path for a in adds] or sorted(wanted), table)
         self._write(layout, table, run, [*adds, *removes], schema)
         table = self._open(layout)
@@ -73,8 +73,11 @@ class DeltaSink:
                 "added_files": len(adds), "removed_files": len(removes)}
 
     def _actions(self, layout: OutputLayout, wanted: dict[str, ShardMarker],
-                 present: dict[str, int]) -> tuple[list[Any], list[Any]]:
-        """Add the part files of live shards the table lacks, remove those of dropped ones."""
+                 present: dict[str, int], added: set[str] | None) -> tuple[list[Any], list[Any]]:
+        """Add the part files of live shards the table lacks, remove those of dropped ones.
+        A shard of an earlier run whose part file the table no longer holds was compacted or
+        rewritten by another writer: adding it again would duplicate its rows, so the commit
+        is refused."""
         from deltalake.transaction import AddAction, RemoveAction
 
         sizes = self._sizes(layout)
@@ -83,6 +86,12 @@ class DeltaSink:
         for name, marker in sorted(wanted.items()):
             if name in present:
                 continue
+            if added is not None and marker.shard_id not in added:
+                raise OutputError(
+                    f"output.uri: the Delta table at {layout.uri} no longer holds {name} of "
+                    f"shard {marker.shard_id}, committed by an earlier run (compacted, or "
+                    "rewritten by another writer); adding it again would duplicate its rows: "
+                    "rerun with --fresh to rebuild the output")
             if name not in sizes:
                 raise OutputError(f"output.uri: {layout.uri}/{name} is missing, but shard "
                                   f"{marker.shard_id} is committed; rerun with --fresh")

@@ -67,7 +67,8 @@ class IcebergSink:
             except CommitFailedException as exc:  # another writer committed first: replan
                 if attempt == COMMIT_ATTEMPTS - 1:
                     raise OutputError(f"output.table: {self.table_name}: run {run.run_id} lost "
-                                      f"{COMMIT_ATTEMPTS} commit races ({cause_text(exc)})") from exc
+                                      f"{COMMIT_ATTEMPTS} commit races "
+                                      f"({cause_text(exc, self.catalog_props)})") from exc
                 time.sleep(0.2 * 2 ** attempt)
         raise AssertionError("unreachable")
 
@@ -82,6 +83,13 @@ class IcebergSink:
             table = self._create(layout, catalog, wanted[sorted(wanted)[0]])
         present = self._ours(layout, table)
         adds = sorted(set(wanted) - set(present))
+        gone = [p for p in adds if run.added is not None and shard_of_part(p) not in run.added]
+        if gone:  # compacted or rewritten by another writer: re-adding would duplicate rows
+            raise OutputError(
+                f"output.table: {self.table_name} no longer holds {gone[0]}, committed by an "
+                "earlier run (rewritten by rewrite_data_files or another writer); adding it "
+                "again would duplicate its rows: rerun with --fresh to rebuild the output")
+        self._ensure_name_mapping(table)
         removes = [present[p] for p in sorted(set(present) - set(wanted))]
         if not adds and not removes:
             snapshot = table.current_snapshot()
@@ -110,7 +118,6 @@ class IcebergSink:
 
     def _create(self, layout: OutputLayout, catalog: Any, first: str) -> Any:
         from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
-        from pyiceberg.table import TableProperties
 
         with layout.fs.open(first, "rb") as fh:
             schema = iceberg_ready(pq.read_schema(fh).remove_metadata())
@@ -121,11 +128,21 @@ class IcebergSink:
         try:
             table = catalog.create_table(self.table_name, schema=schema)
         except TableAlreadyExistsError:  # created by a crashed attempt of this run
-            return catalog.load_table(self.table_name)
-        with table.transaction() as tx:  # readers map the part files' columns by name
+            table = catalog.load_table(self.table_name)
+        self._ensure_name_mapping(table)
+        return catalog.load_table(self.table_name)
+
+    @staticmethod
+    def _ensure_name_mapping(table: Any) -> None:
+        """Readers resolve the part files' columns by name (they carry no field ids); set
+        when the table is created, and again here should a crash have come in between."""
+        from pyiceberg.table import TableProperties
+
+        if TableProperties.DEFAULT_NAME_MAPPING in table.properties:
+            return
+        with table.transaction() as tx:
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING:
                                  tx.table_metadata.schema().name_mapping.model_dump_json()})
-        return catalog.load_table(self.table_name)
 
     def _uri(self, layout: OutputLayout, shard_id: str) -> str:
         return storage.full_uri(layout.fs, layout.part_path(shard_id))
@@ -135,7 +152,7 @@ class IcebergSink:
         snapshot = table.current_snapshot()
         if snapshot is None:
             return {}
-        root = layout.uri.rstrip("/") + "/"
+        root = storage.full_uri(layout.fs, layout.root).rstrip("/") + "/"  # s3a:// -> s3://
         files: dict[str, Any] = {}
         for task in table.scan(snapshot_id=snapshot.snapshot_id).plan_files():
             path = task.file.file_path

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError, cause_text
 from pipeline.layout import OutputLayout
-from pipeline.metadata import COMMIT_FINGERPRINT, COMMIT_RUN, COMMIT_RUN_ID
+from pipeline.metadata import COMMIT_FINGERPRINT, COMMIT_RUN, COMMIT_RUN_ID, COMMIT_TOKEN
 from pipeline.sinks.base import FileParts, PartFiles, RunCommit
 from pipeline.sinks.iceberg_sink import IcebergSink, iceberg_ready
 from pipeline.sinks.object_store import object_store_options, table_path
@@ -56,7 +56,8 @@ class MergeSink:
         return self.output.table or layout.uri
 
     def commit_run(self, layout: OutputLayout, run: RunCommit) -> dict[str, Any]:
-        shards = sorted(sid for sid, m in run.live.items() if sid in run.added and m.rows_out)
+        shards = sorted(sid for sid, m in run.live.items()
+                        if (run.added is None or sid in run.added) and m.rows_out)
         if self._committed(layout, run):
             return {"committed": False, "target": self.target(layout),
                     "note": f"run {run.run_id} was already merged"}
@@ -71,7 +72,9 @@ class MergeSink:
             raise
         except Exception as exc:
             raise OutputError(f"output.table: merging run {run.run_id} into "
-                              f"{self.target(layout)} failed ({cause_text(exc)})") from exc
+                              f"{self.target(layout)} failed "
+                              f"({cause_text(exc, layout.storage_options, self.output.catalog)})"
+                              ) from exc
         return {"committed": True, "target": self.target(layout), "key": self.key,
                 "merged_shards": len(shards), **result}
 
@@ -95,8 +98,8 @@ class MergeSink:
         from deltalake.transaction import CommitProperties, Transaction
 
         commit = CommitProperties(
-            app_transactions=[Transaction(run.fingerprint, run.run_id)],
-            custom_metadata={COMMIT_RUN: str(run.run_id), COMMIT_FINGERPRINT: run.fingerprint})
+            app_transactions=[Transaction(_app_id(run), run.run_id)],
+            custom_metadata={**_properties(run, COMMIT_RUN)})
         table = self._open_delta(layout)
         rows = run_rows(layout, shards)
         if table is None:
@@ -135,7 +138,7 @@ class MergeSink:
         import lance
         from lance import LanceDataset
 
-        props = {COMMIT_RUN_ID: str(run.run_id), COMMIT_FINGERPRINT: run.fingerprint}
+        props = _properties(run, COMMIT_RUN_ID)
         ds = self._open_lance(layout)
         rows = run_rows(layout, shards)
         if ds is None:
@@ -163,7 +166,7 @@ class MergeSink:
         sink = self._iceberg_sink()
         catalog = sink._catalog(layout)
         rows = run_rows(layout, shards).read_all()
-        props = {COMMIT_RUN: str(run.run_id), COMMIT_FINGERPRINT: run.fingerprint}
+        props = _properties(run, COMMIT_RUN)
         try:
             table = catalog.load_table(self.output.table)
         except NoSuchTableError:
@@ -184,7 +187,7 @@ class MergeSink:
         """This run's merge is in the table already (a crash after the commit)."""
         if self.format == "delta":
             table = self._open_delta(layout)
-            done = table.transaction_version(run.fingerprint) if table is not None else None
+            done = table.transaction_version(_app_id(run)) if table is not None else None
             return done is not None and done >= run.run_id
         if self.format == "lance":
             ds = self._open_lance(layout)
@@ -193,15 +196,14 @@ class MergeSink:
             for version in ds.versions()[::-1][:50]:
                 tx = ds.read_transaction(version["version"])
                 props = (getattr(tx, "transaction_properties", None) or {}) if tx else {}
-                if props.get(COMMIT_FINGERPRINT) == run.fingerprint and \
-                        int(props.get(COMMIT_RUN_ID, -1)) >= run.run_id:
+                if _names_run(props, run, COMMIT_RUN_ID):
                     return True
             return False
         sink = self._iceberg_sink()
         table = sink._load(sink._catalog(layout))
         return table is not None and any(
-            s.summary is not None and s.summary.get(COMMIT_FINGERPRINT) == run.fingerprint
-            and int(s.summary.get(COMMIT_RUN, -1)) >= run.run_id for s in table.snapshots())
+            s.summary is not None and _names_run(s.summary, run, COMMIT_RUN)
+            for s in table.snapshots())
 
     def read(self, layout: OutputLayout) -> pa.Table:
         if self.format == "delta":
@@ -214,6 +216,25 @@ class MergeSink:
 
     def table_dirs(self) -> tuple[str, ...]:
         return ()
+
+
+def _app_id(run: RunCommit) -> str:
+    """The Delta transaction app id of a run's merge: its own token where it has one."""
+    return f"pipeline-merge-{run.token}" if run.token else run.fingerprint
+
+
+def _properties(run: RunCommit, run_key: str) -> dict[str, str]:
+    props = {run_key: str(run.run_id), COMMIT_FINGERPRINT: run.fingerprint}
+    return props | ({COMMIT_TOKEN: run.token} if run.token else {})
+
+
+def _names_run(props: dict[str, Any], run: RunCommit, run_key: str) -> bool:
+    """A commit's properties name this run (its token; the fingerprint and run id for runs
+    from before tokens)."""
+    if run.token:
+        return props.get(COMMIT_TOKEN) == run.token
+    return props.get(COMMIT_FINGERPRINT) == run.fingerprint and \
+        int(props.get(run_key, -1)) >= run.run_id
 
 
 def _quoted(name: str) -> str:

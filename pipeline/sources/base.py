@@ -30,7 +30,7 @@ from pipeline.redaction import redact_uri
 class TableVersion:
     format: str  # delta | lance | iceberg
     location: str  # the table's root (Delta, Lance) or its metadata file (Iceberg)
-    version: int  # Delta or Lance version, Iceberg snapshot id
+    version: int | None  # Delta or Lance version, Iceberg snapshot id (None: no snapshot yet)
     table: str | None = None  # Iceberg: namespace.name in the catalog
     root: str | None = None  # Iceberg: the table's location (data and metadata below it)
 

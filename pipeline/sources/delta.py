@@ -56,7 +56,11 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
     schema = plain_schema(pa.schema(table.schema().to_arrow()))
     partitions = list(table.metadata().partition_columns)
     actions = pa.table(table.get_add_actions(flatten=True))
-    masks = _deleted_positions(table) if _has_deletion_vectors(table) else {}
+    if (table.metadata().configuration or {}).get("delta.columnMapping.mode", "none") != "none":
+        raise InputError(f"input.uri: Delta table {uri} uses column mapping "
+                         "(delta.columnMapping.mode), whose data files name columns by id; "
+                         "it is not supported yet")
+    masks = _deleted_positions(table, uri) if _has_deletion_vectors(table) else {}
     encoded = encode_schema(schema)
     part_schema = pa.schema([schema.field(c) for c in partitions])
     values = _partition_values(actions, partitions, part_schema)
@@ -67,7 +71,7 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
         if not keep[i]:
             continue
         file_uri = _file_uri(uri, row["path"])
-        deleted = masks.get(file_uri)
+        deleted = masks.pop(_relative(uri, file_uri), None)
         identity = f"size={row['size_bytes']},mtime={row['modification_time']}"
         if deleted is not None:
             identity += f",dv={deletes_id(deleted.tolist())}"
@@ -78,6 +82,9 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
                            partition={c: values[c][i] for c in partitions},
                            partition_schema=encode_schema(part_schema) if partitions else None,
                            dv=deleted is not None)))
+    if masks and all(keep):  # a deletion vector no file claims: never score its rows
+        raise InputError(f"input.uri: Delta table {uri}: deletion vectors of "
+                         f"{sorted(masks)[0]} match no data file of version {table.version()}")
     files.sort(key=lambda f: f.uri)
     return Listing(files, TableVersion("delta", uri, table.version()),
                    pruned=len(keep) - sum(keep))
@@ -120,20 +127,45 @@ def _has_deletion_vectors(table: Any) -> bool:
     return "deletionVectors" in features
 
 
-def _deleted_positions(table: Any) -> dict[str, np.ndarray]:
-    """Deleted row positions of each file that has a deletion vector."""
-    reader = table.deletion_vectors()
+def _relative(root: str, uri: str) -> str:
+    """A data file's path below the table root, unquoted: the one key both the log's paths
+    and deletion_vectors()' URIs reduce to."""
+    from urllib.parse import unquote
+
+    path = unquote(uri.split("://", 1)[-1])
+    base = unquote(table_path(root).split("://", 1)[-1]).rstrip("/") + "/"
+    return path[path.find(base) + len(base):] if base in path else path.rsplit("/", 1)[-1]
+
+
+def _deleted_positions(table: Any, root: str) -> dict[str, np.ndarray]:
+    """Deleted row positions of each file that has a deletion vector, by relative path."""
+    vectors = pa.table(table.deletion_vectors())
     found: dict[str, np.ndarray] = {}
-    for row in pa.table(reader).to_pylist():
-        keep = np.asarray(row["selection_vector"], dtype=bool)
-        found[row["filepath"]] = np.flatnonzero(~keep)
+    for i, path in enumerate(vectors["filepath"].to_pylist()):
+        keep = vectors["selection_vector"][i].values.to_numpy(zero_copy_only=False)
+        found[_relative(root, path)] = np.flatnonzero(~keep.astype(bool))
     return found
 
 
 @lru_cache(maxsize=4)
-def deleted_rows(table_uri: str, version: int, options_key: str) -> dict[str, np.ndarray]:
-    """Worker side: the deleted positions of every file of one table version (cached)."""
+def _version_deletes(table_uri: str, version: int, options_key: str) -> dict[str, np.ndarray]:
     import json
 
     table = open_table(table_uri, json.loads(options_key), version)
-    return _deleted_positions(table)
+    return _deleted_positions(table, table_uri)
+
+
+@lru_cache(maxsize=4)
+def table_schema(table_uri: str, version: int, options_key: str) -> pa.Schema:
+    """Worker side: the table's schema at a version (columns a data file predates)."""
+    import json
+
+    table = open_table(table_uri, json.loads(options_key), version)
+    return plain_schema(pa.schema(table.schema().to_arrow()))
+
+
+def deleted_rows(table_uri: str, version: int, options_key: str,
+                 file_uri: str) -> np.ndarray | None:
+    """Worker side: the deleted positions of one data file of a table version (the version's
+    deletion vectors are read once per process)."""
+    return _version_deletes(table_uri, version, options_key).get(_relative(table_uri, file_uri))

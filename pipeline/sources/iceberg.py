@@ -106,7 +106,7 @@ def list_iceberg(spec: InputSpec, version: int | None) -> Listing:
     if snapshot is None:
         if version is not None:
             raise InputError(f"input.version: Iceberg table {where} has no snapshot {version}")
-        return Listing([], TableVersion("iceberg", table.metadata_location, 0, spec.table,
+        return Listing([], TableVersion("iceberg", table.metadata_location, None, spec.table,
                                         table.location()))
     schema = table.schemas().get(snapshot.schema_id, table.schema())
     arrow = plain_schema(schema.as_arrow())
@@ -132,10 +132,35 @@ def list_iceberg(spec: InputSpec, version: int | None) -> Listing:
         files.append(InputFile(
             uri=data.file_path, format="parquet", size=int(data.file_size_in_bytes),
             version=identity, columns=list(arrow.names), schema=encoded,
-            read=read_info(source="iceberg", deletes=[d.file_path for d in deletes])))
+            read=read_info(source="iceberg", deletes=[d.file_path for d in deletes],
+                           metadata=table.metadata_location, schema_id=snapshot.schema_id)))
     files.sort(key=lambda f: f.uri)
     return Listing(files, TableVersion("iceberg", table.metadata_location, snapshot.snapshot_id,
                                        spec.table, table.location()))
+
+
+@lru_cache(maxsize=8)
+def _static(metadata: str, options_key: str) -> Any:
+    from pyiceberg.table import StaticTable
+
+    return StaticTable.from_metadata(metadata, properties=io_properties(json.loads(options_key)))
+
+
+def _schema_of(info: dict[str, Any], options_key: str) -> Any:
+    table = _static(info["metadata"], options_key)
+    return table.schemas().get(info.get("schema_id"), table.schema())
+
+
+def field_ids(info: dict[str, Any], storage_options: dict[str, Any]) -> dict[str, int]:
+    """Worker side: the table's top-level column names -> Iceberg field ids."""
+    key = json.dumps(storage_options, sort_keys=True, default=str)
+    return {f.name: f.field_id for f in _schema_of(info, key).fields}
+
+
+def table_schema(info: dict[str, Any], storage_options: dict[str, Any]) -> pa.Schema:
+    """Worker side: the snapshot's schema (columns a data file predates)."""
+    key = json.dumps(storage_options, sort_keys=True, default=str)
+    return plain_schema(_schema_of(info, key).as_arrow())
 
 
 @lru_cache(maxsize=64)

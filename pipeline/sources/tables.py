@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.arrow_types import decode_schema, plain_table
@@ -46,7 +47,10 @@ def _data_file(info: dict[str, Any], piece: Any, columns: list[str] | None, wind
     deleted = _deleted(info, piece.uri, storage_options)
     position = piece.start if piece.kind == "rows" else 0
     fs, path = storage.filesystem(piece.uri, storage_options)
-    for table in iter_piece(fs, path, piece, in_file, window_rows, piece.uri):
+    names = _file_names(info, fs, path, in_file, storage_options) if in_file else {}
+    read = None if in_file is None else [names[c] for c in in_file if names.get(c)]
+    for table in iter_piece(fs, path, piece, read, window_rows, piece.uri):
+        table = _as_table_columns(table, in_file, names, info, storage_options)
         rows = table.num_rows
         if deleted is not None and deleted.size and rows:
             here = np.arange(position, position + rows)
@@ -61,10 +65,58 @@ def _data_file(info: dict[str, Any], piece: Any, columns: list[str] | None, wind
         yield table.select(columns) if columns is not None else table
 
 
+def _file_names(info: dict[str, Any], fs: Any, path: str, columns: list[str],
+                storage_options: dict[str, Any]) -> dict[str, str | None]:
+    """Each table column's name in this data file, None where the file predates the column
+    (schema evolution). Iceberg matches by field id where the file has them (a renamed
+    column keeps its id), else by name (files added with a name mapping)."""
+    with fs.open(path, "rb") as fh:
+        file_schema = pq.read_schema(fh)
+    by_id: dict[int, str] = {}
+    for field in file_schema:
+        raw = (field.metadata or {}).get(b"PARQUET:field_id")
+        if raw is not None:
+            by_id[int(raw)] = field.name
+    ids = iceberg.field_ids(info, storage_options) if info["source"] == "iceberg" and by_id \
+        else {}
+    names: dict[str, str | None] = {}
+    for name in columns:
+        if name in ids:
+            names[name] = by_id.get(ids[name])
+        else:
+            names[name] = name if name in file_schema.names else None
+    return names
+
+
+def _as_table_columns(table: pa.Table, columns: list[str] | None, names: dict[str, str | None],
+                      info: dict[str, Any], storage_options: dict[str, Any]) -> pa.Table:
+    """A data file's window under the table's column names, with columns it lacks as nulls
+    of the table's type."""
+    if columns is None:
+        return table
+    out: dict[str, Any] = {}
+    schema = None
+    for name in columns:
+        source = names.get(name)
+        if source is not None:
+            out[name] = table[source]
+            continue
+        schema = schema or _table_schema(info, storage_options)
+        out[name] = pa.nulls(table.num_rows, schema.field(name).type)
+    return pa.table(out)
+
+
+def _table_schema(info: dict[str, Any], storage_options: dict[str, Any]) -> pa.Schema:
+    if info["source"] == "iceberg":
+        return iceberg.table_schema(info, storage_options)
+    key = json.dumps(storage_options, sort_keys=True, default=str)
+    return delta.table_schema(info["table"], info["version"], key)
+
+
 def _deleted(info: dict[str, Any], uri: str, storage_options: dict[str, Any]) -> np.ndarray | None:
     if info["source"] == "iceberg":
         return iceberg.deleted_positions(info, uri, storage_options)
     if info["source"] == "delta" and info.get("dv"):
         key = json.dumps(storage_options, sort_keys=True, default=str)
-        return delta.deleted_rows(info["table"], info["version"], key).get(uri)
+        return delta.deleted_rows(info["table"], info["version"], key, uri)
     return None

@@ -53,8 +53,8 @@ CASES = [
     ("unknown task kind", lambda b: change(b, "task.kind", "summarize"),
      "task: kind must be one of embed, classify, tensor"),
     ("bad enum", lambda b: change(b, "output.mode", "append"),
-     "output.mode: Input should be 'resume', 'incremental', 'overwrite' or 'fail_if_exists' "
-     "(got \"append\")"),
+     "output.mode: Input should be 'resume', 'incremental', 'overwrite', 'fail_if_exists' or "
+     "'merge' (got \"append\")"),
     ("negative number", lambda b: change(b, "sharding", {"rows_per_shard": -5}),
      "sharding.rows_per_shard: Input should be greater than 0 (got -5)"),
     ("env var not set", lambda b: change(b, "output.uri", "${PIPELINE_TEST_UNSET_VAR}/x"),
@@ -137,6 +137,6 @@ def test_real_cli_process_exit_code_and_overrides(base, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {path}: output.mode: Input should be 'resume', 'incremental', 'overwrite' or "
-        "'fail_if_exists' (got \"nonsense\")"
+        f"error: {path}: output.mode: Input should be 'resume', 'incremental', 'overwrite', "
+        "'fail_if_exists' or 'merge' (got \"nonsense\")"
     ]

@@ -13,11 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.reliability import harness
+from tests.reliability import harness, table_faults
 from tests.support.fixtures import S3_KEY, S3_SECRET, free_port, wait_http
 
 FAULTS = ["worker_kill", "node_loss", "driver_kill", "s3_faults", "corrupt_file",
-          "deleted_file", "bad_rows", "poison_rows", "oom_rows", "two_drivers"]
+          "deleted_file", "bad_rows", "poison_rows", "oom_rows", "two_drivers",
+          *table_faults.TRIALS]
 
 
 def main() -> int:
@@ -46,7 +47,8 @@ def main() -> int:
             for seed in range(args.trials):
                 with tempfile.TemporaryDirectory() as tmp:
                     started = time.monotonic()
-                    fn = getattr(harness, fault if fault != "oom_rows" else "poison_rows")
+                    fn = table_faults.TRIALS.get(fault) or getattr(
+                        harness, fault if fault != "oom_rows" else "poison_rows")
                     rows = args.rows if fault != "bad_rows" else min(args.rows, 400)
                     if fault == "oom_rows":
                         trial = fn(Path(tmp), rows, seed, action="oom")

@@ -30,7 +30,7 @@ LAYERS: dict[str, list[str]] = {
     "data": ["formats", "listing", "plan", "increment", "pools", "state", "outcome", "layout",
              "output", "runs", "commit", "dead_letters", "batch_formats", "sinks",
              "sinks.base", "sinks.object_store", "sinks.parquet_sink", "sinks.delta_sink",
-             "sinks.iceberg_sink", "sinks.lance_sink", "sinks.lance_index", "lease",
+             "sinks.iceberg_sink", "sinks.merge_sink", "sinks.lance_sink", "sinks.lance_index", "lease",
              "lease_stores", "isolation",
              "sources.base", "sources.filters", "sources.files", "sources.delta",
              "sources.lance_source", "sources.iceberg", "sources.tables", "sources",
@@ -42,7 +42,7 @@ LAYERS: dict[str, list[str]] = {
     "entry points": ["", "api", "predictor", "run", "submit", "accuracy_gate", "import_checks",
                      "models",
                      "models.__main__", "demo", "demo.__main__", "demo.text", "demo.tabular",
-                     "demo.images"],
+                     "demo.images", "demo.tables"],
 }
 LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i
             for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
