@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import yaml
 import pipeline
 from pipeline.demo.tabular import make_scoring_table
 from pipeline.layout import OutputLayout
-from pipeline.sinks import sink_for
+from pipeline.runs import manifest_name
 from tests.reliability.harness import IN_FLIGHT, MODELS, REPLICAS, REPO, Trial
 
 MODEL = str(MODELS / "breast_cancer")
@@ -165,7 +166,7 @@ def table_worker_kill(work: Path, rows: int, seed: int) -> Trial:
 
 
 def second_writer(work: Path, rows: int, seed: int) -> Trial:
-    """Another writer appends to the output table (Iceberg or Delta) while the job is about
+    """Another writer appends to the output table (Delta or Iceberg) while the job is about
     to commit: the job's commit retries on the new state; neither writer's rows are lost."""
     from deltalake import DeltaTable, write_deltalake
     from pyiceberg.catalog import load_catalog
@@ -180,37 +181,47 @@ def second_writer(work: Path, rows: int, seed: int) -> Trial:
                     **extra)
     first = pipeline.run_job(job, progress=False)  # the table exists from here on
     write_deltalake(source, _rows(rows + 1000, 30, seed + 5), mode="append")
-    proc = _driver(job, work, [{"point": "driver.before_table_commit", "action": "sleep",
-                                "seconds": 4}])
-    manifest = work / "out" / "_pipeline" / "runs" / "2.json"
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not (
-            manifest.exists() and '"committing"' in manifest.read_text()):
-        time.sleep(0.05)
     foreign = pa.table({"id": pa.array([-1, -2], pa.int64()), "label": pa.array([0, 1]),
                         "score": pa.array([0.5, 0.5]),
                         "probabilities": pa.array([[0.5, 0.5], [0.5, 0.5]])})
-    if fmt == "delta":
-        table = DeltaTable(out)
-        foreign = foreign.cast(pa.schema(table.schema().to_arrow()))
-        write_deltalake(out, foreign, mode="append")
-    else:
-        table = load_catalog("default", **catalog).load_table("chaos.scores")
-        table.append(foreign.cast(table.schema().as_arrow()))
-    out_text, _ = proc.communicate(timeout=600)
-    result_table = (pa.table(DeltaTable(out).to_pyarrow_table()) if fmt == "delta" else
-                    load_catalog("default", **catalog).load_table("chaos.scores").scan().to_arrow())
-    ids = set(result_table["id"].to_pylist())
-    mine = result_table.filter(pa.compute.greater_equal(result_table["id"], 0))
+    manifest = work / "out" / "_pipeline" / manifest_name(2)
+    wrote: dict[str, bool] = {}
+
+    def other_writer() -> None:  # commits while the job sleeps before its own commit
+        deadline = time.monotonic() + 120
+        while not (manifest.exists() and '"committing"' in manifest.read_text()):
+            if time.monotonic() > deadline:
+                return  # the trial fails: the other writer never wrote
+            time.sleep(0.05)
+        if fmt == "delta":
+            write_deltalake(out, foreign.cast(pa.schema(DeltaTable(out).schema().to_arrow())),
+                            mode="append")
+        else:
+            table = load_catalog("default", **catalog).load_table("chaos.scores")
+            table.append(foreign.cast(table.schema().as_arrow()))
+        wrote["done"] = True
+
+    thread = threading.Thread(target=other_writer, daemon=True)
+    thread.start()
+    os.environ["PIPELINE_FAULTS"] = json.dumps(
+        [{"point": "driver.before_table_commit", "action": "sleep", "seconds": 3}])
+    try:
+        result = pipeline.run_job(job, progress=False)
+    finally:
+        del os.environ["PIPELINE_FAULTS"]
+    thread.join(timeout=60)
+    table = result.read()
+    ids = set(table["id"].to_pylist())
+    mine = table.filter(pa.compute.greater_equal(table["id"], 0))
     a = audit_table(mine, pa.table(DeltaTable(source).to_pyarrow_table()))
-    ok = first.ok and {-1, -2} <= ids
-    return _trial("second writer", proc.returncode if ok else -1, a, 0, 0, format=fmt,
-                  foreign_kept={-1, -2} <= ids, tail=out_text.decode()[-300:])
+    ok = first.ok and wrote.get("done", False)
+    return _trial("second writer", result.exit_code if ok else -1, a, 0, 0, format=fmt,
+                  foreign_kept={-1, -2} <= ids)
 
 
 def input_moves_on(work: Path, rows: int, seed: int) -> Trial:
-    """The input table gets appends and a delete while the job runs: the job writes exactly
-    the version it planned."""
+    """The input table gets appends and a delete (rewriting a file) while the job runs: the
+    job writes exactly the version it planned."""
     from deltalake import DeltaTable, write_deltalake
 
     source, out = str(work / "source"), str(work / "out")
@@ -218,21 +229,32 @@ def input_moves_on(work: Path, rows: int, seed: int) -> Trial:
     planned = DeltaTable(source)
     live = pa.table(planned.to_pyarrow_table())
     job = table_job({"uri": source, "format": "delta"}, out)
-    proc = _driver(job, work, [{"point": "worker.start", "action": "sleep", "seconds": 0.3}])
     markers = work / "out" / "_pipeline" / "shards"
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not list(markers.glob("*.json")):
-        time.sleep(0.02)
-    moved = proc.poll() is None
-    write_deltalake(source, _rows(rows + 1000, 25, seed + 1), mode="append")
-    DeltaTable(source).delete(f"id < {rows // 4}")  # rewrites a file the job is reading
-    proc.communicate(timeout=600)
-    report = OutputLayout(out).read_json("report.json") or {}
-    read = (report.get("run") or {}).get("input_table", {}).get("version")
-    a = audit_table(sink_for("parquet").read(OutputLayout(out)), live)
-    ok = moved and read == planned.version()
-    return _trial("input moves on", proc.returncode if ok else -1, a, 0, 0,
-                  version_read=read, moved_during_job=moved)
+    moved: dict[str, bool] = {}
+
+    def mover() -> None:  # once the first shard is committed, the table moves on
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(markers.glob("*.json")):
+            time.sleep(0.02)
+        write_deltalake(source, _rows(rows + 1000, 25, seed + 1), mode="append")
+        DeltaTable(source).delete(f"id < {rows // 4}")
+        moved["at"] = True
+
+    thread = threading.Thread(target=mover, daemon=True)
+    thread.start()
+    os.environ["PIPELINE_FAULTS"] = json.dumps(
+        [{"point": "worker.start", "action": "sleep", "seconds": 0.4}])
+    try:
+        result = pipeline.run_job(job, progress=False)
+    finally:
+        del os.environ["PIPELINE_FAULTS"]
+    thread.join(timeout=60)
+    read = result.report["run"]["input_table"]["version"]
+    a = audit_table(result.read(), live)
+    ok = moved.get("at", False) and read == planned.version() and \
+        DeltaTable(source).version() > read
+    return _trial("input moves on", result.exit_code if ok else -1, a, 0, 0,
+                  version_read=read, moved_during_job=moved.get("at", False))
 
 
 TRIALS = {"merge_commit_kill": merge_commit_kill, "table_worker_kill": table_worker_kill,
