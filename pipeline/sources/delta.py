@@ -75,9 +75,11 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
         identity = f"size={row['size_bytes']},mtime={row['modification_time']}"
         if deleted is not None:
             identity += f",dv={deletes_id(deleted.tolist())}"
+        records = row["num_records"]
         files.append(InputFile(
             uri=file_uri, format="parquet", size=int(row["size_bytes"]), version=identity,
             columns=list(schema.names), schema=encoded,
+            bytes_per_row=row["size_bytes"] / records if records else None,  # sizes shards
             read=read_info(source="delta", table=uri, version=table.version(),
                            partition={c: values[c][i] for c in partitions},
                            partition_schema=encode_schema(part_schema) if partitions else None,

@@ -132,6 +132,8 @@ def list_iceberg(spec: InputSpec, version: int | None) -> Listing:
         files.append(InputFile(
             uri=data.file_path, format="parquet", size=int(data.file_size_in_bytes),
             version=identity, columns=list(arrow.names), schema=encoded,
+            bytes_per_row=data.file_size_in_bytes / data.record_count if data.record_count
+            else None,  # sizes shards from the manifest, no footer read
             read=read_info(source="iceberg", deletes=[d.file_path for d in deletes],
                            metadata=table.metadata_location, schema_id=snapshot.schema_id)))
     files.sort(key=lambda f: f.uri)
