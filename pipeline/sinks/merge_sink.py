@@ -284,4 +284,6 @@ def check_unique_keys(layout: OutputLayout, shards: list[str], key: list[str],
         shown = ", ".join(f"{k}={first[k]!r}" for k in key)
         raise OutputError(f"output.key: key ({shown}) appears {first['count_all']} times in "
                           f"run {run_id}'s rows ({twice.num_rows} keys repeat); a merge needs "
-                          "one row per key: fix the input or choose another output.key")
+                          "one row per key: choose another output.key, or fix the input and "
+                          "rerun with input.version set to its new version (a rerun reads "
+                          "the version this run started on)")
