@@ -97,6 +97,19 @@ def _driver(job: dict, work: Path, faults: list[dict]) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def run_beside(job: dict, other: Any, slow_down: dict) -> Any:
+    """The job in this process, slowed at one point, while ``other`` runs in a thread (the
+    other writer, or the table moving on)."""
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    os.environ["PIPELINE_FAULTS"] = json.dumps([slow_down])
+    try:
+        return pipeline.run_job(job, progress=False)
+    finally:
+        del os.environ["PIPELINE_FAULTS"]
+        thread.join(timeout=60)
+
+
 def _redone(layout: OutputLayout, before: dict[str, float]) -> int:
     """Committed shards (still held) whose marker changed: computed again."""
     held = layout.committed_shards()
@@ -201,15 +214,8 @@ def second_writer(work: Path, rows: int, seed: int) -> Trial:
             table.append(foreign.cast(table.schema().as_arrow()))
         wrote["done"] = True
 
-    thread = threading.Thread(target=other_writer, daemon=True)
-    thread.start()
-    os.environ["PIPELINE_FAULTS"] = json.dumps(
-        [{"point": "driver.before_table_commit", "action": "sleep", "seconds": 3}])
-    try:
-        result = pipeline.run_job(job, progress=False)
-    finally:
-        del os.environ["PIPELINE_FAULTS"]
-    thread.join(timeout=60)
+    result = run_beside(job, other_writer,
+                        {"point": "driver.before_table_commit", "action": "sleep", "seconds": 3})
     table = result.read()
     ids = set(table["id"].to_pylist())
     mine = table.filter(pa.compute.greater_equal(table["id"], 0))
@@ -240,15 +246,7 @@ def input_moves_on(work: Path, rows: int, seed: int) -> Trial:
         DeltaTable(source).delete(f"id < {rows // 4}")
         moved["at"] = True
 
-    thread = threading.Thread(target=mover, daemon=True)
-    thread.start()
-    os.environ["PIPELINE_FAULTS"] = json.dumps(
-        [{"point": "worker.start", "action": "sleep", "seconds": 0.4}])
-    try:
-        result = pipeline.run_job(job, progress=False)
-    finally:
-        del os.environ["PIPELINE_FAULTS"]
-    thread.join(timeout=60)
+    result = run_beside(job, mover, {"point": "worker.start", "action": "sleep", "seconds": 0.4})
     read = result.report["run"]["input_table"]["version"]
     a = audit_table(result.read(), live)
     ok = moved.get("at", False) and read == planned.version() and \
