@@ -24,7 +24,7 @@ from pipeline.errors import InputError, cause_text
 from pipeline.listing import InputFile
 from pipeline.sinks.object_store import object_store_options, table_path
 from pipeline.sources.base import Listing, TableVersion, deletes_id, read_info
-from pipeline.sources.filters import conjuncts_over
+from pipeline.sources.filters import conjuncts_over, outside, range_terms
 from pipeline.spec import InputSpec
 
 
@@ -65,6 +65,7 @@ def list_delta(spec: InputSpec, version: int | None) -> Listing:
     part_schema = pa.schema([schema.field(c) for c in partitions])
     values = _partition_values(actions, partitions, part_schema)
     keep = _partitions_kept(values, part_schema, spec.filter, actions.num_rows)
+    keep = [k and s for k, s in zip(keep, _stats_kept(actions, schema, spec.filter), strict=True)]
     files: list[InputFile] = []
     for i, row in enumerate(actions.select(["path", "size_bytes", "modification_time",
                                             "num_records"]).to_pylist()):
@@ -122,6 +123,33 @@ def _partitions_kept(values: dict[str, list[Any]], part_schema: pa.Schema,
     kept = typed.append_column("__row", pa.array(range(count))).filter(expression)
     found = set(kept["__row"].to_pylist())
     return [i in found for i in range(count)]
+
+
+def _stats_kept(actions: pa.Table, schema: pa.Schema, text: str | None) -> list[bool]:
+    """Which files the filter may keep, judged on the log's min/max statistics of integer,
+    float and date columns (string statistics may be truncated: never used). A file without
+    statistics for a column is kept."""
+    keep = [True] * actions.num_rows
+    if not text:
+        return keep
+    for column, op, literals in range_terms(text):
+        if column not in schema.names or f"min.{column}" not in actions.column_names:
+            continue
+        kind = schema.field(column).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                or pa.types.is_date(kind)):
+            continue
+        try:
+            values = [pa.scalar(v).cast(kind).as_py() for v in literals]
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            continue  # planning reports a literal that is no value of its column
+        lows = actions[f"min.{column}"].to_pylist()
+        highs = actions[f"max.{column}"].to_pylist()
+        for i, (low, high) in enumerate(zip(lows, highs, strict=True)):
+            if keep[i] and low is not None and high is not None and \
+                    outside(op, values, low, high):
+                keep[i] = False
+    return keep
 
 
 def _has_deletion_vectors(table: Any) -> bool:

@@ -103,6 +103,39 @@ def conjuncts_over(text: str, columns: set[str], schema: pa.Schema) -> pc.Expres
     return expression
 
 
+RANGE_KINDS = {"EqualTo": "=", "LessThan": "<", "LessThanOrEqual": "<=", "GreaterThan": ">",
+               "GreaterThanOrEqual": ">=", "In": "in"}
+
+
+def range_terms(text: str) -> list[tuple[str, str, list[Any]]]:
+    """The filter's top-level AND terms that compare one column with literals, as
+    (column, op, values): what file statistics (min, max) can rule out."""
+    terms: list[tuple[str, str, list[Any]]] = []
+
+    def split(node: Any) -> None:
+        kind = type(node).__name__
+        if kind == "And":
+            split(node.left)
+            split(node.right)
+        elif kind == "In":
+            terms.append((node.term.name, "in", [lit.value for lit in node.literals]))
+        elif kind in RANGE_KINDS:
+            terms.append((node.term.name, RANGE_KINDS[kind], [node.literal.value]))
+
+    split(parse_filter(text))
+    return terms
+
+
+def outside(op: str, values: list[Any], low: Any, high: Any) -> bool:
+    """True when no value in [low, high] can satisfy ``column <op> values``."""
+    if op == "=":
+        return values[0] < low or values[0] > high
+    if op == "in":
+        return all(v < low or v > high for v in values)
+    return {"<": low >= values[0], "<=": low > values[0], ">": high <= values[0],
+            ">=": high < values[0]}[op]
+
+
 def apply_filter(table: pa.Table, text: str | None) -> pa.Table:
     if not text:
         return table
@@ -147,7 +180,7 @@ def _expr(node: Any, schema: pa.Schema) -> pc.Expression:
         values = pa.array([_literal(lit.value, name, schema).as_py() for lit in node.literals],
                           schema.field(name).type)
         found = pc.is_in(field, value_set=values)
-        return found if kind == "In" else ~found
+        return found if kind == "In" else ~found & field.is_valid()  # SQL: NULL NOT IN (..)
     value = _literal(node.literal.value, name, schema)
     if kind in ("StartsWith", "NotStartsWith"):
         found = pc.starts_with(field, pattern=value.as_py())

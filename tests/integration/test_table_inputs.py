@@ -116,6 +116,15 @@ def test_delta_current_pinned_and_filtered(models_dir: Path, tmp_path: Path,
                      tmp_path / "en")
     planned = plan_job(JobSpec.model_validate(spec))
     assert {f.uri.split("/")[-2] for f in planned.plan.files} == {"lang=en"}
+    # A range on a column with statistics prunes files by the log's min and max.
+    late = plan_job(JobSpec.model_validate(table_job(models_dir, {**source, "filter": "id >= 100"},
+                                                     tmp_path / "late")))
+    actions = pa.table(DeltaTable(uri).get_add_actions(flatten=True))
+    holding = {p.rsplit("/", 1)[-1] for p, high in zip(actions["path"].to_pylist(),
+                                                        actions["max.id"].to_pylist(), strict=True)
+               if high >= 100}
+    assert {f.uri.rsplit("/", 1)[-1] for f in late.plan.files} == holding
+    assert 0 < len(holding) < actions.num_rows
     filtered = pipeline.run_job(spec, progress=False)
     live = pa.table(DeltaTable(uri).to_pyarrow_table())  # version 3: the append included
     want = live.filter((pa.compute.field("lang") == "en") & (pa.compute.field("id") >= 20))
