@@ -43,9 +43,12 @@ def io_properties(storage_options: dict[str, Any]) -> dict[str, str]:
     endpoint = storage_options.get("endpoint_url") or client.get("endpoint_url")
     if endpoint:
         props["s3.endpoint"] = str(endpoint)
-    region = client.get("region_name")
-    if region:
-        props["s3.region"] = str(region)
+    region = client.get("region_name") or (storage_options.get("config_kwargs") or {}).get(
+        "region_name")
+    if region or props:
+        # Always a region: without one the AWS SDK asks the instance metadata service
+        # (169.254.169.254) and then the bucket, a wait off the machine for nothing.
+        props["s3.region"] = str(region or "us-east-1")
     return props
 
 

@@ -313,8 +313,9 @@ def test_tables_on_the_s3_endpoint(models_dir: Path, tmp_path: Path, s3_bucket: 
                          ("lance", {"uri": lance_uri, "format": "lance",
                                     "storage_options": s3_options}),
                          ("iceberg", iceberg_source)):
-        out = f"{base}/out-{name}"
-        result = pipeline.run_job(table_job(models_dir, source, out, storage_options=s3_options),
+        # The tables are read from the endpoint; the output (tested on S3 by the sinks' own
+        # tests) stays local, which keeps this test cheap.
+        result = pipeline.run_job(table_job(models_dir, source, tmp_path / f"out-{name}"),
                                   progress=False)
         assert result.ok, (name, result.report["failures"])
         assert written(result.read()) == want, name
