@@ -173,10 +173,10 @@ class MergeSink:
             namespace = str(self.output.table).rsplit(".", 1)[0]
             with contextlib.suppress(NamespaceAlreadyExistsError):
                 catalog.create_namespace(namespace)
-            table = catalog.create_table(self.output.table, schema=iceberg_schema(rows.schema))
-            table.append(rows.cast(iceberg_schema(rows.schema)), snapshot_properties=props)
+            table = catalog.create_table(self.output.table, schema=iceberg_ready(rows.schema))
+            table.append(rows.cast(iceberg_ready(rows.schema)), snapshot_properties=props)
             return {"snapshot": catalog.load_table(self.output.table).current_snapshot().snapshot_id}
-        rows = rows.cast(iceberg_schema(rows.schema))
+        rows = rows.cast(iceberg_ready(rows.schema))
         result = table.upsert(rows, join_cols=self.key, snapshot_properties=props)
         return {"snapshot": catalog.load_table(self.output.table).current_snapshot().snapshot_id,
                 "inserted": result.rows_inserted, "updated": result.rows_updated}
@@ -239,10 +239,6 @@ def _names_run(props: dict[str, Any], run: RunCommit, run_key: str) -> bool:
 
 def _quoted(name: str) -> str:
     return f"`{name}`" if not name.isidentifier() else name
-
-
-def iceberg_schema(schema: pa.Schema) -> pa.Schema:
-    return iceberg_ready(schema)
 
 
 def _part_batches(layout: OutputLayout, shards: list[str]) -> Iterator[pa.RecordBatch]:

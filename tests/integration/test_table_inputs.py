@@ -207,14 +207,20 @@ def iceberg_catalog(tmp_path: Path) -> dict:
     return props
 
 
-def test_iceberg_catalog_snapshots_and_secrets(models_dir: Path, tmp_path: Path,
-                                               iceberg_catalog: dict) -> None:
+def iceberg_with(props: dict, name: str, data: pa.Table) -> tuple:
+    """The catalog, and a new table ``name`` in it holding ``data`` (one snapshot)."""
     from pyiceberg.catalog import load_catalog
 
-    catalog = load_catalog("default", **iceberg_catalog)
+    catalog = load_catalog("default", **props)
+    table = catalog.create_table(name, schema=data.schema)
+    table.append(data)
+    return catalog, table
+
+
+def test_iceberg_catalog_snapshots_and_secrets(models_dir: Path, tmp_path: Path,
+                                               iceberg_catalog: dict) -> None:
     v1 = rows(0, 60, seed=7)
-    table = catalog.create_table("db.items", schema=v1.schema)
-    table.append(v1)
+    catalog, table = iceberg_with(iceberg_catalog, "db.items", v1)
     first_snapshot = table.current_snapshot().snapshot_id
     first_metadata = table.metadata_location
     table.append(rows(100, 30, seed=8))
@@ -361,12 +367,8 @@ def add_position_deletes(table, data_path: str, positions: list[int], path: Path
 
 def test_iceberg_position_deletes_across_row_ranges(models_dir: Path, tmp_path: Path,
                                                     iceberg_catalog: dict) -> None:
-    from pyiceberg.catalog import load_catalog
-
-    catalog = load_catalog("default", **iceberg_catalog)
     data = rows(0, 90, seed=13)
-    table = catalog.create_table("db.deleted", schema=data.schema)
-    table.append(data)
+    catalog, table = iceberg_with(iceberg_catalog, "db.deleted", data)
     data_path = next(iter(table.scan().plan_files())).file.file_path
     source = {"format": "iceberg", "table": "db.deleted", "catalog": iceberg_catalog}
     spec = table_job(models_dir, source, tmp_path / "out", mode="incremental")
