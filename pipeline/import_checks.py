@@ -98,11 +98,40 @@ def read_reference(path: Path) -> dict[str, list[Any]]:
                           f"({one_line(exc, 160)})") from exc
 
 
+def _records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+
+
+def _compare_records(got: Any, want: Any, atol: float) -> str | None:
+    """Lists of structs (entities, detections): as many, fields equal, numbers within atol."""
+    got, want = list(got if got is not None else []), list(want if want is not None else [])
+    if len(got) != len(want):
+        return f"has {len(got)} items, the reference {len(want)}: {got!r} != {want!r}"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        for key, expected in w.items():
+            value = g.get(key) if isinstance(g, dict) else None
+            if isinstance(expected, float) or (isinstance(expected, list) and expected and
+                                               isinstance(expected[0], float)):
+                close = value is not None and np.allclose(np.asarray(value, np.float64),
+                                                          np.asarray(expected, np.float64),
+                                                          atol=atol, rtol=0)
+            else:
+                close = value == expected
+            if not close:
+                return f"item {i} has {key} {value!r}, the reference {expected!r}"
+    return None
+
+
 def _compare(name: str, got: list[Any], want: list[Any], atol: float,
              min_cosine: float) -> str | None:
     for row, (g, w) in enumerate(zip(got, want, strict=True)):
         if g is None:
             return f"row {row}: the pipeline scored no {name} (dead-lettered)"
+        if _records(g) or _records(w):
+            problem = _compare_records(g, w, atol)
+            if problem:
+                return f"row {row}: {name} {problem}"
+            continue
         a, b = np.asarray(g), np.asarray(w)
         if a.dtype.kind in "OUS" or b.dtype.kind in "OUS" or a.dtype.kind == "b":
             if a.tolist() != b.tolist() and str(g) != str(w):

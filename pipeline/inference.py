@@ -84,6 +84,7 @@ class Scored:
     infer_s: float = 0.0
     probes: int = 0  # health probes run, one per row that failed alone on a session with a probe
     provider_after: str | None = None  # provider read back from the session after the shard
+    notes: dict[str, int] = field(default_factory=dict)  # the task's caveats -> rows
 
 
 class _Runner:
@@ -216,4 +217,4 @@ def score_table(task: Task, session: LoadedSession, table: pa.Table,
         table_out = schema.empty_table()
     return Scored(rows=rows, columns=table_out, bad=runner.bad, batches=runner.runs,
                   oom_splits=runner.oom_splits, infer_s=infer_s, probes=runner.probes,
-                  provider_after=provider_after)
+                  provider_after=provider_after, notes=dict(prepared.notes))

@@ -63,7 +63,8 @@ def build_report(job: ReportInputs, outcome: RunOutcome,
         timeline=_timeline(outcome.markers, job.started_at),
         providers=dict(Counter(m.provider for m in markers.values())),
         fallbacks=sorted({w.fallback for w in outcome.workers if w.fallback}),
-        notes=list(outcome.notes), isolation=_isolation(outcome, markers))
+        notes=list(outcome.notes), isolation=_isolation(outcome, markers),
+        row_notes=_row_notes(markers))
 
 
 def decide_exit(totals: Totals, bad_rows: BadRows, commit_failure: str | None = None) -> int:
@@ -104,6 +105,13 @@ def _bad_rows(markers: dict[str, ShardMarker], totals: Totals, max_fraction: flo
     fraction = totals.rows_bad / totals.rows_in if totals.rows_in else 0.0
     return BadRows(count=totals.rows_bad, fraction=round(fraction, 6), max_fraction=max_fraction,
                    budget_exceeded=fraction > max_fraction, by_reason=dict(reasons.most_common()))
+
+
+def _row_notes(markers: dict[str, ShardMarker]) -> dict[str, int]:
+    notes: Counter[str] = Counter()
+    for m in markers.values():
+        notes.update(m.row_notes)
+    return dict(notes.most_common())
 
 
 def _attempts(outcome: RunOutcome) -> Attempts:
@@ -228,6 +236,8 @@ def summary_lines(report: JobReport) -> list[str]:
         lines.append(f"  isolated: {iso.shards} shard{'s' if iso.shards != 1 else ''} cut into "
                      f"{iso.pieces} pieces to find rows that kill workers; "
                      f"{len(iso.rows)} row{'s' if len(iso.rows) != 1 else ''} dead-lettered")
+    lines += [f"  note: {n:,} row{'s' if n != 1 else ''} {note}"
+              for note, n in list(report.row_notes.items())[:5]]
     lines += [f"  dead letter: {n} x {reason}"
               for reason, n in list(report.bad_rows.by_reason.items())[:5]]
     lines += [f"  FAILED shard {f.shard} ({f.input}) after {f.attempts} attempts: {f.last_error}"

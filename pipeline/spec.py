@@ -105,13 +105,40 @@ class RerankTaskSpec(Strict):
                                    "longer side is cut first (default: the bundle's max_length)")
 
 
+class TokenClassifyTaskSpec(Strict):
+    """Entities in each text (NER, PII), as transformers' token-classification pipeline gives
+    them: label, score, the word as the tokenizer decodes it, character offsets."""
+
+    kind: Literal["token-classify"]
+    text_column: str = "text"
+    output_column: str = "entities"
+    aggregation: Literal["simple", "none", "first", "average", "max"] = Field(
+        "simple", description="how tokens become entities, as the pipeline's "
+        "aggregation_strategy: none (one per token), simple (tokens grouped by tag), first, "
+        "average, max (tokens merged into words first)")
+    ignore_labels: list[str] = Field(default_factory=lambda: ["O"],
+                                     description="entity groups left out")
+    long_texts: Literal["truncate", "stride"] = Field(
+        "truncate", description="a text longer than max_length: truncated (counted in the "
+        "report), or run as overlapping windows whose entities are merged")
+    stride: int = Field(32, gt=0, description="long_texts stride: tokens two windows share")
+    max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
+
+    @model_validator(mode="after")
+    def _windows_need_words(self) -> TokenClassifyTaskSpec:
+        if self.long_texts == "stride" and self.aggregation == "none":
+            raise ValueError("long_texts: stride merges entities; it needs an aggregation "
+                             "other than none (as transformers' pipeline)")
+        return self
+
+
 class TensorTaskSpec(Strict):
     kind: Literal["tensor"]
     output_prefix: str = ""
 
 
-TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TensorTaskSpec,
-                     Field(discriminator="kind")]
+TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec
+                     | TensorTaskSpec, Field(discriminator="kind")]
 
 
 # Batch sizes that suit the device, used where the job leaves them out. Measured on a 2-core

@@ -149,6 +149,8 @@ class ShardMarker(VersionedRecord):
     rows_out: int
     rows_bad: int = 0
     bad_reasons: dict[str, int] = Field(default_factory=dict)
+    # Rows scored with a caveat (texts cut at max_length...): note -> rows.
+    row_notes: dict[str, int] = Field(default_factory=dict)
     attempt: int
     worker: str
     pool: str
@@ -414,6 +416,8 @@ class JobReport(OfJob):
     providers: dict[str, int] = Field(default_factory=dict)
     fallbacks: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    # Rows scored with a caveat, summed over the output's shards (texts cut at max_length...).
+    row_notes: dict[str, int] = Field(default_factory=dict)
     startup: Startup | None = None
     run: RunView | None = None
     isolation: Isolated | None = None

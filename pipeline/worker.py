@@ -239,7 +239,7 @@ class ShardWorker:
             files=len({p.uri for p in shard.pieces}),
             pieces=[(redact_uri(p.uri), *p.key()[1:]) for p in shard.pieces[:MARKER_PIECES]],
             rows_in=stats.rows_in, rows_out=out.rows_out, rows_bad=out.rows_bad,
-            bad_reasons=stats.reasons, attempt=attempt, worker=self.identity,
+            bad_reasons=stats.reasons, row_notes=stats.notes, attempt=attempt, worker=self.identity,
             pool=self.pool.name, **self.node, provider=self.loaded.active,
             fallback=self.loaded.fallback, provider_after=stats.provider_after,
             probes=stats.probes, batches=stats.batches, session=self.tuning,
@@ -327,6 +327,7 @@ class ShardStats:
         self.probes = 0
         self.provider_after: str | None = None
         self.reasons: dict[str, int] = {}
+        self.notes: dict[str, int] = {}
         self.timings = dict.fromkeys(("read_s", "prepare_s", "wait_s", "infer_s", "write_s"), 0.0)
 
     def add(self, name: str, seconds: float) -> None:
@@ -357,3 +358,5 @@ class ShardStats:
         self.provider_after = scored.provider_after
         for reason in scored.bad.values():
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        for note, rows in scored.notes.items():
+            self.notes[note] = self.notes.get(note, 0) + rows

@@ -542,11 +542,25 @@ def missing_operator(out: Path) -> None:
                 "trap": "an operator the runtime lacks"})
 
 
+def optimum_ner_wordpiece(out: Path) -> None:
+    """A BERT token classifier, WordPiece (scripts/conformance_tasks.py)."""
+    import conformance_tasks
+
+    conformance_tasks.optimum_ner_wordpiece(out, fresh, versions, copy_tokenizer)
+
+
+def optimum_ner_bpe(out: Path) -> None:
+    """A RoBERTa token classifier, byte-level BPE (scripts/conformance_tasks.py)."""
+    import conformance_tasks
+
+    conformance_tasks.optimum_ner_bpe(out, fresh, versions)
+
+
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
          onnxmltools_lightgbm, tf2onnx_nhwc_conv, optimum_image_classifier,
          torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
-         missing_operator]
+         missing_operator, optimum_ner_wordpiece, optimum_ner_bpe]
 
 
 def main() -> None:

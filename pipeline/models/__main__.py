@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("src", help=".onnx file or folder, local or any fsspec URL")
     imp.add_argument("--out", required=True, type=Path)
     imp.add_argument("--task", default="auto",
-                     choices=["auto", "embed", "classify", "rerank", "tensor"])
+                     choices=["auto", "embed", "classify", "rerank", "token-classify",
+                              "tensor"])
     imp.add_argument("--pooling", choices=["mean", "cls"],
                      help="token embeddings: how to pool them (default: 1_Pooling/config.json)")
     imp.add_argument("--features", help="feature names in the model's order, comma-separated")

@@ -137,7 +137,7 @@ class BundleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
-    task: Literal["embed", "classify", "tensor", "rerank"]
+    task: Literal["embed", "classify", "tensor", "rerank", "token-classify"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |

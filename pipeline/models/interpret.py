@@ -42,7 +42,7 @@ TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_m
                 "token_type_ids": "tokens.type_ids"}
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
-TASKS = ("embed", "classify", "rerank", "tensor")
+TASKS = ("embed", "classify", "rerank", "token-classify", "tensor")
 PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
@@ -234,10 +234,27 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
             reading.note("task", "embed", "--task" if wanted == "embed" else
                          f"token inputs, output {reading.outputs['embedding']}")
             return "embed"
+        logits = outputs.get("logits")
+        per_token = logits is not None and logits.dims is not None and len(logits.dims) == 3
+        if per_token and wanted in ("auto", "token-classify"):
+            reading.outputs["logits"] = "logits"
+            reading.labels = _id2label(source, logits)
+            reading.note("outputs.logits", "logits", "graph output name")
+            reading.note("labels", reading.labels, "config.json id2label")
+            reading.note("task", "token-classify", "--task" if wanted == "token-classify" else
+                         "token inputs, output logits [batch, tokens, labels]")
+            return "token-classify"
+        if per_token and wanted in ("classify", "rerank"):
+            raise ModelError(f"{source.uri}: output logits is {_shape(logits)}, one score per "
+                             f"token: --task {wanted} needs [batch, labels]; this is a token "
+                             "classifier (--task token-classify)")
         if "logits" in outputs and wanted in ("auto", "rerank") and \
                 _cross_encoder(source, outputs["logits"], reading, wanted):
             return "rerank"
         if "logits" in outputs and wanted in ("auto", "classify"):
+            if logits.dims is not None and len(logits.dims) != 2:
+                raise ModelError(f"{source.uri}: output logits is {_shape(logits)}; classify "
+                                 "needs [batch, labels]")
             reading.outputs["logits"] = "logits"
             reading.labels = _id2label(source, outputs["logits"])
             reading.note("labels", reading.labels, "config.json id2label")
@@ -260,6 +277,10 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                          f"{', '.join(outputs)}); try --task tensor")
     reading.note("task", "tensor", "no token or feature inputs with embedding or class outputs")
     return "tensor"
+
+
+def _shape(info: TensorInfo) -> str:
+    return "[" + ", ".join(str(d) for d in info.dims or []) + "]"
 
 
 def _cross_encoder(source: ModelSource, logits: TensorInfo, reading: Reading,

@@ -145,6 +145,10 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
     if spec.task == "rerank" and (not spec.needs_tokenizer() or "logits" not in spec.outputs):
         raise ModelError(f"{where}: a rerank bundle needs token inputs and outputs.logits")
+    if spec.task == "token-classify" and (not spec.needs_tokenizer() or "logits" not in
+                                          spec.outputs or not spec.labels):
+        raise ModelError(f"{where}: a token-classify bundle needs token inputs, outputs.logits "
+                         "and labels")
     if spec.takes_images() and spec.image is None:
         raise ModelError(f"{where}: an input fed by {IMAGE_SOURCE} needs an 'image' section")
     if spec.takes_images():

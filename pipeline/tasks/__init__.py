@@ -12,20 +12,26 @@ from pipeline.spec import (
     EmbedTaskSpec,
     RerankTaskSpec,
     TensorTaskSpec,
+    TokenClassifyTaskSpec,
 )
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.embed import EmbedTask
 from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.tensor import TensorTask
+from pipeline.tasks.token_classify import TokenClassifyTask
 
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
-                                "rerank": RerankTask, "tensor": TensorTask}
+                                "rerank": RerankTask, "token-classify": TokenClassifyTask,
+                                "tensor": TensorTask}
 
 
-AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TensorTaskSpec
+AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec | \
+    TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
-                                       "rerank": RerankTaskSpec, "tensor": TensorTaskSpec}
+                                       "rerank": RerankTaskSpec,
+                                       "token-classify": TokenClassifyTaskSpec,
+                                       "tensor": TensorTaskSpec}
 
 
 def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:

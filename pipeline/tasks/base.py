@@ -18,9 +18,19 @@ from pipeline.errors import ConfigError
 class Batch:
     rows: np.ndarray  # positions in the input table, one per batch row
     feeds: dict[str, np.ndarray]
+    # Rows fed as several model rows (a long text's windows): row i's are feed rows
+    # spans[i]:spans[i + 1]. None: one model row per row.
+    spans: np.ndarray | None = None
+    meta: list[Any] | None = None  # what finish() needs of each row (offsets, say)
 
     def subset(self, idx: slice) -> Batch:
-        return Batch(self.rows[idx], {k: v[idx] for k, v in self.feeds.items()})
+        meta = self.meta[idx] if self.meta is not None else None
+        if self.spans is None:
+            return Batch(self.rows[idx], {k: v[idx] for k, v in self.feeds.items()}, None, meta)
+        start, stop, _ = idx.indices(len(self.rows))
+        lo, hi = int(self.spans[start]), int(self.spans[stop])
+        return Batch(self.rows[idx], {k: v[lo:hi] for k, v in self.feeds.items()},
+                     self.spans[start:stop + 1] - lo, meta)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -32,6 +42,8 @@ class Prepared:
     # complete once they all were.
     batches: Iterable[Batch]
     bad: dict[int, str] = field(default_factory=dict)  # row position -> reason
+    # Rows scored with a caveat the report counts (texts cut at max_length): note -> rows.
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 class Task(ABC):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
 from pipeline.tasks.images import image_encoder
 from pipeline.tasks.text import TextEncoder, load_tokenizer
@@ -117,6 +117,11 @@ class ClassifyTask(Task):
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
         scores = np.asarray(outputs[0], dtype=np.float32)
+        if scores.ndim != 2:
+            raise ModelError(f"{self.bundle.uri}: task.kind classify needs scores [rows, labels], "
+                             f"the model gives {list(scores.shape)}"
+                             + (" (one per token: a token classifier, task.kind token-classify)"
+                                if scores.ndim == 3 and self.text_input else ""))
         if self.use_logits:
             shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
             scores = shifted / shifted.sum(axis=1, keepdims=True)

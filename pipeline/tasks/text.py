@@ -16,6 +16,7 @@ from pipeline.tasks.base import Batch, Prepared
 
 _FIELDS = {"tokens.ids": "ids", "tokens.attention_mask": "attention_mask",
            "tokens.type_ids": "type_ids"}
+PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
 
 
 def load_tokenizer(path: str, max_length: int) -> Tokenizer:
@@ -23,11 +24,27 @@ def load_tokenizer(path: str, max_length: int) -> Tokenizer:
         tokenizer = Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises plain Exception subclasses
         raise ModelError(f"{path}: cannot load tokenizer ({exc})") from exc
+    pad = pad_id(tokenizer)
     # Whatever the file says, padding is ours (per batch) and truncation is the task's. A
     # pair is cut longest side first, one token at a time, as Hugging Face's default does.
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length, strategy="longest_first")
+    tokenizer.pad_id = pad  # type: ignore[attr-defined]  # read by TextEncoder
     return tokenizer
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The id a batch is padded with: the file's padding token, else a conventional pad token.
+    RoBERTa-style models number positions by ``id != pad id``: padding with 0 (``<s>``) would
+    not be padding to them."""
+    padding = tokenizer.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    return next((i for i in map(tokenizer.token_to_id, PAD_TOKENS) if i is not None), 0)
+
+
+def truncation_note(max_length: int) -> str:
+    return f"text cut at max_length ({max_length} tokens)"
 
 
 class TextEncoder:
@@ -35,6 +52,8 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.inputs = inputs  # graph input name -> tokens.* source
         self.keep_empty = keep_empty
+        self.pad_id = getattr(tokenizer, "pad_id", 0)
+        self.max_length = (tokenizer.truncation or {}).get("max_length")
 
     def valid_texts(self, column: pa.ChunkedArray, name: str) -> tuple[list[int], list[str], dict[int, str]]:
         bad: dict[int, str] = {}
@@ -78,7 +97,13 @@ class TextEncoder:
     def prepare(self, column: pa.ChunkedArray, name: str, max_rows: int, max_tokens: int) -> Prepared:
         rows, texts, bad = self.valid_texts(column, name)
         rows, encodings = self.encode(rows, texts, bad)
-        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad)
+        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad,
+                        notes=self.truncated(encodings))
+
+    def truncated(self, encodings: list) -> dict[str, int]:
+        """Texts that lost tokens to max_length, counted for the report."""
+        cut = sum(1 for e in encodings if e.overflowing)
+        return {truncation_note(self.max_length): cut} if cut else {}
 
     def prepare_pairs(self, first: pa.ChunkedArray, first_name: str, second: pa.ChunkedArray,
                       second_name: str, max_rows: int, max_tokens: int) -> Prepared:
@@ -92,7 +117,8 @@ class TextEncoder:
         rows = [r for r in rows_a if r in seconds and r not in bad]
         firsts = dict(zip(rows_a, texts_a, strict=True))
         rows, encodings = self.encode(rows, [(firsts[r], seconds[r]) for r in rows], bad)
-        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad)
+        return Prepared(batches=self.batches(rows, encodings, max_rows, max_tokens), bad=bad,
+                        notes=self.truncated(encodings))
 
     def batches(self, rows: list[int], encodings: list, max_rows: int,
                 max_tokens: int) -> list[Batch]:
@@ -108,13 +134,14 @@ class TextEncoder:
                    and (end - start + 1) * lengths[order[end]] <= max_tokens):
                 end += 1
             picked = order[start:end]
-            batches.append(self._batch(np.asarray(rows)[picked], [encodings[i] for i in picked]))
+            batches.append(self.feed_batch(np.asarray(rows)[picked], [encodings[i] for i in picked]))
             start = end
         return batches
 
-    def _batch(self, rows: np.ndarray, encodings: list) -> Batch:
+    def feed_batch(self, rows: np.ndarray, encodings: list) -> Batch:
         width = max(len(e.ids) for e in encodings)
         arrays = {f: np.zeros((len(encodings), width), dtype=np.int64) for f in _FIELDS.values()}
+        arrays["ids"][:] = self.pad_id
         for i, enc in enumerate(encodings):
             n = len(enc.ids)
             arrays["ids"][i, :n] = enc.ids

@@ -4,8 +4,10 @@ with no task block (the converter's output straight in ``model.uri``) and ``Onnx
 give the framework's outputs row for row.
 
 The cases (``cases/<name>``: ``src/`` as the converter wrote it, ``sample.parquet``,
-``reference.npz`` computed by the source framework, ``case.json``) are made by
-scripts/make_conformance_models.py in a side environment; this suite needs no framework.
+``reference.npz`` or ``reference.parquet`` computed by the source framework, ``case.json``)
+are made by scripts/make_conformance_models.py in a side environment; this suite needs no
+framework. A case's ``variants`` are task settings (an aggregation strategy, windows) with the
+reference column the framework gave for each.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,15 +39,39 @@ def meta(case: Path) -> dict:
     return json.loads((case / "case.json").read_text())
 
 
-def reference(case: Path) -> dict[str, np.ndarray]:
+def reference(case: Path, variants: bool = False) -> dict[str, Any]:
+    """The framework's outputs by column: the default task's, or (``variants``) every column."""
+    if (case / "reference.parquet").exists():
+        columns = pq.read_table(case / "reference.parquet").to_pydict()
+        if not variants:
+            columns = {k: v for k, v in columns.items() if k not in meta(case).get("variants", {})}
+        return columns
     with np.load(case / "reference.npz", allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
+
+
+def reference_file(case: Path, folder: Path, spoil: bool = False) -> Path:
+    """The default task's reference as a file ``import --reference`` reads; ``spoil``: with one
+    row changed enough to fail any tolerance."""
+    columns = {name: _spoiled(values) if spoil else values
+               for name, values in reference(case).items()}
+    if (case / "reference.parquet").exists():
+        path = folder / ("wrong.parquet" if spoil else "right.parquet")
+        schema = pq.read_schema(case / "reference.parquet")
+        pq.write_table(pa.table({k: pa.array(v, schema.field(k).type)
+                                 for k, v in columns.items()}), path)
+    else:
+        path = folder / ("wrong.npz" if spoil else "right.npz")
+        np.savez(path, **columns)
+    return path
 
 
 def assert_matches(case: Path, columns: dict[str, list]) -> None:
     m = meta(case)
     for name, want in reference(case).items():
         assert name in columns, f"{case.name}: no output column {name} in {sorted(columns)}"
+        if isinstance(want, list) and want and isinstance(want[0], list):  # records
+            assert sum(map(len, want)) > 0, f"{case.name}: a reference with nothing in it"
         problem = _compare(name, columns[name], list(want), m.get("atol", 1e-4),
                            m.get("min_cosine", 0.9999))
         assert problem is None, f"{case.name}: {problem}"
@@ -88,18 +115,22 @@ def test_import_with_no_flags(case, tmp_path):
 @pytest.mark.parametrize("case", RUNNABLE, ids=lambda c: c.name)
 def test_import_checks_the_reference_and_refuses_a_mismatch(case, tmp_path):
     sample = read_sample(case / "sample.parquet")
-    ok = ImportOptions(verify=reference_check(sample, case / "reference.npz", 1e-4, 0.999))
+    right = reference_file(case, tmp_path)
+    ok = ImportOptions(verify=reference_check(sample, right, 1e-4, 0.999))
     import_model(str(case / "src"), tmp_path / "ok", ok)
-    wrong = {name: _spoiled(values) for name, values in reference(case).items()}
-    np.savez(tmp_path / "wrong.npz", **wrong)
-    bad = ImportOptions(verify=reference_check(sample, tmp_path / "wrong.npz", 1e-4, 0.999))
-    with pytest.raises(ModelError, match=r"--reference .*wrong\.npz: row 0: ") as refused:
+    wrong = reference_file(case, tmp_path, spoil=True)
+    bad = ImportOptions(verify=reference_check(sample, wrong, 1e-4, 0.999))
+    with pytest.raises(ModelError, match=r"--reference .*wrong\.\w+: row \d+: ") as refused:
         import_model(str(case / "src"), tmp_path / "bad", bad)
     assert "\n" not in str(refused.value) and not (tmp_path / "bad").exists()
 
 
-def _spoiled(values: np.ndarray) -> np.ndarray:
-    """The reference with its first row changed enough to fail any tolerance."""
+def _spoiled(values: Any) -> Any:
+    """The reference with one row changed enough to fail any tolerance (records: the first
+    row with any loses its last one)."""
+    if isinstance(values, list):
+        row = next(i for i, v in enumerate(values) if v)
+        return [v[:-1] if i == row else v for i, v in enumerate(values)]
     spoiled = values.copy()
     if spoiled.dtype.kind in "fc":
         spoiled[0] = -spoiled[0] - 1.0
@@ -119,6 +150,26 @@ def test_onnx_predictor_gives_the_frameworks_outputs(case):
     out = predictor(table)
     assert out["_error"].null_count == out.num_rows
     assert_matches(case, out.to_pydict())
+
+
+VARIANTS = [(c, column) for c in RUNNABLE for column in meta(c).get("variants", {})]
+
+
+@pytest.mark.parametrize(("case", "column"), VARIANTS, ids=lambda v: getattr(v, "name", v))
+def test_every_task_setting_gives_the_frameworks_outputs(case, column):
+    """Each aggregation strategy (and windows over long texts) as the framework computes it."""
+    settings = meta(case)["variants"][column]
+    table = pq.read_table(case / "sample.parquet")
+    predictor = OnnxPredictor(str(case / "src"), passthrough=["id"], on_bad_row="keep",
+                              task={"kind": meta(case)["task"], **settings})
+    out = predictor(table)
+    want = reference(case, variants=True)[column]
+    assert sum(map(len, want)) > 0
+    written = [c for c in out.column_names if c not in ("id", "_error")]
+    assert len(written) == 1, written
+    problem = _compare(column, out[written[0]].to_pylist(), want,
+                       meta(case)["atol"], 0.9999)
+    assert problem is None, f"{case.name} {settings}: {problem}"
 
 
 @pytest.mark.usefixtures("ray_cluster")
