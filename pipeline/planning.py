@@ -339,6 +339,7 @@ def _import_lines(planned: PlannedJob) -> list[str]:
     lines = [f"  imported into {planned.bundle.path} ({source.get('layout')})"]
     lines += [f"  {f['key']}: {f['value']} (from {f['from']})" for f in source.get("inferred", [])]
     lines += [f"  repaired: {r}" for r in source.get("repairs", [])]
+    lines += [f"  warning: {w}" for w in source.get("warnings", [])]
     return lines
 
 

@@ -556,11 +556,50 @@ def optimum_ner_bpe(out: Path) -> None:
     conformance_tasks.optimum_ner_bpe(out, fresh, versions)
 
 
+def skl2onnx_tfidf_text(out: Path) -> None:
+    """A skl2onnx text pipeline (scripts/conformance_traps.py)."""
+    import conformance_traps
+
+    conformance_traps.skl2onnx_tfidf_text(out, fresh, versions, write_case)
+
+
+def optimum_one_logit_classifier(out: Path) -> None:
+    """A one-label Optimum classifier (scripts/conformance_traps.py)."""
+    import conformance_traps
+
+    conformance_traps.optimum_one_logit_classifier(out, fresh, versions, write_case,
+                                                   tiny_bert_config, copy_tokenizer, TEXTS)
+
+
+def onnxconverter_fp16(out: Path) -> None:
+    """An fp16 graph onnxruntime refuses (scripts/conformance_traps.py)."""
+    import conformance_traps
+
+    conformance_traps.onnxconverter_fp16(out, fresh, versions,
+                                         out / "optimum_text_classifier" / "src")
+
+
+def optimum_seq2seq_t5(out: Path) -> None:
+    """A T5 export (scripts/conformance_traps.py)."""
+    import conformance_traps
+
+    conformance_traps.optimum_seq2seq_t5(out, fresh, versions)
+
+
+def optimum_causal_gpt2(out: Path) -> None:
+    """A GPT-2 export with past (scripts/conformance_traps.py)."""
+    import conformance_traps
+
+    conformance_traps.optimum_causal_gpt2(out, fresh, versions)
+
+
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
          onnxmltools_lightgbm, tf2onnx_nhwc_conv, optimum_image_classifier,
          torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
-         missing_operator, optimum_ner_wordpiece, optimum_ner_bpe]
+         missing_operator, optimum_ner_wordpiece, optimum_ner_bpe, skl2onnx_tfidf_text,
+         optimum_one_logit_classifier, onnxconverter_fp16, optimum_seq2seq_t5,
+         optimum_causal_gpt2]
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """python -m pipeline.models: import, export, validate and inspect model bundles.
 
-    python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|rerank|tensor]
-        [--pooling mean|cls] [--features a,b,c] [--sample FILE.parquet]
+    python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|rerank|
+        token-classify|tensor] [--model-file NAME.onnx] [--pooling mean|cls]
+        [--activation identity|sigmoid] [--features a,b,c] [--sample FILE.parquet]
         [--reference FILE.npz|.parquet] [--atol X] [--min-cosine X] [--strict]
     python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
     python -m pipeline.models export-demo-tabular --out DIR
@@ -45,8 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--task", default="auto",
                      choices=["auto", "embed", "classify", "rerank", "token-classify",
                               "tensor"])
+    imp.add_argument("--model-file", help="the .onnx file of a folder holding several "
+                     "(model_quantized.onnx beside model.onnx): default model.onnx")
     imp.add_argument("--pooling", choices=["mean", "cls"],
                      help="token embeddings: how to pool them (default: 1_Pooling/config.json)")
+    imp.add_argument("--activation", choices=["identity", "sigmoid"],
+                     help="rerank: the score of a one-logit model (default: what the "
+                     "sentence-transformers config names, else the raw logit)")
     imp.add_argument("--features", help="feature names in the model's order, comma-separated")
     imp.add_argument("--sample", type=Path, help="Parquet rows to check batches (and compare "
                      "with --reference) on; default: synthesized rows")
@@ -105,7 +111,8 @@ def _import(args: argparse.Namespace) -> int:
     if args.reference and not args.sample:
         raise ConfigError("--reference: needs --sample (the rows the reference was computed on)")
     sample = read_sample(args.sample) if args.sample else None
-    choices = Choices(task=args.task, pooling=args.pooling,
+    choices = Choices(task=args.task, pooling=args.pooling, activation=args.activation,
+                      model_file=args.model_file,
                       features=[f.strip() for f in args.features.split(",")] if args.features
                       else None)
     options = ImportOptions(

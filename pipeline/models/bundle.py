@@ -32,6 +32,7 @@ from pipeline.redaction import scrub
 BUNDLE_FILE = "bundle.yaml"
 TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
 IMAGE_SOURCE = "image.pixels"
+TEXT_SOURCE = "text"  # a string input fed the text column as it is (skl2onnx text pipelines)
 # Pillow's resampling filters by the names Hugging Face's image processors give their numbers.
 RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
@@ -167,11 +168,12 @@ class BundleSpec(BaseModel):
     @classmethod
     def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
         for name, source in value.items():
-            if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE) and \
+            if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE, TEXT_SOURCE) and \
                     not source.startswith("column:"):
                 raise ValueError(
                     f"input {name!r} has source {source!r}; use one of "
-                    f"{', '.join(TOKEN_SOURCES)}, features, {IMAGE_SOURCE} or column:<name>"
+                    f"{', '.join(TOKEN_SOURCES)}, features, {IMAGE_SOURCE}, {TEXT_SOURCE} or "
+                    "column:<name>"
                 )
         return value
 
@@ -180,6 +182,10 @@ class BundleSpec(BaseModel):
 
     def takes_images(self) -> bool:
         return IMAGE_SOURCE in self.inputs.values()
+
+    def takes_raw_text(self) -> bool:
+        """A string input fed the text itself, not tokens."""
+        return TEXT_SOURCE in self.inputs.values()
 
     @property
     def modality(self) -> Literal["text", "image", "tabular"]:

@@ -30,9 +30,12 @@ SAMPLE_TEXTS = ("a short one", "a somewhat longer sentence about rivers and the 
                 "batch checks compare every row", "seven rows in all, of different lengths")
 
 
-def load_session(bundle: LocalBundle, provider: str = "cpu") -> LoadedSession:
-    """A session for the bundle's model; ModelError naming an operator the runtime lacks."""
-    where = f"{bundle.uri}/{bundle.spec.model_file}"
+def load_session(bundle: LocalBundle, provider: str = "cpu",
+                 where: str | None = None) -> LoadedSession:
+    """A session for the bundle's model; ModelError naming an operator the runtime lacks, or
+    why onnxruntime cannot load it. ``where``: the file the user gave (an import's source),
+    named in the error rather than the staged copy."""
+    where = where or f"{bundle.uri}/{bundle.spec.model_file}"
     try:
         return create_session(str(bundle.model_path), SessionSettings(providers=(provider,)))
     except Exception as exc:  # onnxruntime raises Fail / InvalidGraph / NotImplemented
@@ -66,7 +69,24 @@ def operator_problem(exc: BaseException, model_path: Any) -> str:
         name = node.name if node is not None and node.name else "?"
         return (f"operator {domain}:{op} (opset {version}) at node {name!r} is not implemented "
                 f"by onnxruntime {ort.__version__}")
-    return f"onnxruntime {ort.__version__} cannot load the model ({one_line(text, 240)})"
+    return f"onnxruntime {ort.__version__} cannot load the model: {runtime_reason(text)}"
+
+
+_BOILERPLATE = (re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
+                re.compile(r"Load model from \S+ failed: ?"),
+                # The C++ source location and function onnxruntime puts before its reason.
+                re.compile(r"\S*onnxruntime_src/\S+:\d+ (?:[\w:~<>]+(?:\([^)]*\))?"
+                           r"(?:::<lambda\(\)>)? )?"))
+
+
+def runtime_reason(text: str) -> str:
+    """onnxruntime's reason on one line, without its error-code prefix, the path of the file
+    it loaded (a staged copy, not the user's) and C++ source locations; kept whole up to 600
+    characters: the reason comes last (a locale, a node)."""
+    text = " ".join(text.split())
+    for pattern in _BOILERPLATE:
+        text = pattern.sub("", text)
+    return one_line(text, 600)
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,17 @@ from pipeline.models.checks import batch_verdict, load_session, synthesized_feed
 from pipeline.models.interpret import Choices, Reading, interpret
 from pipeline.models.onnx_types import signature
 from pipeline.models.optimize import staging
-from pipeline.models.repairs import fit_runtime, remove_zipmap, symbolic_batch
+from pipeline.models.repairs import (
+    fit_runtime,
+    portable_locale,
+    remove_zipmap,
+    symbolic_batch,
+    unicode_words,
+)
 from pipeline.models.sources import ModelSource, locate
 from pipeline.models.validate import validate_bundle
 
-IMPORTER_VERSION = 1  # part of the node cache's key: a better importer imports again
+IMPORTER_VERSION = 2  # part of the node cache's key: a better importer imports again
 MODEL_FILE = "model.onnx"
 
 Feeds = Callable[[LocalBundle], dict[str, Any]]  # rows to check batches with
@@ -79,12 +85,14 @@ def import_model(src: str | ModelSource, out: Path, options: ImportOptions = Imp
     """Import the model at ``src`` (a URI, or a source already located) into a new bundle
     directory ``out``."""
     with tempfile.TemporaryDirectory(prefix="pipeline-import-") as work:
-        source = src if isinstance(src, ModelSource) else locate(src, Path(work), storage_options)
+        source = src if isinstance(src, ModelSource) else \
+            locate(src, Path(work), storage_options, options.choices.model_file)
         model = _load(source)
         original = onnx.ModelProto()
         original.CopyFrom(model)
         repairs = fit_runtime(model, source.where)
         versions_changed = bool(repairs)
+        repairs += portable_locale(model) + unicode_words(model)
         zipmap = remove_zipmap(model)
         if zipmap is not None:
             repairs.append(f"ZipMap node {zipmap.node!r} removed: {zipmap.probabilities} is "
@@ -124,14 +132,15 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
     _save_model(model, tmp, source.uri)
     imported = Imported(_write(source, model, reading, repairs, tmp, None), reading, repairs)
     feeds = (options.feeds or synthesized_feeds)(imported.bundle)
-    session = load_session(imported.bundle).session
+    session = load_session(imported.bundle, where=source.where).session
     verdict = batch_verdict(session, feeds, _outputs(imported.bundle))
     if not verdict.ok:
         fixed = symbolic_batch(model)
         if fixed:
             _save_model(model, tmp, source.uri)
             bundle = _write(source, model, reading, repairs, tmp, None)
-            verdict = batch_verdict(load_session(bundle).session, feeds, _outputs(bundle))
+            verdict = batch_verdict(load_session(bundle, where=source.where).session, feeds,
+                                    _outputs(bundle))
             if verdict.ok:
                 repairs.append(f"batch dim of {', '.join(fixed)} made symbolic (was fixed at 1)")
                 imported.bundle = _write(source, model, reading, repairs, tmp, None)
@@ -140,9 +149,13 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
             raise ModelError(f"{source.uri}: the graph does not run batches ({verdict.problem}); "
                              "re-export it with a dynamic batch dim, or import without --strict "
                              "to run it one row per call")
-        warning = f"runs one row per call: {verdict.problem}"
+        quantized = dynamic_quantization(model)
+        warning = f"runs one row per call: {verdict.problem}" if quantized is None else \
+            (f"runs one row per call: dynamic quantization ({quantized}): outputs depend on "
+             "the batch, each batch scaled by its largest activation ({verdict.problem}); "
+             "quantize statically (QDQ: onnxruntime's quantize_static) to run batches")
         imported.warnings.append(warning)
-        imported.bundle = _write(source, model, reading, repairs, tmp, 1)
+        imported.bundle = _write(source, model, reading, repairs, tmp, 1, imported.warnings)
     validate_bundle(imported.bundle, smoke=True, providers=["cpu"])
     return imported
 
@@ -190,8 +203,18 @@ def _save_model(model: onnx.ModelProto, tmp: Path, uri: str) -> None:
         raise ModelError(f"{uri}: onnx checker failed: {one_line(first, 240)}") from exc
 
 
+DYNAMIC_QUANTIZATION_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+                            "DynamicQuantizeLSTM", "MatMulIntegerToFloat")
+
+
+def dynamic_quantization(model: onnx.ModelProto) -> str | None:
+    """The first node that quantizes activations per batch (onnxruntime's quantize_dynamic)."""
+    node = next((n for n in model.graph.node if n.op_type in DYNAMIC_QUANTIZATION_OPS), None)
+    return None if node is None else f"{node.op_type} node {node.name or '?'!r}"
+
+
 def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repairs: list[str],
-           tmp: Path, max_batch: int | None) -> LocalBundle:
+           tmp: Path, max_batch: int | None, warnings: list[str] | None = None) -> LocalBundle:
     """bundle.yaml for the model ``_save_model`` last saved, and the bundle it makes."""
     spec = BundleSpec(
         task=reading.task, model_file=MODEL_FILE, sha256=verified_sha256(tmp / MODEL_FILE),
@@ -209,7 +232,8 @@ def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
                 "onnxruntime": ort.__version__,
                 "inferred": [{"key": f.key, "value": f.value, "from": f.source}
                              for f in reading.findings],
-                "repairs": list(repairs)})
+                "repairs": list(repairs),
+                **({"warnings": list(warnings)} if warnings else {})})
     write_bundle_spec(tmp, spec)
     return open_local_bundle(tmp, source.uri)
 

@@ -32,7 +32,7 @@ import onnx
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import IMAGE_SOURCE
+from pipeline.models.bundle import IMAGE_SOURCE, TEXT_SOURCE
 from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
@@ -81,11 +81,18 @@ class Choices:
     task: str = "auto"
     pooling: str | None = None
     features: list[str] | None = None
+    activation: str | None = None  # a one-logit reranker's score: identity or sigmoid
+    model_file: str | None = None  # the .onnx file of a folder holding several
 
 
 def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
               zipmap: ZipMapRemoved | None, choices: Choices) -> Reading:
+    _refuse_generation(source, graph)
     reading = Reading()
+    if source.others:
+        reading.note("model_file", source.model.name,
+                     f"of the .onnx files in the folder ({', '.join(source.others)} too); "
+                     "--model-file picks another")
     tabular = zipmap is not None or any(
         n.domain == "ai.onnx.ml" and n.op_type.endswith("Classifier") for n in model.graph.node)
     _inputs(source, graph, choices, reading, tabular)
@@ -119,6 +126,27 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
     return reading
 
 
+GENERATION_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _refuse_generation(source: ModelSource, graph: Signature) -> None:
+    """A causal LM scores nothing in one forward pass: say so in one line, not that its
+    logits lack labels."""
+    cache = [i.name for i in graph.inputs if i.name.startswith("past_key_values")]
+    architectures = (source.json("config.json") or {}).get("architectures") or []
+    lm = [a for a in architectures if isinstance(a, str) and a.endswith(GENERATION_ARCHITECTURES)]
+    if cache:
+        raise ModelError(f"{source.where}: a text generation model (a causal LM with a KV "
+                         f"cache: inputs {cache[0]} and {len(cache) - 1} more, as Optimum's "
+                         "text-generation-with-past export writes it); it runs as a loop of "
+                         "decoding steps, which no task here runs yet")
+    logits = next((o for o in graph.outputs if o.name == "logits"), None)
+    if lm and logits is not None and logits.dims is not None and len(logits.dims) == 3:
+        raise ModelError(f"{source.where}: a text generation model ({lm[0]} in config.json, "
+                         "logits over the vocabulary for each token); it runs as a loop of "
+                         "decoding steps, which no task here runs yet")
+
+
 def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Reading,
             tabular: bool) -> None:
     """Token inputs by name; the features of a tabular classifier (an ONNX-ML classifier or
@@ -128,6 +156,10 @@ def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Re
                and i.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
     wants = choices.task == "classify" or (choices.task == "auto" and tabular)
     features = numeric[0] if len(numeric) == 1 and len(graph.inputs) == 1 and wants else None
+    only = graph.inputs[0] if len(graph.inputs) == 1 else None
+    raw_text = only if wants and only is not None and only.kind == "tensor" and \
+        only.elem_type == onnx.TensorProto.STRING and only.dims is not None and \
+        (len(only.dims) == 1 or (len(only.dims) == 2 and only.dims[1] == 1)) else None
     images = [i for i in graph.inputs if i.kind == "tensor" and i.dims is not None
               and len(i.dims) == 4 and i.elem_type in (onnx.TensorProto.FLOAT,
                                                        onnx.TensorProto.FLOAT16)]
@@ -143,6 +175,11 @@ def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Re
             reading.note(f"inputs.{info.name}", IMAGE_SOURCE,
                          "graph input name" if info.name == "pixel_values" else
                          f"the only graph input, 4-D, beside {PREPROCESSOR}")
+        elif info is raw_text:
+            reading.inputs[info.name] = TEXT_SOURCE
+            reading.note(f"inputs.{info.name}", TEXT_SOURCE,
+                         f"the only graph input, strings {_shape(info)} of a classifier (a "
+                         "text column, one string a row)")
         elif info is features:
             reading.inputs[info.name] = "features"
             reading.note(f"inputs.{info.name}", "features",
@@ -249,7 +286,7 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                              f"token: --task {wanted} needs [batch, labels]; this is a token "
                              "classifier (--task token-classify)")
         if "logits" in outputs and wanted in ("auto", "rerank") and \
-                _cross_encoder(source, outputs["logits"], reading, wanted):
+                _cross_encoder(source, outputs["logits"], reading, choices):
             return "rerank"
         if "logits" in outputs and wanted in ("auto", "classify"):
             if logits.dims is not None and len(logits.dims) != 2:
@@ -266,10 +303,12 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                              f"{'sentence_embedding or last_hidden_state' if wanted == 'embed' else 'logits'}"
                              f" (outputs: {', '.join(outputs)})")
         return "tensor"
-    if "features" in reading.inputs.values() and wanted in ("auto", "classify") and \
+    if {"features", TEXT_SOURCE} & set(reading.inputs.values()) and \
+            wanted in ("auto", "classify") and \
             _tabular_classifier(model, outputs, zipmap, reading):
         reading.note("task", "classify", "--task" if wanted == "classify" else
-                     "features in; label and probabilities out")
+                     ("text" if TEXT_SOURCE in reading.inputs.values() else "features")
+                     + " in; label and probabilities out")
         return "classify"
     if wanted in ("embed", "classify"):
         raise ModelError(f"{source.uri}: --task {wanted} does not fit this graph (inputs: "
@@ -284,9 +323,10 @@ def _shape(info: TensorInfo) -> str:
 
 
 def _cross_encoder(source: ModelSource, logits: TensorInfo, reading: Reading,
-                   wanted: str) -> bool:
+                   choices: Choices) -> bool:
     """A sequence classifier with one label whose tokenizer encodes pairs: a reranker."""
     config = source.json("config.json") or {}
+    wanted = choices.task
     width = logits.dims[-1] if logits.dims and isinstance(logits.dims[-1], int) else \
         len(config.get("id2label") or {}) or None
     pair = _pair_template(source)
@@ -297,8 +337,8 @@ def _cross_encoder(source: ModelSource, logits: TensorInfo, reading: Reading,
             raise ModelError(f"{source.uri}: --task rerank needs one logit per pair and a pair "
                              f"tokenizer ({why})")
         return False
-    activation, where = _activation(source.json("config_sentence_transformers.json") or {},
-                                    config)
+    activation, where = (choices.activation, "--activation") if choices.activation else \
+        _activation(source.json("config_sentence_transformers.json") or {}, config)
     reading.outputs["logits"] = logits.name
     reading.rerank = {"activation": activation}
     reading.note("outputs.logits", logits.name, "graph output name")
@@ -323,8 +363,9 @@ def _pair_template(source: ModelSource) -> str | None:
 def _activation(st_config: dict[str, Any], config: dict[str, Any]) -> tuple[str, str]:
     """The activation sentence-transformers' CrossEncoder applies: ``activation_fn`` in
     config_sentence_transformers.json (v5) or config.json's ``sentence_transformers`` (v4),
-    ``sbert_ce_default_activation_function`` (before), else sigmoid, its default for one
-    label."""
+    ``sbert_ce_default_activation_function`` (before). With none of them the model is plain
+    transformers' (an Optimum export), whose output is the raw logit: ``--activation sigmoid``
+    asks for CrossEncoder's default."""
     named, where = st_config.get("activation_fn"), \
         "config_sentence_transformers.json activation_fn"
     if not named:
@@ -334,7 +375,8 @@ def _activation(st_config: dict[str, Any], config: dict[str, Any]) -> tuple[str,
         named, where = config.get("sbert_ce_default_activation_function"), \
             "config.json sbert_ce_default_activation_function"
     if not named:
-        return "sigmoid", "no activation in config.json: CrossEncoder's default for one label"
+        return "identity", ("no sentence-transformers config: the raw logit, as transformers "
+                            "gives it (--activation sigmoid for CrossEncoder's default)")
     if named.endswith("Sigmoid"):
         return "sigmoid", f"{where} {named}"
     if named.endswith("Identity"):

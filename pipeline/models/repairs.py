@@ -7,6 +7,12 @@
   the map's labels (strings stay strings) kept.
 - ``symbolic_batch``: a batch dim fixed at 1 (the TorchScript exporter without
   ``dynamic_axes``) made symbolic.
+- ``portable_locale``: a StringNormalizer with no locale (skl2onnx leaves it unset) makes
+  onnxruntime construct en_US.UTF-8, which many machines and images lack: the session then
+  fails to load. C.UTF-8 is on every Linux and maps case as Unicode does.
+- ``unicode_words``: skl2onnx writes scikit-learn's ``\\w`` (Unicode in Python) as the ASCII
+  class ``[a-zA-Z0-9_]+`` in its Tokenizer node, so "école" is scored as "cole"; the Unicode
+  classes of onnxruntime's regex engine (RE2) match what scikit-learn matches.
 """
 
 from __future__ import annotations
@@ -71,6 +77,54 @@ def remove_zipmap(model: onnx.ModelProto) -> ZipMapRemoved | None:
         model.graph.node.remove(node)
         return ZipMapRemoved(node.name or "ZipMap", tensor, labels)
     return None
+
+
+PORTABLE_LOCALE = "C.UTF-8"
+RUNTIME_DEFAULT_LOCALE = "en_US.UTF-8"
+
+
+def portable_locale(model: onnx.ModelProto) -> list[str]:
+    """Set StringNormalizer nodes that want en_US.UTF-8 (by default or by name) to C.UTF-8;
+    what was done."""
+    done = []
+    for node in model.graph.node:
+        if node.op_type != "StringNormalizer" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = next((a for a in node.attribute if a.name == "locale"), None)
+        current = attr.s.decode() if attr is not None else None
+        if current not in (None, RUNTIME_DEFAULT_LOCALE, "en_US.utf8"):
+            continue
+        if attr is None:
+            node.attribute.append(helper.make_attribute("locale", PORTABLE_LOCALE))
+        else:
+            attr.s = PORTABLE_LOCALE.encode()
+        done.append(f"StringNormalizer node {node.name or '?'!r}: locale "
+                    f"{current or 'unset (onnxruntime takes ' + RUNTIME_DEFAULT_LOCALE + ')'} "
+                    f"set to {PORTABLE_LOCALE}, which every Linux has (same Unicode case "
+                    "mapping)")
+    return done
+
+
+SKL2ONNX_WORD = b"[a-zA-Z0-9_]+"
+UNICODE_WORD = rb"[\pL\pN_]+"
+
+
+def unicode_words(model: onnx.ModelProto) -> list[str]:
+    """skl2onnx's ASCII word pattern in Tokenizer nodes made Unicode's; what was done."""
+    if model.producer_name != "skl2onnx":
+        return []
+    done = []
+    for node in model.graph.node:
+        if node.op_type != "Tokenizer" or node.domain != "com.microsoft":
+            continue
+        for attr in node.attribute:
+            if attr.name == "tokenexp" and attr.s == SKL2ONNX_WORD:
+                attr.s = UNICODE_WORD
+                done.append(f"Tokenizer node {node.name or '?'!r}: tokenexp "
+                            f"{SKL2ONNX_WORD.decode()} (skl2onnx's ASCII reading of \\w) set to "
+                            f"{UNICODE_WORD.decode()}, the words scikit-learn finds (école stays "
+                            "école, not cole)")
+    return done
 
 
 def _batch_dim(model: onnx.ModelProto) -> int | str:

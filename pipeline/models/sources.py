@@ -41,6 +41,8 @@ class ModelSource:
     root: Path  # where the configs are (the folder given, or the model's own)
     configs: dict[str, Path] = field(default_factory=dict)  # CONFIG_FILES found, by name
     external: list[str] = field(default_factory=list)  # external data files, relative names
+    # Other .onnx files beside the one taken (model_quantized.onnx beside model.onnx...).
+    others: list[str] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:
@@ -65,27 +67,62 @@ class ModelSource:
         return data if isinstance(data, dict) else None
 
 
-def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = None) -> ModelSource:
+def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = None,
+           model_file: str | None = None) -> ModelSource:
     """The model and configs at ``uri`` (a file or folder, local or remote); remote ones are
-    copied under ``workdir``."""
+    copied under ``workdir``. ``model_file`` picks one of several .onnx files in a folder."""
     local = _local_copy(uri, workdir, storage_options) if not storage.is_local(uri) else \
         Path(uri.removeprefix("file://")).resolve()
     if not local.exists():
         raise ModelError(f"{uri}: no such file or folder")
-    model, layout, config_root = _find_model(local, uri)
+    generation_layout(local, uri)
+    model, layout, config_root = _find_model(local, uri, model_file)
     configs = {name: config_root / name for name in CONFIG_FILES
                if (config_root / name).is_file()}
     if layout == "onnx-file" and {"config.json", "tokenizer.json",
                                   "preprocessor_config.json"} & set(configs):
         layout = "hf-folder"
-    return ModelSource(uri, model, layout, config_root, configs, external_files(model, uri))
+    others = sorted(p.relative_to(config_root).as_posix() for p in model.parent.glob("*.onnx")
+                    if p != model) if layout != "onnx-file" else []
+    return ModelSource(uri, model, layout, config_root, configs, external_files(model, uri),
+                       others)
 
 
-def _find_model(local: Path, uri: str) -> tuple[Path, str, Path]:
+# Files that make a folder a generation model: a loop of decoder steps, not one forward pass.
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_model_merged.onnx",
+                 "decoder_with_past_model.onnx")
+
+
+def generation_layout(local: Path, uri: str) -> None:
+    """Refuse, in one line that says what it is, a folder of a text generation model (one
+    file of it, named, is imported as what it is: a T5 encoder embeds)."""
+    if not local.is_dir():
+        return
+    folder = local
+    if (folder / "genai_config.json").is_file():
+        raise ModelError(f"{uri}: a text generation model (an onnxruntime-genai folder: "
+                         "genai_config.json); it runs as a loop of decoding steps with a KV "
+                         "cache, which no task here runs yet (no single forward pass scores it)")
+    found = [name for name in SEQ2SEQ_FILES if (folder / name).is_file()]
+    if "encoder_model.onnx" in found and len(found) > 1:
+        raise ModelError(f"{uri}: a text generation model (an Optimum seq2seq export: "
+                         f"{', '.join(found)}); the encoder runs once and the decoder step by "
+                         "step, which no task here runs yet")
+
+
+def _find_model(local: Path, uri: str, model_file: str | None) -> tuple[Path, str, Path]:
     if local.is_file():
         if local.suffix != ".onnx":
             raise ModelError(f"{uri}: not an .onnx file or a folder holding one")
         return local, "onnx-file", local.parent
+    if model_file is not None:
+        chosen = local / model_file
+        if not chosen.is_file() or chosen.suffix != ".onnx":
+            found = ", ".join(p.relative_to(local).as_posix()
+                              for p in sorted(local.glob("**/*.onnx"))) or "none"
+            raise ModelError(f"--model-file {model_file}: no such .onnx file in {uri} "
+                             f"(.onnx files: {found})")
+        return chosen, "hf-folder", local
     st_model = local / "onnx" / "model.onnx"
     if st_model.is_file() and (local / "modules.json").is_file():
         return st_model, "sentence-transformers", local
@@ -97,8 +134,8 @@ def _find_model(local: Path, uri: str) -> tuple[Path, str, Path]:
     if not found:
         raise ModelError(f"{uri}: no .onnx file in this folder (nor onnx/model.onnx with "
                          "modules.json)")
-    raise ModelError(f"{uri}: several models ({', '.join(p.name for p in found)}); name the "
-                     "one to import (SRC/<file>.onnx)")
+    raise ModelError(f"{uri}: several models ({', '.join(p.name for p in found)}); choose one "
+                     "with --model-file (or name it: SRC/<file>.onnx)")
 
 
 def external_files(model: Path, uri: str) -> list[str]:

@@ -40,7 +40,7 @@ def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:
     if spec is None:
         spec = SPECS[bundle.spec.task](kind=bundle.spec.task)
     if isinstance(spec, ClassifyTaskSpec) and spec.text_column is None and \
-            bundle.spec.needs_tokenizer():
+            (bundle.spec.needs_tokenizer() or bundle.spec.takes_raw_text()):
         spec = spec.model_copy(update={"text_column": "text"})
     return spec
 

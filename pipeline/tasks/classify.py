@@ -8,21 +8,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError, ModelError
+from pipeline.models.bundle import TEXT_SOURCE
+from pipeline.models.onnx_types import file_signature
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
 from pipeline.tasks.images import image_encoder
-from pipeline.tasks.text import TextEncoder, load_tokenizer
+from pipeline.tasks.text import TextEncoder, load_tokenizer, valid_texts
 
 
 class ClassifyTask(Task):
     def __init__(self, bundle, spec, batching, input_types, storage_options=None):
         super().__init__(bundle, spec, batching, input_types, storage_options)
         bspec = bundle.spec
-        self.text_input = bspec.needs_tokenizer()
+        self.text_input = bspec.needs_tokenizer() or bspec.takes_raw_text()
         self.labels = list(bspec.labels or [])
         self.use_logits = "probabilities" not in bspec.outputs
         self.images = None
+        self.raw_text: str | None = None  # the string input fed the text as it is
         self.features: list[str] = []
-        if bspec.takes_images():
+        if bspec.takes_raw_text():
+            if not spec.text_column:
+                raise ConfigError("task.text_column: required for a text classifier bundle")
+            self.raw_text = next(n for n, s in bspec.inputs.items() if s == TEXT_SOURCE)
+            dims = file_signature(bundle.model_path, bundle.sha256).input(self.raw_text).dims
+            self.raw_shape = (-1, 1) if dims is not None and len(dims) == 2 else (-1,)
+        elif bspec.takes_images():
             self.images = image_encoder(bundle, input_types, storage_options)
         elif self.text_input:
             if not spec.text_column:
@@ -83,6 +92,8 @@ class ClassifyTask(Task):
         if self.images:
             column = self.spec.image_column
             return self.images.prepare(table[column], column, self.batching.max_rows)
+        if self.raw_text:
+            return self._raw_texts(table)
         if self.text_input:
             return self.encoder.prepare(table[self.spec.text_column], self.spec.text_column,
                                         self.batching.max_rows, self.batching.max_tokens)
@@ -92,6 +103,16 @@ class ClassifyTask(Task):
         batches = [Batch(good[i:i + step], {self.feature_input: matrix[good[i:i + step]]})
                    for i in range(0, len(good), step)]
         return Prepared(batches=batches, bad=bad)
+
+    def _raw_texts(self, table: pa.Table) -> Prepared:
+        """The text column as the model's string input takes it, rows in input order."""
+        column = self.spec.text_column
+        rows, texts, bad = valid_texts(table[column], column, self.spec.empty_text == "embed")
+        good = np.asarray(rows, dtype=np.int64)
+        values = np.array(texts, dtype=object).reshape(self.raw_shape)
+        step = self.batching.max_rows
+        return Prepared(batches=[Batch(good[i:i + step], {self.raw_text: values[i:i + step]})
+                                 for i in range(0, len(good), step)], bad=bad)
 
     def _feature_matrix(self, table: pa.Table) -> tuple[np.ndarray, dict[int, str]]:
         matrix = np.zeros((table.num_rows, len(self.features)), dtype=self.feature_dtype)

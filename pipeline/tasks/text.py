@@ -47,6 +47,32 @@ def truncation_note(max_length: int) -> str:
     return f"text cut at max_length ({max_length} tokens)"
 
 
+def valid_texts(column: pa.ChunkedArray, name: str,
+                keep_empty: bool) -> tuple[list[int], list[str], dict[int, str]]:
+    """The rows holding a text, their texts, and why the others hold none (null, empty or
+    blank unless ``keep_empty``, not a string column)."""
+    bad: dict[int, str] = {}
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        reason = f"column {name} has type {column.type}, expected string"
+        return [], [], dict.fromkeys(range(len(column)), reason)
+    values = column.to_pylist()
+    if keep_empty:
+        empty = np.zeros(len(values), dtype=bool)
+    else:
+        empty = np.asarray(pc.equal(pc.utf8_trim_whitespace(column.fill_null("x")), "")
+                           .to_numpy(zero_copy_only=False), dtype=bool)
+    rows, texts = [], []
+    for i, value in enumerate(values):
+        if value is None:
+            bad[i] = f"{name} is null"
+        elif empty[i]:
+            bad[i] = f"{name} is empty"
+        else:
+            rows.append(i)
+            texts.append(value)
+    return rows, texts, bad
+
+
 class TextEncoder:
     def __init__(self, tokenizer: Tokenizer, inputs: dict[str, str], keep_empty: bool):
         self.tokenizer = tokenizer
@@ -56,26 +82,7 @@ class TextEncoder:
         self.max_length = (tokenizer.truncation or {}).get("max_length")
 
     def valid_texts(self, column: pa.ChunkedArray, name: str) -> tuple[list[int], list[str], dict[int, str]]:
-        bad: dict[int, str] = {}
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            reason = f"column {name} has type {column.type}, expected string"
-            return [], [], dict.fromkeys(range(len(column)), reason)
-        values = column.to_pylist()
-        if self.keep_empty:
-            empty = np.zeros(len(values), dtype=bool)
-        else:
-            empty = np.asarray(pc.equal(pc.utf8_trim_whitespace(column.fill_null("x")), "")
-                               .to_numpy(zero_copy_only=False), dtype=bool)
-        rows, texts = [], []
-        for i, value in enumerate(values):
-            if value is None:
-                bad[i] = f"{name} is null"
-            elif empty[i]:
-                bad[i] = f"{name} is empty"
-            else:
-                rows.append(i)
-                texts.append(value)
-        return rows, texts, bad
+        return valid_texts(column, name, self.keep_empty)
 
     def encode(self, rows: list[int], texts: list[str] | list[tuple[str, str]],
                bad: dict[int, str]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from pipeline.models.__main__ import main
@@ -102,3 +103,81 @@ def test_an_ambiguous_model_names_the_choices_and_the_flag(tmp_path, capsys):
     assert code == 2 and "--pooling mean or --pooling cls" in err
     assert main(["import", str(copy), "--out", str(tmp_path / "out"), "--pooling", "cls"]) == 0
     assert "pooling: cls" in (tmp_path / "out" / "bundle.yaml").read_text()
+
+
+def test_a_folder_of_several_models_names_the_one_taken_and_model_file_picks(tmp_path, capsys):
+    """Optimum's model_quantized.onnx beside model.onnx: model.onnx is taken and named;
+    --model-file takes the other, whose dynamic quantization is said (and shown by a dry run
+    of a job that names it)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pipeline.job_file import load_spec
+    from pipeline.planning import describe_plan, plan_job
+
+    case = CASES / "optimum_text_classifier"
+    src = tmp_path / "src"
+    shutil.copytree(case / "src", src)
+    quantize_dynamic(str(src / "model.onnx"), str(src / "model_quantized.onnx"),
+                     weight_type=QuantType.QInt8)
+    assert main(["import", str(src), "--out", str(tmp_path / "fp32")]) == 0
+    out = capsys.readouterr().out
+    assert "model_file" in out and "(model_quantized.onnx too); --model-file picks another" in out
+    assert main(["import", str(src), "--out", str(tmp_path / "q"), "--model-file",
+                 "model_quantized.onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: runs one row per call: dynamic quantization (DynamicQuantizeLinear" in out
+    assert "quantize statically" in out
+    code, err = run(capsys, str(src), "--out", str(tmp_path / "x"), "--model-file", "nope.onnx")
+    assert code == 2 and "--model-file nope.onnx: no such .onnx file" in err
+    assert "model_quantized.onnx" in err
+    planned = plan_job(load_spec({"input": {"uri": str(case / "sample.parquet")},
+                                  "model": {"uri": str(src / "model_quantized.onnx")},
+                                  "passthrough": ["id"], "output": {"uri": str(tmp_path / "o")}}))
+    assert planned.spec.task.kind == "classify" and planned.bundle.spec.max_batch == 1
+    assert "warning: runs one row per call: dynamic quantization" in \
+        "\n".join(describe_plan(planned))
+
+
+def test_a_token_classifier_is_never_read_as_a_sentence_classifier(tmp_path, capsys):
+    """--task classify is refused at import; a bundle that says classify anyway is refused
+    when its scores come back per token, in words rather than a numpy TypeError."""
+    import pyarrow as pa
+
+    from pipeline.errors import ModelError
+    from pipeline.models.bundle import LocalBundle, open_local_bundle
+    from pipeline.spec import BatchingSpec, ClassifyTaskSpec
+    from pipeline.tasks import build_task
+
+    src = CASES / "optimum_ner_wordpiece" / "src"
+    code, err = run(capsys, str(src), "--out", str(tmp_path / "c"), "--task", "classify")
+    assert code == 2 and "one score per token" in err and "--task token-classify" in err
+    assert main(["import", str(src), "--out", str(tmp_path / "ner")]) == 0
+    bundle = open_local_bundle(tmp_path / "ner", str(tmp_path / "ner"))
+    as_classifier = LocalBundle(bundle.path, bundle.spec.model_copy(update={"task": "classify"}),
+                                bundle.uri)
+    task = build_task(as_classifier, ClassifyTaskSpec(kind="classify", text_column="text"),
+                      BatchingSpec(), {"input_ids": "tensor(int64)"})
+    batch = next(iter(task.prepare(pa.table({"text": ["Anna lives in Oslo"]})).batches))
+    logits = np.zeros((1, len(batch.feeds["input_ids"][0]), 7), np.float32)
+    with pytest.raises(ModelError, match=r"needs scores \[rows, labels\], the model gives "
+                                         r"\[1, \d+, 7\] \(one per token: a token classifier"):
+        task.finish(batch, [logits])
+
+
+def test_onnxruntimes_reason_is_kept_whole_without_its_source_locations():
+    """The locale onnxruntime could not make comes last, after a C++ location: kept."""
+    from pipeline.models.checks import runtime_reason
+
+    message = ("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: "
+               "/onnxruntime_src/onnxruntime/core/providers/cpu/text/string_normalizer.cc:235 "
+               "onnxruntime::StringNormalizer::Locale::Locale(const std::string&)::<lambda()> "
+               "Failed to construct locale with name:en_US.UTF-8:locale::facet::"
+               "_S_create_c_locale name not valid:Please, install necessary language-pack-XX "
+               "and configure locales\n")
+    reason = runtime_reason(message)
+    assert reason.startswith("Exception during initialization: Failed to construct locale "
+                             "with name:en_US.UTF-8")
+    assert reason.endswith("configure locales") and "onnxruntime_src" not in reason
+    loaded = runtime_reason("[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/.x.tmp-1/"
+                            "model.onnx failed:Type Error: Type (tensor(float16)) of node (n)")
+    assert loaded == "Type Error: Type (tensor(float16)) of node (n)"

@@ -95,6 +95,8 @@ def test_import_with_no_flags(case, tmp_path):
         with pytest.raises(ModelError) as refused:
             import_model(str(case / "src"), out)
         assert m["refused"] in str(refused.value) and "\n" not in str(refused.value)
+        for part in m.get("refused_also", []):
+            assert part in str(refused.value), (part, str(refused.value))
         assert not out.exists()  # nothing written
         return
     done = import_model(str(case / "src"), out)
