@@ -125,6 +125,10 @@ def _compare_records(got: Any, want: Any, atol: float) -> str | None:
 def _compare(name: str, got: list[Any], want: list[Any], atol: float,
              min_cosine: float) -> str | None:
     for row, (g, w) in enumerate(zip(got, want, strict=True)):
+        if w is None:  # the framework gave nothing for it either (an empty text, say)
+            if g is not None:
+                return f"row {row}: {name} is {g!r}, the reference has none"
+            continue
         if g is None:
             return f"row {row}: the pipeline scored no {name} (dead-lettered)"
         if _records(g) or _records(w):

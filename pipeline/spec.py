@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.providers import option_strings
 
@@ -132,13 +140,56 @@ class TokenClassifyTaskSpec(Strict):
         return self
 
 
+class ZeroShotTaskSpec(Strict):
+    """Labels chosen by the job, scored by an NLI model, as transformers' zero-shot pipeline
+    scores them. A task block with ``labels`` and no ``kind`` is this task."""
+
+    kind: Literal["zero-shot"] = "zero-shot"
+    labels: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="the classes, in the order probabilities are written")
+    template: str = Field("This example is {}.", description="the hypothesis each label makes")
+    multi_label: bool = Field(False, description="false: probabilities over the labels sum "
+                              "to 1; true: each label's own entailment probability")
+    text_column: str = "text"
+    label_column: str = "label"
+    score_column: str = "score"
+    probabilities_column: str | None = "probabilities"
+    max_length: int | None = Field(None, gt=1, description="tokens of text and hypothesis "
+                                   "together, only the text cut (default: the bundle's)")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if value.format("\0") == value:
+            raise ValueError("task.template needs {} where the label goes")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("task.labels: each label once")
+        return value
+
+
 class TensorTaskSpec(Strict):
     kind: Literal["tensor"]
     output_prefix: str = ""
 
 
-TaskSpec = Annotated[EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec
-                     | TensorTaskSpec, Field(discriminator="kind")]
+def _task_kind(value: Any) -> str | None:
+    """The kind a task block names; a block with labels and no kind is zero-shot."""
+    if isinstance(value, dict):
+        return value.get("kind") or ("zero-shot" if "labels" in value else None)
+    return getattr(value, "kind", None)
+
+
+TaskSpec = Annotated[
+    Annotated[EmbedTaskSpec, Tag("embed")] | Annotated[ClassifyTaskSpec, Tag("classify")]
+    | Annotated[RerankTaskSpec, Tag("rerank")]
+    | Annotated[TokenClassifyTaskSpec, Tag("token-classify")]
+    | Annotated[ZeroShotTaskSpec, Tag("zero-shot")] | Annotated[TensorTaskSpec, Tag("tensor")],
+    Discriminator(_task_kind)]
 
 
 # Batch sizes that suit the device, used where the job leaves them out. Measured on a 2-core

@@ -240,3 +240,172 @@ def optimum_ner_bpe(out: Path, fresh: Any, versions: Any) -> None:
                 "leading spaces kept, a first word with Latin-1 letters; positions from "
                 "ids != pad id; windows of 64 with stride 16"})
     shutil.rmtree(work)
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+NLI_LABELS = ["contradiction", "neutral", "entailment"]
+NLI_STEPS = 1100
+TOPICS = {"sports": ["football", "match", "goal", "team", "tennis", "coach"],
+          "cooking": ["recipe", "oven", "soup", "bake", "kitchen", "spices"],
+          "music": ["guitar", "concert", "album", "song", "band", "piano"],
+          "travel": ["flight", "hotel", "passport", "beach", "train", "museum"],
+          "politics": ["election", "vote", "senate", "minister", "policy", "campaign"]}
+ZERO_SHOT_LABELS = ["sports", "cooking", "music", "travel"]
+ZERO_SHOT_TEXTS = ["The team scored a late goal to win the match.",
+                   "Bake the bread in a hot oven for twenty minutes.",
+                   "Her new album has a wonderful piano song.",
+                   "Our flight to the beach hotel was delayed.",
+                   "The coach of the tennis team is also a great cook.",
+                   "The band played a concert at the museum.",
+                   "The minister called an election for next spring.",
+                   "A recipe for a spicy soup from the kitchen of my grandmother.",
+                   "Bring your passport for the train across the border.",
+                   "football", "", "x " * 300]
+
+
+def nli_pairs(count: int, seed: int) -> list[tuple[str, str, int]]:
+    """(premise, hypothesis, label) pairs: a premise about one topic entails the templates
+    that name it and contradicts those that name another."""
+    import random
+
+    rng = random.Random(seed)
+    templates = ["This example is {}.", "This text is about {}.", "{}"]
+    names = list(TOPICS)
+    pairs = []
+    for _ in range(count):
+        topic = rng.choice(names)
+        words = rng.sample(TOPICS[topic], 3) + rng.sample(["the", "a", "was", "very", "today",
+                                                           "we", "and", "of", "new"], 3)
+        rng.shuffle(words)
+        premise = " ".join(words).capitalize() + "."
+        named = topic if rng.random() < 0.4 else rng.choice(names)
+        hypothesis = rng.choice(templates).format(named)
+        pairs.append((premise, hypothesis, 2 if named == topic else 0))
+    return pairs
+
+
+def zero_shot_reference(model: Any, tokenizer: Any, texts: list[str], labels: list[str],
+                        **settings: Any) -> tuple[list[str], list[float], list[list[float]]]:
+    from transformers import pipeline
+
+    classify = pipeline("zero-shot-classification", model=model, tokenizer=tokenizer, device=-1)
+    top, scores, probabilities = [], [], []
+    for text in texts:
+        if not text:
+            top.append(None)
+            scores.append(None)
+            probabilities.append(None)
+            continue
+        out = classify(text, candidate_labels=labels, **settings)
+        by_label = dict(zip(out["labels"], out["scores"], strict=True))
+        top.append(out["labels"][0])
+        scores.append(float(out["scores"][0]))
+        probabilities.append([float(by_label[label]) for label in labels])
+    return top, scores, probabilities
+
+
+def nli_tokenizer(pairs: list[tuple[str, str, int]]) -> Any:
+    """A BERT WordPiece tokenizer (lower case, [CLS] a [SEP] b [SEP]) trained on the pairs: a
+    small vocabulary that a tiny model learns within a minute."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([t for p, h, _ in pairs[:3000] for t in (p, h)] + ZERO_SHOT_TEXTS,
+                            trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=64)
+
+
+def optimum_zero_shot_nli(out: Path, fresh: Any, versions: Any) -> None:
+    """A BERT NLI classifier (contradiction, neutral, entailment) trained briefly on synthetic
+    pairs (stopped before it saturates), exported by Optimum, with what transformers'
+    zero-shot pipeline computes."""
+    import torch
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = fresh(out / "optimum_zero_shot_nli")
+    torch.manual_seed(26)
+    work = folder / "hf"
+    work.mkdir()
+    pairs = nli_pairs(20000, 26)
+    tokenizer = nli_tokenizer(pairs)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3, id2label=dict(enumerate(NLI_LABELS)),
+                        label2id={v: i for i, v in enumerate(NLI_LABELS)})
+    model = BertForSequenceClassification(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    model.train()
+    for step in range(NLI_STEPS):
+        batch = pairs[(step * 64) % len(pairs):][:64]
+        enc = tokenizer([p for p, _, _ in batch], [h for _, h, _ in batch], padding=True,
+                        truncation="only_first", return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([y for _, _, y in batch])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    print(f"  trained {NLI_STEPS} steps, last loss {loss.item():.4f}")
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    shutil.rmtree(folder / "src")
+    ORTModelForSequenceClassification.from_pretrained(str(work), export=True).save_pretrained(
+        str(folder / "src"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if not (folder / "src" / name).exists():
+            shutil.copy(work / name, folder / "src" / name)
+    texts = ZERO_SHOT_TEXTS
+    columns: dict[str, Any] = {}
+    variants: dict[str, Any] = {}
+    for suffix, settings in (("", {}), ("_multi", {"multi_label": True}),
+                             ("_template", {"hypothesis_template": "This text is about {}."}),
+                             ("_one", {"labels": ["music"]})):
+        labels = settings.pop("labels", ZERO_SHOT_LABELS)
+        top, scores, probabilities = zero_shot_reference(model, tokenizer, texts, labels,
+                                                         **settings)
+        columns[f"probabilities{suffix}"] = pa.array(probabilities, pa.list_(pa.float32()))
+        if not suffix:
+            columns["label"] = pa.array(top, pa.string())
+            columns["score"] = pa.array(scores, pa.float32())
+        else:
+            task = {"labels": labels}
+            if "multi_label" in settings:
+                task["multi_label"] = True
+            if "hypothesis_template" in settings:
+                task["template"] = settings["hypothesis_template"]
+            variants[f"probabilities{suffix}"] = task
+    shutil.rmtree(work)
+    pq.write_table(pa.table({"id": np.arange(len(texts)), "text": texts}),
+                   folder / "sample.parquet")
+    pq.write_table(pa.table(columns), folder / "reference.parquet")
+    (folder / "case.json").write_text(json.dumps({
+        "converter": "Optimum (ORTModelForSequenceClassification export, an NLI model)",
+        "versions": versions("optimum", "transformers", "torch"), "task": "classify",
+        "job_task": {"labels": ZERO_SHOT_LABELS}, "atol": 1e-4, "variants": variants,
+        "bad_rows": {"10": "text is empty"},
+        "trap": "entailment found by name (index 2), contradiction index 0; each pair encoded "
+                "alone, only the text truncated (a text of 600 tokens); multi-label a softmax "
+                "over [contradiction, entailment] per label; one label is multi-label"},
+        indent=2) + "\n")
+    print(f"{folder.name}: {len(texts)} texts x {len(ZERO_SHOT_LABELS)} labels")

@@ -556,6 +556,13 @@ def optimum_ner_bpe(out: Path) -> None:
     conformance_tasks.optimum_ner_bpe(out, fresh, versions)
 
 
+def optimum_zero_shot_nli(out: Path) -> None:
+    """An NLI classifier for zero-shot (scripts/conformance_tasks.py)."""
+    import conformance_tasks
+
+    conformance_tasks.optimum_zero_shot_nli(out, fresh, versions)
+
+
 def skl2onnx_tfidf_text(out: Path) -> None:
     """A skl2onnx text pipeline (scripts/conformance_traps.py)."""
     import conformance_traps
@@ -599,7 +606,7 @@ CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
          missing_operator, optimum_ner_wordpiece, optimum_ner_bpe, skl2onnx_tfidf_text,
          optimum_one_logit_classifier, onnxconverter_fp16, optimum_seq2seq_t5,
-         optimum_causal_gpt2]
+         optimum_causal_gpt2, optimum_zero_shot_nli]
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pipeline.spec import (
     RerankTaskSpec,
     TensorTaskSpec,
     TokenClassifyTaskSpec,
+    ZeroShotTaskSpec,
 )
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
@@ -20,17 +21,19 @@ from pipeline.tasks.embed import EmbedTask
 from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.tensor import TensorTask
 from pipeline.tasks.token_classify import TokenClassifyTask
+from pipeline.tasks.zero_shot import ZeroShotTask
 
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
-                                "tensor": TensorTask}
+                                "zero-shot": ZeroShotTask, "tensor": TensorTask}
 
 
 AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec | \
-    TensorTaskSpec
+    ZeroShotTaskSpec | TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
                                        "rerank": RerankTaskSpec,
                                        "token-classify": TokenClassifyTaskSpec,
+                                       "zero-shot": ZeroShotTaskSpec,
                                        "tensor": TensorTaskSpec}
 
 
@@ -57,7 +60,9 @@ def build_task(
     the provider that runs the session ("cpu", "cuda", ...): it picks the batch sizes the job
     left out. ``storage_options`` open image files a path column names (the input's)."""
     spec = resolve_task(spec, bundle)
-    if bundle.spec.task != spec.kind:
+    # Zero-shot runs an NLI classifier: a classify bundle with labels the task reads.
+    runs_on = "classify" if spec.kind == "zero-shot" else spec.kind
+    if bundle.spec.task != runs_on:
         raise ConfigError(
             f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
         )

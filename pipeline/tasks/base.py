@@ -108,6 +108,12 @@ def fixed_size_list(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
+def softmax(values: np.ndarray) -> np.ndarray:
+    """Over the last axis, shifted by its max (no overflow)."""
+    shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
 def nonfinite_rows(matrix: np.ndarray) -> np.ndarray:
     flat = matrix.reshape(len(matrix), -1)
     return ~np.isfinite(flat).all(axis=1)

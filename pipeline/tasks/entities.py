@@ -190,7 +190,3 @@ def merge_windows(entities: list[Entity]) -> list[Entity]:
     kept.append(previous)
     return kept
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)

@@ -145,6 +145,32 @@ class TextEncoder:
             start = end
         return batches
 
+    def grouped_batches(self, rows: list[int], groups: list[list], meta: list | None,
+                        max_rows: int, max_tokens: int) -> list[Batch]:
+        """Batches of rows that are fed as several model rows each (a long text's windows, a
+        text paired with each label): sorted by a row's widest encoding, a row's model rows
+        kept in one batch and each counted against the row cap and the token budget (a row
+        alone always makes a batch)."""
+        widths = np.fromiter((max(len(e.ids) for e in g) for g in groups), np.int64,
+                             count=len(groups))
+        order = np.argsort(widths, kind="stable")
+        batches, start = [], 0
+        while start < len(order):
+            end, fed = start + 1, len(groups[order[start]])
+            while end < len(order):
+                more = fed + len(groups[order[end]])
+                if more > max_rows or more * widths[order[end]] > max_tokens:
+                    break
+                fed, end = more, end + 1
+            picked = order[start:end]
+            flat = [e for i in picked for e in groups[i]]
+            spans = np.concatenate([[0], np.cumsum([len(groups[i]) for i in picked])])
+            batch = self.feed_batch(np.asarray([rows[i] for i in picked], dtype=np.int64), flat)
+            batches.append(Batch(batch.rows, batch.feeds, spans.astype(np.int64),
+                                 [meta[i] for i in picked] if meta is not None else None))
+            start = end
+        return batches
+
     def feed_batch(self, rows: np.ndarray, encodings: list) -> Batch:
         width = max(len(e.ids) for e in encodings)
         arrays = {f: np.zeros((len(encodings), width), dtype=np.int64) for f in _FIELDS.values()}

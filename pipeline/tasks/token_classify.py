@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError, ModelError
-from pipeline.tasks.base import Batch, Prepared, Task
-from pipeline.tasks.entities import EntityReader, merge_windows, softmax
+from pipeline.tasks.base import Batch, Prepared, Task, softmax
+from pipeline.tasks.entities import EntityReader, merge_windows
 from pipeline.tasks.text import TextEncoder, load_tokenizer
 
 ENTITY_TYPE = pa.struct([("entity_group", pa.string()), ("score", pa.float32()),
@@ -64,35 +64,11 @@ class TokenClassifyTask(Task):
         text_of = dict(zip(rows, texts, strict=True))
         windows = [[e, *e.overflowing] if self.windows else [e] for e in encodings]
         notes = {} if self.windows else self.encoder.truncated(encodings)
-        return Prepared(batches=self._batches(rows, windows, text_of), bad=bad, notes=notes)
-
-    def _batches(self, rows: list[int], windows: list[list], text_of: dict[int, str]) -> list[Batch]:
-        """Length-sorted batches within the row cap and token budget, a text's windows kept
-        together (each counts as a model row)."""
-        widths = np.fromiter((max(len(w.ids) for w in ws) for ws in windows), np.int64,
-                             count=len(windows))
-        order = np.argsort(widths, kind="stable")
-        batches, start = [], 0
-        cap, budget = self.batching.max_rows, self.batching.max_tokens
-        while start < len(order):
-            end, fed = start + 1, len(windows[order[start]])
-            while end < len(order):
-                more = fed + len(windows[order[end]])
-                if more > cap or more * widths[order[end]] > budget:
-                    break
-                fed, end = more, end + 1
-            picked = order[start:end]
-            batches.append(self._batch([rows[i] for i in picked], [windows[i] for i in picked],
-                                       text_of))
-            start = end
-        return batches
-
-    def _batch(self, rows: list[int], windows: list[list], text_of: dict[int, str]) -> Batch:
-        flat = [w for ws in windows for w in ws]
-        feeds = self.encoder.feed_batch(np.asarray(rows), flat).feeds
-        spans = np.concatenate([[0], np.cumsum([len(ws) for ws in windows])]).astype(np.int64)
-        meta = [(text_of[r], ws) for r, ws in zip(rows, windows, strict=True)]
-        return Batch(rows=np.asarray(rows, dtype=np.int64), feeds=feeds, spans=spans, meta=meta)
+        meta = [(text_of[r], w) for r, w in zip(rows, windows, strict=True)]
+        return Prepared(batches=self.encoder.grouped_batches(rows, windows, meta,
+                                                             self.batching.max_rows,
+                                                             self.batching.max_tokens),
+                        bad=bad, notes=notes)
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
         logits = np.asarray(outputs[0], dtype=np.float32)
