@@ -102,6 +102,23 @@ def _records(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict)
 
 
+def _sparse(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"indices", "values"}
+
+
+def _compare_sparse(got: dict[str, Any], want: dict[str, Any], atol: float) -> str | None:
+    """Sparse vectors as the dense vectors they stand for: a weight below ``atol`` that one
+    side rounded to zero is no difference."""
+    size = max([*got["indices"], *want["indices"], -1]) + 1
+    a, b = np.zeros(size), np.zeros(size)
+    a[got["indices"]] = got["values"]
+    b[want["indices"]] = want["values"]
+    if np.allclose(a, b, atol=atol, rtol=0):
+        return None
+    worst = int(np.abs(a - b).argmax())
+    return f"differs at index {worst}: {a[worst]:.6g}, the reference {b[worst]:.6g}"
+
+
 def _compare_records(got: Any, want: Any, atol: float) -> str | None:
     """Lists of structs (entities, detections): as many, fields equal, numbers within atol."""
     got, want = list(got if got is not None else []), list(want if want is not None else [])
@@ -131,6 +148,11 @@ def _compare(name: str, got: list[Any], want: list[Any], atol: float,
             continue
         if g is None:
             return f"row {row}: the pipeline scored no {name} (dead-lettered)"
+        if _sparse(w):
+            problem = _compare_sparse(g, w, atol)
+            if problem:
+                return f"row {row}: {name} {problem}"
+            continue
         if _records(g) or _records(w):
             problem = _compare_records(g, w, atol)
             if problem:

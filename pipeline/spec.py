@@ -87,6 +87,13 @@ class EmbedTaskSpec(Strict):
     output_column: str = "embedding"
     max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
     empty_text: Literal["dead_letter", "embed"] = "dead_letter"
+    dimensions: int | None = Field(None, gt=0, description="keep the first N dimensions "
+                                   "(Matryoshka models), re-normalized when the model "
+                                   "normalizes")
+    quantize: Literal["int8", "binary"] | None = Field(
+        None, description="int8: round(127 x v) of unit vectors; binary: one bit a dimension "
+        "(v > 0), packed into bytes, most significant bit first (sentence-transformers' "
+        "ubinary)")
 
 
 class ClassifyTaskSpec(Strict):
@@ -140,6 +147,18 @@ class TokenClassifyTaskSpec(Strict):
         return self
 
 
+class SparseEmbedTaskSpec(Strict):
+    """SPLADE sparse vectors: the nonzero vocabulary weights of each text."""
+
+    kind: Literal["sparse-embed"]
+    text_column: str = "text"
+    output_column: str = "sparse_embedding"
+    max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
+    max_active_dims: int | None = Field(None, gt=0, description="keep each row's largest "
+                                        "weights only (SparseEncoder's max_active_dims)")
+    empty_text: Literal["dead_letter", "embed"] = "dead_letter"
+
+
 class ZeroShotTaskSpec(Strict):
     """Labels chosen by the job, scored by an NLI model, as transformers' zero-shot pipeline
     scores them. A task block with ``labels`` and no ``kind`` is this task."""
@@ -188,6 +207,7 @@ TaskSpec = Annotated[
     Annotated[EmbedTaskSpec, Tag("embed")] | Annotated[ClassifyTaskSpec, Tag("classify")]
     | Annotated[RerankTaskSpec, Tag("rerank")]
     | Annotated[TokenClassifyTaskSpec, Tag("token-classify")]
+    | Annotated[SparseEmbedTaskSpec, Tag("sparse-embed")]
     | Annotated[ZeroShotTaskSpec, Tag("zero-shot")] | Annotated[TensorTaskSpec, Tag("tensor")],
     Discriminator(_task_kind)]
 

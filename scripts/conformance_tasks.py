@@ -409,3 +409,62 @@ def optimum_zero_shot_nli(out: Path, fresh: Any, versions: Any) -> None:
                 "over [contradiction, entailment] per label; one label is multi-label"},
         indent=2) + "\n")
     print(f"{folder.name}: {len(texts)} texts x {len(ZERO_SHOT_LABELS)} labels")
+
+
+# ----------------------------------------------------------------------------- SPLADE
+
+SPLADE_TEXTS = ["the river runs to the sea", "hello world", "a short one",
+                "sparse vectors keep only the words that matter",
+                "the quick brown fox jumps over the lazy dog", "numbers 1 2 3",
+                "tokens beyond the maximum length are cut " * 12, "ok"]
+
+
+def sentence_transformers_splade(out: Path, fresh: Any, versions: Any,
+                                 copy_tokenizer: Any) -> None:
+    """sentence-transformers' SparseEncoder (MLMTransformer + SpladePooling, max) with its
+    ONNX backend: onnx/model.onnx gives [batch, tokens, vocab] logits; the pooling is named
+    in 1_SpladePooling/config.json. The MLM head's bias is lowered so that, as in a trained
+    SPLADE model, a few hundred of the 30,522 dimensions are nonzero."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = fresh(out / "sentence_transformers_splade")
+    torch.manual_seed(27)
+    work = folder / "hf"
+    model = BertForMaskedLM(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=32,
+                                       max_position_embeddings=128))
+    with torch.no_grad():
+        model.cls.predictions.bias.fill_(-0.25)
+    model.save_pretrained(work)
+    copy_tokenizer(work)
+    encoder = SparseEncoder(modules=[MLMTransformer(str(work), max_seq_length=40),
+                                     SpladePooling("max")])
+    plain = folder / "st"
+    encoder.save(str(plain))
+    shutil.rmtree(folder / "src")
+    SparseEncoder(str(plain), backend="onnx").save(str(folder / "src"))
+    shutil.rmtree(work)
+    shutil.rmtree(plain)
+    dense = encoder.encode(SPLADE_TEXTS, convert_to_tensor=True).to_dense().numpy()
+    rows = []
+    for vector in dense:
+        nonzero = np.flatnonzero(vector)
+        rows.append({"indices": nonzero.astype(np.int32).tolist(),
+                     "values": vector[nonzero].astype(np.float32).tolist()})
+    kind = pa.struct([("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
+    pq.write_table(pa.table({"id": np.arange(len(SPLADE_TEXTS)), "text": SPLADE_TEXTS}),
+                   folder / "sample.parquet")
+    pq.write_table(pa.table({"sparse_embedding": pa.array(rows, kind)}),
+                   folder / "reference.parquet")
+    (folder / "case.json").write_text(json.dumps({
+        "converter": "sentence-transformers ONNX backend (SparseEncoder, Optimum fill-mask)",
+        "versions": versions("sentence-transformers", "optimum", "torch"),
+        "task": "sparse-embed", "atol": 1e-4, "repairs": ["SpladePooling"],
+        "trap": "[batch, tokens, 30522] MLM logits out; max pooling of log1p(relu) named in "
+                "1_SpladePooling/config.json; max_seq_length 40 in tokenizer_config.json only"},
+        indent=2) + "\n")
+    print(f"{folder.name}: {sum(len(r['indices']) for r in rows) / len(rows):.0f} nonzero "
+          "dimensions a row")

@@ -563,6 +563,13 @@ def optimum_zero_shot_nli(out: Path) -> None:
     conformance_tasks.optimum_zero_shot_nli(out, fresh, versions)
 
 
+def sentence_transformers_splade(out: Path) -> None:
+    """A SPLADE SparseEncoder (scripts/conformance_tasks.py)."""
+    import conformance_tasks
+
+    conformance_tasks.sentence_transformers_splade(out, fresh, versions, copy_tokenizer)
+
+
 def skl2onnx_tfidf_text(out: Path) -> None:
     """A skl2onnx text pipeline (scripts/conformance_traps.py)."""
     import conformance_traps
@@ -606,7 +613,7 @@ CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
          missing_operator, optimum_ner_wordpiece, optimum_ner_bpe, skl2onnx_tfidf_text,
          optimum_one_logit_classifier, onnxconverter_fp16, optimum_seq2seq_t5,
-         optimum_causal_gpt2, optimum_zero_shot_nli]
+         optimum_causal_gpt2, optimum_zero_shot_nli, sentence_transformers_splade]
 
 
 def main() -> None:

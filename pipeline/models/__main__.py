@@ -1,7 +1,7 @@
 """python -m pipeline.models: import, export, validate and inspect model bundles.
 
     python -m pipeline.models import SRC --out DIR [--task auto|embed|classify|rerank|
-        token-classify|tensor] [--model-file NAME.onnx] [--pooling mean|cls]
+        token-classify|sparse-embed|tensor] [--model-file NAME.onnx] [--pooling mean|cls|max|sum]
         [--activation identity|sigmoid] [--features a,b,c] [--sample FILE.parquet]
         [--reference FILE.npz|.parquet] [--atol X] [--min-cosine X] [--strict]
     python -m pipeline.models export-bert SRC --out DIR [--no-pool-in-graph] [--pooling mean|cls]
@@ -45,11 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, type=Path)
     imp.add_argument("--task", default="auto",
                      choices=["auto", "embed", "classify", "rerank", "token-classify",
-                              "tensor"])
+                              "sparse-embed", "tensor"])
     imp.add_argument("--model-file", help="the .onnx file of a folder holding several "
                      "(model_quantized.onnx beside model.onnx): default model.onnx")
-    imp.add_argument("--pooling", choices=["mean", "cls"],
-                     help="token embeddings: how to pool them (default: 1_Pooling/config.json)")
+    imp.add_argument("--pooling", choices=["mean", "cls", "max", "sum"],
+                     help="token embeddings: mean or cls (default: 1_Pooling/config.json); "
+                     "sparse-embed: max or sum (default: 1_SpladePooling/config.json)")
     imp.add_argument("--activation", choices=["identity", "sigmoid"],
                      help="rerank: the score of a one-logit model (default: what the "
                      "sentence-transformers config names, else the raw logit)")

@@ -126,6 +126,15 @@ class ImageSpec(BaseModel):
         return (self.channels, h, w) if self.layout == "NCHW" else (h, w, self.channels)
 
 
+class SparseSpec(BaseModel):
+    """A SPLADE model: its pooling (fused into the graph at import) and its vocabulary size."""
+
+    model_config = ConfigDict(extra="forbid")
+    pooling: Literal["max", "sum"] = "max"
+    activation: Literal["relu", "log1p_relu"] = "relu"
+    dim: int = Field(gt=0)
+
+
 class RerankSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The score a pair gets: the raw logit, or its sigmoid (sentence-transformers' CrossEncoder
@@ -138,7 +147,7 @@ class BundleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
-    task: Literal["embed", "classify", "tensor", "rerank", "token-classify"]
+    task: Literal["embed", "classify", "tensor", "rerank", "token-classify", "sparse-embed"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
@@ -150,6 +159,7 @@ class BundleSpec(BaseModel):
     text: TextSpec | None = None
     image: ImageSpec | None = None
     rerank: RerankSpec | None = None
+    sparse: SparseSpec | None = None
     embedding: EmbeddingSpec | None = None
     features: list[str] | None = None  # input columns in the model's feature order
     # A features input whose converter kept no names: how many columns it takes (a job then

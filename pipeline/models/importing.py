@@ -35,6 +35,7 @@ from pipeline.models.bundle import (
     ImageSpec,
     LocalBundle,
     RerankSpec,
+    SparseSpec,
     TextSpec,
     cache_entry,
     default_cache_dir,
@@ -55,6 +56,7 @@ from pipeline.models.repairs import (
     unicode_words,
 )
 from pipeline.models.sources import ModelSource, locate
+from pipeline.models.sparse_pooling import SPARSE_OUTPUT, fuse_splade_pooling
 from pipeline.models.validate import validate_bundle
 
 IMPORTER_VERSION = 2  # part of the node cache's key: a better importer imports again
@@ -98,6 +100,15 @@ def import_model(src: str | ModelSource, out: Path, options: ImportOptions = Imp
             repairs.append(f"ZipMap node {zipmap.node!r} removed: {zipmap.probabilities} is "
                            "the probabilities output")
         reading = interpret(source, model, signature(model), zipmap, options.choices)
+        if reading.sparse is not None:  # the logits never leave the graph
+            mask = next((n for n, s in reading.inputs.items() if s == "tokens.attention_mask"),
+                        None)
+            if mask is None:
+                raise ModelError(f"{source.where}: SPLADE pooling needs an attention_mask input")
+            repairs.append(fuse_splade_pooling(model, reading.outputs.pop("logits"), mask,
+                                               reading.sparse["pooling"],
+                                               reading.sparse["activation"], source.where))
+            reading.outputs["embedding"] = SPARSE_OUTPUT
         with staging(out) as tmp:
             result = _stage(source, model, reading, repairs, tmp, options)
             if versions_changed:
@@ -223,6 +234,7 @@ def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         embedding=EmbeddingSpec(**reading.embedding) if reading.embedding else None,
         image=ImageSpec(**reading.image) if reading.image else None,
         rerank=RerankSpec(**reading.rerank) if reading.rerank else None,
+        sparse=SparseSpec(**reading.sparse) if reading.sparse else None,
         features=reading.features, feature_count=reading.feature_count, labels=reading.labels,
         max_batch=max_batch,
         external_data={name: verified_sha256(tmp / name) for name in source.external},

@@ -42,7 +42,7 @@ TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_m
                 "token_type_ids": "tokens.type_ids"}
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
-TASKS = ("embed", "classify", "rerank", "token-classify", "tensor")
+TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "tensor")
 PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
@@ -68,6 +68,7 @@ class Reading:
     labels: list[str] | None = None
     image: dict[str, Any] | None = None  # the bundle's image section
     rerank: dict[str, Any] | None = None  # {activation}
+    sparse: dict[str, Any] | None = None  # {pooling, activation, dim}: SPLADE
     findings: list[Finding] = field(default_factory=list)
 
     def note(self, key: str, value: Any, source: str) -> None:
@@ -273,6 +274,8 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
             return "embed"
         logits = outputs.get("logits")
         per_token = logits is not None and logits.dims is not None and len(logits.dims) == 3
+        if per_token and _sparse(source, logits, choices, reading):
+            return "sparse-embed"
         if per_token and wanted in ("auto", "token-classify"):
             reading.outputs["logits"] = "logits"
             reading.labels = _id2label(source, logits)
@@ -316,6 +319,59 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                          f"{', '.join(outputs)}); try --task tensor")
     reading.note("task", "tensor", "no token or feature inputs with embedding or class outputs")
     return "tensor"
+
+
+def _splade_config(source: ModelSource) -> tuple[dict[str, Any], str] | None:
+    """SpladePooling's config, when modules.json lists one."""
+    modules = source.configs.get("modules.json")
+    entries = json.loads(modules.read_text()) if modules else []
+    for entry in entries:
+        if str(entry.get("type", "")).endswith("SpladePooling"):
+            name = f"{entry.get('path') or '1_SpladePooling'}/config.json"
+            return source.json(name) or {}, name
+    return None
+
+
+def _sparse(source: ModelSource, logits: TensorInfo, choices: Choices,
+            reading: Reading) -> bool:
+    """SPLADE: MLM logits over the vocabulary, pooled as SpladePooling's config says (or as
+    --pooling max|sum says for a plain fill-mask export given --task sparse-embed)."""
+    wanted = choices.task
+    found = _splade_config(source)
+    architectures = (source.json("config.json") or {}).get("architectures") or []
+    masked_lm = any(str(a).endswith("ForMaskedLM") for a in architectures)
+    if found is None and wanted != "sparse-embed":
+        if masked_lm and wanted == "auto":
+            raise ModelError(f"{source.uri}: a masked language model ({architectures[0]}, "
+                             "logits over the vocabulary for each token); import it with "
+                             "--task sparse-embed --pooling max to score SPLADE sparse vectors")
+        return False
+    if wanted not in ("auto", "sparse-embed"):
+        return False
+    if found is not None:
+        config, name = found
+        pooling = config.get("pooling_strategy", "max")
+        activation = config.get("activation_function", "relu")
+        where = f"{name} pooling_strategy {pooling}, activation_function {activation}"
+    elif choices.pooling in ("max", "sum"):
+        pooling, activation, where = choices.pooling, "relu", "--pooling (log1p(relu) as SPLADE)"
+    else:
+        raise ModelError(f"{source.uri}: --task sparse-embed needs the pooling: --pooling max "
+                         "(SPLADE v2 and later) or --pooling sum (SPLADE v1)")
+    if pooling not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
+        raise ModelError(f"{source.uri}: SPLADE pooling {pooling} with {activation}; "
+                         "sparse-embed pools max or sum of relu or log1p_relu")
+    dim = logits.dims[-1] if isinstance(logits.dims[-1], int) else \
+        (source.json("config.json") or {}).get("vocab_size")
+    if not isinstance(dim, int):
+        raise ModelError(f"{source.uri}: the vocabulary size of logits is unknown")
+    reading.outputs["logits"] = logits.name
+    reading.sparse = {"pooling": pooling, "activation": activation, "dim": dim}
+    reading.note("sparse.pooling", pooling, where)
+    reading.note("sparse.dim", dim, "last dim of logits (the vocabulary)")
+    reading.note("task", "sparse-embed", "--task" if wanted == "sparse-embed" else
+                 "token inputs, MLM logits, SpladePooling in modules.json")
+    return True
 
 
 def _shape(info: TensorInfo) -> str:

@@ -11,6 +11,7 @@ from pipeline.spec import (
     ClassifyTaskSpec,
     EmbedTaskSpec,
     RerankTaskSpec,
+    SparseEmbedTaskSpec,
     TensorTaskSpec,
     TokenClassifyTaskSpec,
     ZeroShotTaskSpec,
@@ -19,21 +20,24 @@ from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.embed import EmbedTask
 from pipeline.tasks.rerank import RerankTask
+from pipeline.tasks.sparse_embed import SparseEmbedTask
 from pipeline.tasks.tensor import TensorTask
 from pipeline.tasks.token_classify import TokenClassifyTask
 from pipeline.tasks.zero_shot import ZeroShotTask
 
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
-                                "zero-shot": ZeroShotTask, "tensor": TensorTask}
+                                "zero-shot": ZeroShotTask, "sparse-embed": SparseEmbedTask,
+                                "tensor": TensorTask}
 
 
 AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec | \
-    ZeroShotTaskSpec | TensorTaskSpec
+    ZeroShotTaskSpec | SparseEmbedTaskSpec | TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
                                        "rerank": RerankTaskSpec,
                                        "token-classify": TokenClassifyTaskSpec,
                                        "zero-shot": ZeroShotTaskSpec,
+                                       "sparse-embed": SparseEmbedTaskSpec,
                                        "tensor": TensorTaskSpec}
 
 

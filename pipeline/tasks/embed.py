@@ -16,6 +16,8 @@ class EmbedTask(Task):
         super().__init__(bundle, spec, batching, input_types, storage_options)
         self.embedding = bundle.spec.embedding
         self.images = None
+        if self.embedding is not None:
+            self._check_output_options()
         if bundle.spec.takes_images() and self.embedding is not None:
             self.images = image_encoder(bundle, input_types, storage_options)
             return
@@ -34,13 +36,30 @@ class EmbedTask(Task):
             keep_empty=spec.empty_text == "embed",
         )
 
+    def _check_output_options(self) -> None:
+        dims, dim = self.spec.dimensions, self.embedding.dim
+        if dims is not None and dims > dim:
+            raise ConfigError(f"task.dimensions: {dims} exceeds the model's {dim}")
+        if self.spec.quantize == "int8" and not self.embedding.normalize:
+            raise ConfigError("task.quantize: int8 scales unit vectors by 127; this model's "
+                              "vectors are not normalized (use binary, or no quantize)")
+
+    @property
+    def dims(self) -> int:
+        return self.spec.dimensions or self.embedding.dim
+
     @property
     def input_columns(self) -> list[str]:
         return [self.spec.image_column if self.images else self.spec.text_column]
 
     @property
     def output_schema(self) -> pa.Schema:
-        return pa.schema([(self.spec.output_column, pa.list_(pa.float32(), self.embedding.dim))])
+        if self.spec.quantize == "int8":
+            return pa.schema([(self.spec.output_column, pa.list_(pa.int8(), self.dims))])
+        if self.spec.quantize == "binary":
+            return pa.schema([(self.spec.output_column,
+                               pa.list_(pa.uint8(), (self.dims + 7) // 8))])
+        return pa.schema([(self.spec.output_column, pa.list_(pa.float32(), self.dims))])
 
     @property
     def output_names(self) -> list[str]:
@@ -57,7 +76,24 @@ class EmbedTask(Task):
         vectors = self.pool(np.asarray(outputs[0], dtype=np.float32), batch)
         bad_mask = nonfinite_rows(vectors)
         bad = split_good(batch, bad_mask, "model produced non-finite values")
-        return {self.spec.output_column: fixed_size_list(vectors[~bad_mask])}, bad
+        return {self.spec.output_column: self.shaped(vectors[~bad_mask])}, bad
+
+    def shaped(self, vectors: np.ndarray) -> pa.Array:
+        """The vectors as the job asks: cut to ``dimensions`` (re-normalized when the model
+        normalizes), then quantized."""
+        if self.spec.dimensions is not None:
+            vectors = vectors[:, :self.spec.dimensions]
+            if self.embedding.normalize:
+                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True),
+                                               1e-12)
+        if self.spec.quantize == "int8":
+            codes = np.clip(np.rint(vectors * 127), -127, 127).astype(np.int8)
+            return pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), self.dims)
+        if self.spec.quantize == "binary":
+            packed = np.packbits(vectors > 0, axis=1)
+            return pa.FixedSizeListArray.from_arrays(pa.array(packed.reshape(-1)),
+                                                     packed.shape[1])
+        return fixed_size_list(vectors)
 
     def pool(self, out: np.ndarray, batch: Batch) -> np.ndarray:
         if self.embedding.pooling == "in_graph":

@@ -131,7 +131,11 @@ def test_import_checks_the_reference_and_refuses_a_mismatch(case, tmp_path):
 
 def _spoiled(values: Any) -> Any:
     """The reference with one row changed enough to fail any tolerance (records: the first
-    row with any loses its last one)."""
+    row with any loses its last one; sparse vectors: the first one's first weight grows)."""
+    if isinstance(values, list) and values and isinstance(values[0], dict):
+        first = values[0]
+        return [{**first, "values": [first["values"][0] + 1.0, *first["values"][1:]]},
+                *values[1:]]
     if isinstance(values, list):
         row = next(i for i, v in enumerate(values) if v)
         return [v[:-1] if i == row else v for i, v in enumerate(values)]
@@ -280,3 +284,30 @@ def test_score_takes_a_converters_file_and_names_a_feature_count_mismatch(tmp_pa
         plan_job(load_spec({"input": {"uri": str(tmp_path / "extra.parquet")},
                             "model": {"uri": str(case / "src")}, "passthrough": ["id"],
                             "output": {"uri": str(tmp_path / "out")}}))
+
+
+def test_embeddings_cut_to_dimensions_and_quantized_as_sentence_transformers_does():
+    """Matryoshka: the first N dimensions re-normalized (truncate_dim with normalized output);
+    int8 codes of the unit vectors; binary: sentence-transformers' ubinary (bits of v > 0)."""
+    case = CASES_DIR / "sentence_transformers_onnx"
+    table = pq.read_table(case / "sample.parquet")
+    want = reference(case)["embedding"]
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    cut = want[:, :8] / np.linalg.norm(want[:, :8], axis=1, keepdims=True)
+
+    def scored(**task: Any) -> np.ndarray:
+        out = pipeline_score(table, str(case / "src"), {"kind": "embed", **task})
+        return np.array(out["embedding"].to_pylist())
+
+    assert np.allclose(scored(dimensions=8), cut, atol=1e-5)
+    codes = scored(dimensions=8, quantize="int8")
+    assert codes.dtype.kind == "i" and np.abs(codes - cut * 127).max() <= 0.51
+    bits = scored(quantize="binary")
+    assert bits.shape == (len(want), want.shape[1] // 8)
+    assert np.array_equal(bits, np.packbits(want > 0, axis=1))
+
+
+def pipeline_score(table: pa.Table, model: str, task: dict[str, Any]) -> pa.Table:
+    import pipeline
+
+    return pipeline.score(table, model=model, task=task, passthrough=["id"])
