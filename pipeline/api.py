@@ -49,7 +49,7 @@ class Scorer:
         """
         table, kind = to_arrow(data)
         prediction = self.model.predict(table, passthrough, "score()")
-        result = prediction.with_errors() if prediction.bad else prediction.table
+        result = prediction.with_errors() if prediction.bad else prediction.good_rows()
         return from_arrow(result, kind)
 
 

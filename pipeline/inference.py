@@ -201,7 +201,7 @@ def score_table(task: Task, session: LoadedSession, table: pa.Table,
     provider_after = runner.check_provider(None)  # a switch without an error is a switch too
     infer_s = time.perf_counter() - started
 
-    schema = task.output_schema
+    schema = task.row_schema
     if runner.pieces:
         rows = np.concatenate([r for r, _ in runner.pieces])
         order = np.argsort(rows, kind="stable")  # back to input order

@@ -23,6 +23,7 @@ from pipeline.models.importing import open_model
 from pipeline.sessions import PROVIDER_NAMES, SessionCache, SessionSettings
 from pipeline.spec import BatchingSpec, TaskSpec
 from pipeline.tasks import build_task, resolve_task
+from pipeline.tasks.chunking import explode
 from pipeline.tasks.classify import feature_columns_from
 
 ERROR_COLUMN = "_error"
@@ -57,6 +58,7 @@ class Prediction:
 
     table: pa.Table  # outputs are null for bad rows
     bad: dict[int, str]  # input position -> reason
+    explodes: str | None = None  # a list column that becomes a row per item (chunks)
 
     def errors(self) -> pa.Array:
         reasons = np.full(self.table.num_rows, None, dtype=object)
@@ -65,14 +67,17 @@ class Prediction:
         return pa.array(reasons, pa.string())
 
     def with_errors(self) -> pa.Table:
-        return self.table.append_column(ERROR_COLUMN, self.errors())
+        return self._rows(self.table.append_column(ERROR_COLUMN, self.errors()))
 
     def good_rows(self) -> pa.Table:
         if not self.bad:
-            return self.table
+            return self._rows(self.table)
         keep = np.ones(self.table.num_rows, dtype=bool)
         keep[list(self.bad)] = False
-        return self.table.filter(pa.array(keep))
+        return self._rows(self.table.filter(pa.array(keep)))
+
+    def _rows(self, table: pa.Table) -> pa.Table:
+        return explode(table, self.explodes) if self.explodes else table
 
 
 class LoadedModel:
@@ -127,7 +132,7 @@ class LoadedModel:
         index = pa.array(position, mask=position < 0)
         for name in scored.columns.column_names:
             columns[name] = scored.columns[name].take(index)
-        return Prediction(pa.table(columns), dict(scored.bad))
+        return Prediction(pa.table(columns), dict(scored.bad), self.task.explodes)
 
     def dead_letters(self, table: pa.Table, prediction: Prediction,
                      passthrough: list[str] | None) -> pa.Table | None:

@@ -80,6 +80,31 @@ class ModelSpec(Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ChunkingSpec(Strict):
+    """Long texts cut into chunks, each embedded: a row per chunk, or their mean per text."""
+
+    max_tokens: int | None = Field(None, gt=0, description="tokens of text a chunk holds, "
+                                   "special tokens not counted (default: all the model takes)")
+    overlap: int = Field(0, ge=0, description="by tokens: tokens two chunks share")
+    by: Literal["tokens", "sentence"] = Field("tokens", description="tokens: windows on token "
+                                              "boundaries; sentence: whole sentences packed "
+                                              "up to max_tokens")
+    pool: Literal["none", "mean"] = Field("none", description="none: a row per chunk "
+                                          "(chunk_index, chunk_start, chunk_end); mean: one "
+                                          "vector per text, the mean of its chunks' (re-"
+                                          "normalized when the model normalizes)")
+    max_chunks: int = Field(256, gt=0, description="a text cut into more chunks goes to the "
+                            "dead letters (its chunks run in one model call)")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> ChunkingSpec:
+        if self.overlap and self.by == "sentence":
+            raise ValueError("chunking.overlap applies to by: tokens (sentences are whole)")
+        if self.max_tokens is not None and self.overlap >= self.max_tokens:
+            raise ValueError("chunking.overlap must be smaller than chunking.max_tokens")
+        return self
+
+
 class EmbedTaskSpec(Strict):
     kind: Literal["embed"]
     text_column: str = "text"
@@ -94,6 +119,8 @@ class EmbedTaskSpec(Strict):
         None, description="int8: round(127 x v) of unit vectors; binary: one bit a dimension "
         "(v > 0), packed into bytes, most significant bit first (sentence-transformers' "
         "ubinary)")
+    chunking: ChunkingSpec | None = Field(None, description="text: embed every part of long "
+                                          "texts rather than truncate them")
 
 
 class ClassifyTaskSpec(Strict):

@@ -43,6 +43,7 @@ from pipeline.sinks import sink_for
 from pipeline.spec import JobSpec
 from pipeline.state import ShardMarker, ShardResult, Superseded, Timings, WorkerFigures
 from pipeline.tasks import Task, build_task
+from pipeline.tasks.chunking import explode
 
 
 def session_settings(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle) -> SessionSettings:
@@ -271,6 +272,8 @@ class ShardWorker:
             columns[name] = scored.columns[name]
         if not columns:
             return pa.table({})
+        if self.task.explodes:  # a row per chunk, the input row's passthrough on each
+            return explode(pa.table(columns), self.task.explodes)
         return pa.table(columns)
 
     def _dead_letter_table(self, table: pa.Table, bad: dict[int, str], shard: Shard,

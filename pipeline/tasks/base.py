@@ -80,6 +80,14 @@ class Task(ABC):
         """Columns the task adds."""
 
     @property
+    def row_schema(self) -> pa.Schema:
+        """What finish() returns per input row: the output schema, or for a task that writes
+        several rows per input row (chunks), one list column that ``explodes`` names."""
+        return self.output_schema
+
+    explodes: str | None = None  # the row_schema column that becomes rows (chunks)
+
+    @property
     @abstractmethod
     def output_names(self) -> list[str]:
         """Graph outputs to fetch, in the order finish() expects them."""

@@ -38,7 +38,7 @@ LAYERS: dict[str, list[str]] = {
              "shard_rows"],
     "compute": ["tasks", "tasks.base", "tasks.text", "tasks.embed", "tasks.classify",
                 "tasks.tensor", "tasks.images", "tasks.rerank", "tasks.entities",
-                "tasks.token_classify", "tasks.zero_shot", "tasks.sparse_embed",
+                "tasks.token_classify", "tasks.zero_shot", "tasks.sparse_embed", "tasks.chunking",
                 "inference", "scoring",
                 "ray_context", "worker"],
     "driver": ["actor_pool", "ray_backend", "runner", "report", "planning", "job"],
