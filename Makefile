@@ -9,7 +9,7 @@ TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
 TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images tables bench-images test lint chaos bench bench-st-env conformance-env conformance-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables bench-images test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,22 @@ conformance-env: .venv-conform/.installed-stamp
 # Writes tests/conformance/cases again (tokenizer files come from the MiniLM package in .venv).
 conformance-models: install conformance-env
 	.venv-conform/bin/python scripts/make_conformance_models.py
+
+# Optional side environment with ultralytics (AGPL, PyTorch): the oracle of the detection
+# cases only, never a dependency. torchvision needs torch 2.14.1 (both on this machine's disk).
+detection-env: .venv-yolo/.installed-stamp
+
+.venv-yolo/.installed-stamp:
+	$(PYTHON) -m venv .venv-yolo
+	.venv-yolo/bin/pip install -q 'torch==2.14.1' 'torchvision==0.29.1'
+	.venv-yolo/bin/pip install -q 'ultralytics==8.4.*' 'onnx==1.23.*' 'onnxruntime==1.31.*' \
+		onnxslim pyarrow
+	touch $@
+
+# Trains tiny YOLO11 and YOLO26 models on synthetic shapes (a few minutes on 2 cores) and
+# writes the three detection cases with ultralytics' own predictions.
+detection-models: detection-env
+	.venv-yolo/bin/python scripts/make_detection_cases.py
 
 bench-memory: models
 	$(PY) -m benchmarks.sizes memory

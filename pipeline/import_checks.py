@@ -26,6 +26,7 @@ from pipeline.tasks import build_task
 from pipeline.tasks.classify import feature_columns_from
 
 EMBEDDING_COLUMNS = ("embedding",)
+BOX_ATOL = 1.0  # detections: boxes within a pixel (scores within atol)
 # A sample's row ids: never a model input (for a model whose converter kept no feature names,
 # the sample's other columns are its features, in order).
 ID_COLUMNS = ["id"]
@@ -129,9 +130,9 @@ def _compare_records(got: Any, want: Any, atol: float) -> str | None:
             value = g.get(key) if isinstance(g, dict) else None
             if isinstance(expected, float) or (isinstance(expected, list) and expected and
                                                isinstance(expected[0], float)):
-                close = value is not None and np.allclose(np.asarray(value, np.float64),
-                                                          np.asarray(expected, np.float64),
-                                                          atol=atol, rtol=0)
+                close = value is not None and np.allclose(
+                    np.asarray(value, np.float64), np.asarray(expected, np.float64),
+                    atol=max(atol, BOX_ATOL) if key == "box" else atol, rtol=0)
             else:
                 close = value == expected
             if not close:

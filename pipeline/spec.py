@@ -186,6 +186,18 @@ class SparseEmbedTaskSpec(Strict):
     empty_text: Literal["dead_letter", "embed"] = "dead_letter"
 
 
+class DetectTaskSpec(Strict):
+    """Objects in each image (a YOLO export), as ultralytics' predictor finds them."""
+
+    kind: Literal["detect"]
+    image_column: str = Field("image", description="bytes, paths or URIs")
+    output_column: str = "detections"
+    score_threshold: float = Field(0.25, ge=0, le=1, description="ultralytics' conf")
+    iou_threshold: float = Field(0.7, ge=0, le=1, description="ultralytics' iou (NMS)")
+    max_detections: int = Field(300, gt=0, description="ultralytics' max_det")
+    class_agnostic: bool = Field(False, description="NMS across classes (agnostic_nms)")
+
+
 class ZeroShotTaskSpec(Strict):
     """Labels chosen by the job, scored by an NLI model, as transformers' zero-shot pipeline
     scores them. A task block with ``labels`` and no ``kind`` is this task."""
@@ -235,6 +247,7 @@ TaskSpec = Annotated[
     | Annotated[RerankTaskSpec, Tag("rerank")]
     | Annotated[TokenClassifyTaskSpec, Tag("token-classify")]
     | Annotated[SparseEmbedTaskSpec, Tag("sparse-embed")]
+    | Annotated[DetectTaskSpec, Tag("detect")]
     | Annotated[ZeroShotTaskSpec, Tag("zero-shot")] | Annotated[TensorTaskSpec, Tag("tensor")],
     Discriminator(_task_kind)]
 

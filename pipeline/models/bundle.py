@@ -33,6 +33,7 @@ BUNDLE_FILE = "bundle.yaml"
 TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
 IMAGE_SOURCE = "image.pixels"
 TEXT_SOURCE = "text"  # a string input fed the text column as it is (skl2onnx text pipelines)
+LETTERBOX_SOURCE = "image.letterbox"  # YOLO's input: letterboxed RGB in 0-1 (bundle detection)
 # Pillow's resampling filters by the names Hugging Face's image processors give their numbers.
 RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
@@ -135,6 +136,20 @@ class SparseSpec(BaseModel):
     dim: int = Field(gt=0)
 
 
+class DetectionSpec(BaseModel):
+    """An object detector: how its input is letterboxed and its output read (ultralytics)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # yolo: [B, 4 + classes, anchors], NMS ours; yolo-nms: [B, max_det, 6] from an nms=True
+    # export; yolo-end2end: [B, max_det, 6] from an end-to-end head (YOLOv10, YOLO26).
+    layout: Literal["yolo", "yolo-nms", "yolo-end2end"]
+    imgsz: tuple[int, int]  # height, width the model was exported at
+    stride: int = Field(32, gt=0)
+    # A dynamic export runs each image letterboxed to the smallest multiple of the stride
+    # (rect); a static one at imgsz.
+    rect: bool = False
+
+
 class RerankSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The score a pair gets: the raw logit, or its sigmoid (sentence-transformers' CrossEncoder
@@ -147,7 +162,8 @@ class BundleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
-    task: Literal["embed", "classify", "tensor", "rerank", "token-classify", "sparse-embed"]
+    task: Literal["embed", "classify", "tensor", "rerank", "token-classify", "sparse-embed",
+                  "detect"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
@@ -160,6 +176,7 @@ class BundleSpec(BaseModel):
     image: ImageSpec | None = None
     rerank: RerankSpec | None = None
     sparse: SparseSpec | None = None
+    detection: DetectionSpec | None = None
     embedding: EmbeddingSpec | None = None
     features: list[str] | None = None  # input columns in the model's feature order
     # A features input whose converter kept no names: how many columns it takes (a job then
@@ -178,7 +195,8 @@ class BundleSpec(BaseModel):
     @classmethod
     def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
         for name, source in value.items():
-            if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE, TEXT_SOURCE) and \
+            if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE, TEXT_SOURCE,
+                              LETTERBOX_SOURCE) and \
                     not source.startswith("column:"):
                 raise ValueError(
                     f"input {name!r} has source {source!r}; use one of "
@@ -193,6 +211,9 @@ class BundleSpec(BaseModel):
     def takes_images(self) -> bool:
         return IMAGE_SOURCE in self.inputs.values()
 
+    def takes_letterboxed(self) -> bool:
+        return LETTERBOX_SOURCE in self.inputs.values()
+
     def takes_raw_text(self) -> bool:
         """A string input fed the text itself, not tokens."""
         return TEXT_SOURCE in self.inputs.values()
@@ -200,7 +221,8 @@ class BundleSpec(BaseModel):
     @property
     def modality(self) -> Literal["text", "image", "tabular"]:
         """What the rows hold: text to tokenize, images to decode, or columns as they are."""
-        return "text" if self.needs_tokenizer() else "image" if self.takes_images() else "tabular"
+        return "text" if self.needs_tokenizer() else "image" if self.takes_images() or \
+            self.takes_letterboxed() else "tabular"
 
 
 @dataclass(frozen=True)

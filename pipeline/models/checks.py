@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError, one_line
-from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle
+from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, LocalBundle
 from pipeline.models.onnx_types import TensorInfo, file_signature
 from pipeline.sessions import LoadedSession, SessionSettings, create_session
 
@@ -148,6 +148,9 @@ def synthesized_feeds(bundle: LocalBundle, rows: int = CHECK_ROWS,
         source = spec.inputs.get(info.name, "")
         if source.startswith("tokens."):
             feeds[info.name] = tokens[source].astype(info.numpy_dtype)
+        elif source == LETTERBOX_SOURCE:  # a letterboxed image at the export size, 0-1
+            feeds[info.name] = rng.random((rows, 3, *spec.detection.imgsz)).astype(
+                info.numpy_dtype)
         elif source == IMAGE_SOURCE:  # pixels as the image section lays them out
             feeds[info.name] = rng.normal(size=(rows, *spec.image.pixel_shape)).astype(
                 info.numpy_dtype)

@@ -31,6 +31,7 @@ from pipeline.errors import ModelError, one_line
 from pipeline.models.bundle import (
     BUNDLE_FILE,
     BundleSpec,
+    DetectionSpec,
     EmbeddingSpec,
     ImageSpec,
     LocalBundle,
@@ -141,7 +142,17 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
     if reading.text:
         shutil.copy2(source.configs["tokenizer.json"], tmp / "tokenizer.json")
     _save_model(model, tmp, source.uri)
-    imported = Imported(_write(source, model, reading, repairs, tmp, None), reading, repairs)
+    imported = Imported(_write(source, model, reading, repairs, tmp, reading.max_batch),
+                        reading, repairs)
+    if reading.max_batch is not None:  # the export says how many rows a call takes
+        imported.warnings.append(f"runs {reading.max_batch} row{'s' if reading.max_batch > 1 else ''}"
+                                 " per call: the graph was exported for that batch (a static or "
+                                 "nms=True export), and runs at it, as its framework runs it")
+        imported.bundle = _write(source, model, reading, repairs, tmp, reading.max_batch,
+                                 imported.warnings)
+        load_session(imported.bundle, where=source.where)
+        validate_bundle(imported.bundle, smoke=True, providers=["cpu"])
+        return imported
     feeds = (options.feeds or synthesized_feeds)(imported.bundle)
     session = load_session(imported.bundle, where=source.where).session
     verdict = batch_verdict(session, feeds, _outputs(imported.bundle))
@@ -235,6 +246,7 @@ def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         image=ImageSpec(**reading.image) if reading.image else None,
         rerank=RerankSpec(**reading.rerank) if reading.rerank else None,
         sparse=SparseSpec(**reading.sparse) if reading.sparse else None,
+        detection=DetectionSpec(**reading.detection) if reading.detection else None,
         features=reading.features, feature_count=reading.feature_count, labels=reading.labels,
         max_batch=max_batch,
         external_data={name: verified_sha256(tmp / name) for name in source.external},

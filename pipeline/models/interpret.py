@@ -32,7 +32,8 @@ import onnx
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import IMAGE_SOURCE, TEXT_SOURCE
+from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, TEXT_SOURCE
+from pipeline.models.detection import read_detector, ultralytics_metadata
 from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
@@ -42,7 +43,7 @@ TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_m
                 "token_type_ids": "tokens.type_ids"}
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
-TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "tensor")
+TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "detect", "tensor")
 PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
@@ -69,6 +70,8 @@ class Reading:
     image: dict[str, Any] | None = None  # the bundle's image section
     rerank: dict[str, Any] | None = None  # {activation}
     sparse: dict[str, Any] | None = None  # {pooling, activation, dim}: SPLADE
+    detection: dict[str, Any] | None = None  # {layout, imgsz, stride, rect}: YOLO
+    max_batch: int | None = None  # rows per call the export allows (an nms=True graph)
     findings: list[Finding] = field(default_factory=list)
 
     def note(self, key: str, value: Any, source: str) -> None:
@@ -90,6 +93,10 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
               zipmap: ZipMapRemoved | None, choices: Choices) -> Reading:
     _refuse_generation(source, graph)
     reading = Reading()
+    meta = ultralytics_metadata(model)
+    if meta is not None and choices.task in ("auto", "detect"):
+        _detector(source, graph, meta, reading, choices.task)
+        return reading
     if source.others:
         reading.note("model_file", source.model.name,
                      f"of the .onnx files in the folder ({', '.join(source.others)} too); "
@@ -146,6 +153,31 @@ def _refuse_generation(source: ModelSource, graph: Signature) -> None:
         raise ModelError(f"{source.where}: a text generation model ({lm[0]} in config.json, "
                          "logits over the vocabulary for each token); it runs as a loop of "
                          "decoding steps, which no task here runs yet")
+
+
+def _detector(source: ModelSource, graph: Signature, meta: dict[str, str], reading: Reading,
+              wanted: str) -> None:
+    found = read_detector(meta, graph, source.where)
+    reading.task = "detect"
+    reading.inputs = {found["input"]: LETTERBOX_SOURCE}
+    reading.outputs = {"detections": found["output"]}
+    reading.labels = found["labels"]
+    reading.detection = {k: found[k] for k in ("layout", "imgsz", "stride", "rect")}
+    reading.max_batch = found["max_batch"]
+    where = "ultralytics metadata_props"
+    reading.note(f"inputs.{found['input']}", LETTERBOX_SOURCE, f"{where} (a YOLO export)")
+    reading.note("labels", found["labels"], f"{where} names")
+    reading.note("detection.layout", found["layout"],
+                 f"output {found['output']} shape{' and args nms' if 'nms' in found['layout'] else ''}")
+    reading.note("detection.imgsz", list(found["imgsz"]), f"{where} imgsz")
+    reading.note("detection.rect", found["rect"], "output batch dim symbolic (a dynamic "
+                 "export: letterboxed to the stride rectangle)" if found["rect"] else
+                 "a static export: letterboxed to the full square")
+    if found["max_batch"]:
+        reading.note("max_batch", found["max_batch"], f"{where} batch (a static or nms=True "
+                     "graph runs at its export batch, as ultralytics runs it)")
+    reading.note("task", "detect", "--task" if wanted == "detect" else
+                 f"{where} task detect")
 
 
 def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Reading,

@@ -145,6 +145,10 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
     if spec.task == "rerank" and (not spec.needs_tokenizer() or "logits" not in spec.outputs):
         raise ModelError(f"{where}: a rerank bundle needs token inputs and outputs.logits")
+    if spec.task == "detect" and (spec.detection is None or "detections" not in spec.outputs
+                                  or not spec.takes_letterboxed() or not spec.labels):
+        raise ModelError(f"{where}: a detect bundle needs an input fed by image.letterbox, "
+                         "outputs.detections, labels and a 'detection' section")
     if spec.task == "sparse-embed" and ("embedding" not in spec.outputs or spec.sparse is None
                                         or not spec.needs_tokenizer()):
         raise ModelError(f"{where}: a sparse-embed bundle needs token inputs, outputs.embedding "

@@ -9,6 +9,7 @@ from pipeline.models.bundle import LocalBundle
 from pipeline.spec import (
     BatchingSpec,
     ClassifyTaskSpec,
+    DetectTaskSpec,
     EmbedTaskSpec,
     RerankTaskSpec,
     SparseEmbedTaskSpec,
@@ -18,6 +19,7 @@ from pipeline.spec import (
 )
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
+from pipeline.tasks.detect import DetectTask
 from pipeline.tasks.embed import EmbedTask
 from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.sparse_embed import SparseEmbedTask
@@ -28,16 +30,17 @@ from pipeline.tasks.zero_shot import ZeroShotTask
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
                                 "zero-shot": ZeroShotTask, "sparse-embed": SparseEmbedTask,
-                                "tensor": TensorTask}
+                                "detect": DetectTask, "tensor": TensorTask}
 
 
 AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec | \
-    ZeroShotTaskSpec | SparseEmbedTaskSpec | TensorTaskSpec
+    ZeroShotTaskSpec | SparseEmbedTaskSpec | DetectTaskSpec | TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
                                        "rerank": RerankTaskSpec,
                                        "token-classify": TokenClassifyTaskSpec,
                                        "zero-shot": ZeroShotTaskSpec,
                                        "sparse-embed": SparseEmbedTaskSpec,
+                                       "detect": DetectTaskSpec,
                                        "tensor": TensorTaskSpec}
 
 

@@ -47,6 +47,15 @@ class BadImage(ValueError):
 
 def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
     """The image in ``data``, loaded and converted to the bundle's channels."""
+    image = open_image(data, spec.max_pixels)
+    # Grayscale, palette, RGBA, CMYK and 16-bit images all become the model's channels: its
+    # input has a fixed channel count (RGBA loses alpha, as Pillow and transformers convert).
+    mode = "RGB" if spec.channels == 3 else "L"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image in ``data``, loaded as it is stored; BadImage saying why it cannot be."""
     if not data:
         raise BadImage("image is empty (0 bytes)")
     try:
@@ -56,9 +65,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
             width, height = image.size
             if width == 0 or height == 0:
                 raise BadImage(f"image has zero size ({width}x{height})")
-            if width * height > spec.max_pixels:
+            if width * height > max_pixels:
                 raise BadImage(f"image is {width}x{height} pixels, over image.max_pixels "
-                               f"({spec.max_pixels}): refused as a decompression bomb")
+                               f"({max_pixels}): refused as a decompression bomb")
             image.load()  # the first frame of an animated GIF or multi-page TIFF
     except BadImage:
         raise
@@ -70,10 +79,7 @@ def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
         # Truncated or corrupt data: Pillow raises OSError ("image file is truncated"),
         # SyntaxError (broken PNG chunks) or ValueError.
         raise BadImage(f"corrupt image ({one_line(exc, 160)})") from exc
-    # Grayscale, palette, RGBA, CMYK and 16-bit images all become the model's channels: its
-    # input has a fixed channel count (RGBA loses alpha, as Pillow and transformers convert).
-    mode = "RGB" if spec.channels == 3 else "L"
-    return image if image.mode == mode else image.convert(mode)
+    return image
 
 
 def resized_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
@@ -144,36 +150,10 @@ class ImageEncoder:
                                        thread_name_prefix="image-decode")
 
     def cells(self, column: pa.ChunkedArray, name: str) -> tuple[list[Any], dict[int, str]]:
-        """Each row's bytes, or the path to read them from (str); reasons for the others."""
-        kind = column.type
-        bad: dict[int, str] = {}
-        if pa.types.is_struct(kind) and {"bytes", "path"} & {f.name for f in kind}:
-            values = [None if v is None else (v.get("bytes") or v.get("path"))
-                      for v in column.to_pylist()]
-        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or \
-                pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            values = column.to_pylist()
-        else:
-            reason = f"column {name} has type {kind}, expected binary (image bytes) or string " \
-                     "(paths)"
-            return [None] * len(column), dict.fromkeys(range(len(column)), reason)
-        for i, value in enumerate(values):
-            if value is None:
-                bad[i] = f"{name} is null"
-        return values, bad
+        return image_cells(column, name)
 
     def read(self, cell: bytes | str) -> bytes:
-        if isinstance(cell, bytes):
-            return cell
-        if not storage.is_local(cell) or os.path.isabs(cell.removeprefix("file://")):
-            try:
-                with storage.open_uri(cell, "rb", self.storage_options) as fh:
-                    return fh.read()
-            except FileNotFoundError as exc:
-                raise BadImage(f"image file {cell} not found") from exc
-            except OSError as exc:
-                raise BadImage(f"cannot read image file {cell} ({one_line(exc, 160)})") from exc
-        raise BadImage(f"image path {cell!r} is relative; give absolute paths or URIs")
+        return read_cell(cell, self.storage_options)
 
     def one(self, cell: bytes | str) -> np.ndarray | str:
         """Pixels, or the reason there are none."""
@@ -213,3 +193,39 @@ class ImageEncoder:
                 yield Batch(rows=np.asarray(good, dtype=np.int64),
                             feeds={self.input_name: np.stack(arrays).astype(self.dtype,
                                                                             copy=False)})
+
+
+def image_cells(column: pa.ChunkedArray, name: str) -> tuple[list[Any], dict[int, str]]:
+    """Each row's bytes, or the path to read them from (str); reasons for the others."""
+    kind = column.type
+    bad: dict[int, str] = {}
+    if pa.types.is_struct(kind) and {"bytes", "path"} & {f.name for f in kind}:
+        values = [None if v is None else (v.get("bytes") or v.get("path"))
+                  for v in column.to_pylist()]
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or \
+            pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        values = column.to_pylist()
+    else:
+        reason = f"column {name} has type {kind}, expected binary (image bytes) or string " \
+                 "(paths)"
+        return [None] * len(column), dict.fromkeys(range(len(column)), reason)
+    for i, value in enumerate(values):
+        if value is None:
+            bad[i] = f"{name} is null"
+    return values, bad
+
+
+def read_cell(cell: bytes | str, storage_options: dict[str, Any]) -> bytes:
+    """A cell's image bytes: the bytes themselves, or the file its path or URI names."""
+    if isinstance(cell, bytes):
+        return cell
+    if not storage.is_local(cell) or os.path.isabs(cell.removeprefix("file://")):
+        try:
+            with storage.open_uri(cell, "rb", storage_options) as fh:
+                return fh.read()
+        except FileNotFoundError as exc:
+            raise BadImage(f"image file {cell} not found") from exc
+        except OSError as exc:
+            raise BadImage(f"cannot read image file {cell} ({one_line(exc, 160)})") from exc
+    raise BadImage(f"image path {cell!r} is relative; give absolute paths or URIs")
+

@@ -80,6 +80,7 @@ FAMILIES = [
     ("optimum_zero_shot_nli", {"labels": ["sports", "music", "travel"]}, "delta",
      "probabilities"),
     ("sentence_transformers_splade", None, "lance", "sparse_embedding"),
+    ("ultralytics_yolo_raw", None, "lance", "detections"),
 ]
 
 
@@ -109,6 +110,35 @@ def test_task_families_run_incrementally_into_tables(case, task, fmt, column, tm
     assert json.dumps(got, sort_keys=True, default=str) != "[]"
     for g, w in zip(got, expected, strict=True):
         assert _close(g, w), (g, w)
+
+
+def test_detections_of_a_folder_of_images_with_no_task_block(tmp_path):
+    """input.format images: the files themselves, as ultralytics reads them from disk."""
+    case = CASES / "ultralytics_yolo26_end2end"
+    sample = pq.read_table(case / "sample.parquet").to_pylist()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for row in sample:
+        (folder / row["name"]).write_bytes(row["image"])
+    spec = {"name": "photos", "input": {"uri": str(folder), "format": "images"},
+            "model": {"uri": str(case / "src")}, "passthrough": ["path"],
+            "workers": {"cpu": {"replicas": 1}}, "output": {"uri": str(tmp_path / "out")}}
+    result = pipeline.run_job(spec, progress=False)
+    assert result.ok
+    squared = json.loads((case / "case.json").read_text())["squared"]
+    assert result.report["row_notes"] == {
+        "letterboxed to the full square: the end-to-end head needs more anchors than its "
+        "stride rectangle has": len(squared)}
+    want = dict(zip([r["name"] for r in sample],
+                    pq.read_table(case / "reference.parquet")["detections"].to_pylist(),
+                    strict=True))
+    got = {Path(r["path"]).name: r["detections"] for r in result.read().to_pylist()}
+    assert got.keys() == want.keys() and sum(map(len, want.values())) > 0
+    for name, detections in got.items():
+        assert [d["label"] for d in detections] == [d["label"] for d in want[name]]
+        for g, w in zip(detections, want[name], strict=True):
+            assert abs(g["score"] - w["score"]) <= 1e-4
+            assert np.abs(np.array(g["box"]) - np.array(w["box"])).max() <= 1.0
 
 
 def _close(got, want) -> bool:

@@ -1,0 +1,135 @@
+"""Object detection: each image's boxes, labels and scores, as ultralytics' predictor gives
+them for a YOLO export (``pipeline.tasks.letterbox`` makes its input,
+``pipeline.tasks.detections`` reads its output).
+
+Images are decoded in a thread pool, letterboxed, and batched by input shape (a dynamic
+export runs each image at its own stride rectangle: images of one shape share a batch).
+Boxes are x1, y1, x2, y2 in the original image's pixels, highest score first.
+
+One departure: an end-to-end head keeps its ``max_det`` best boxes with a TopK that fails
+when an input has fewer anchors than that (a wide image's small rectangle); ultralytics then
+fails the image. Such an image runs at the full square, and the report counts it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import ConfigError, ModelError
+from pipeline.models.bundle import LETTERBOX_SOURCE, PIL_MAX_PIXELS
+from pipeline.tasks.base import Batch, Prepared, Task
+from pipeline.tasks.detections import from_chosen, from_raw, to_image
+from pipeline.tasks.images import BadImage, image_cells, open_image, read_cell
+from pipeline.tasks.letterbox import Letterbox, letterbox_params, letterboxed, rgb_of
+
+DETECTION_TYPE = pa.struct([("label", pa.string()), ("score", pa.float32()),
+                            ("box", pa.list_(pa.float32(), 4))])
+HEAD_STRIDES = (8, 16, 32)  # YOLO's detection levels
+SQUARED_NOTE = "letterboxed to the full square: the end-to-end head needs more anchors than " \
+               "its stride rectangle has"
+
+
+class DetectTask(Task):
+    def __init__(self, bundle, spec, batching, input_types, storage_options=None):
+        super().__init__(bundle, spec, batching, input_types, storage_options)
+        bspec = bundle.spec
+        if bspec.detection is None or not bspec.takes_letterboxed() or not bspec.labels:
+            raise ConfigError(f"task.kind: detect needs a detection bundle (a YOLO export), "
+                              f"{bundle.uri} is not")
+        self.detection = bspec.detection
+        self.labels = list(bspec.labels)
+        self.input_name = next(n for n, s in bspec.inputs.items() if s == LETTERBOX_SOURCE)
+        self.dtype = np.float16 if input_types.get(self.input_name) == "tensor(float16)" \
+            else np.float32
+        self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)),
+                                       thread_name_prefix="detect-decode")
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [self.spec.image_column]
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.spec.output_column, pa.list_(DETECTION_TYPE))])
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.bundle.spec.outputs["detections"]]
+
+    def _letterbox(self, height: int, width: int) -> tuple[Letterbox, bool]:
+        d = self.detection
+        box = letterbox_params(height, width, d.imgsz, d.stride, d.rect)
+        if d.rect and d.layout == "yolo-end2end":
+            anchors = sum((box.input_height // s) * (box.input_width // s) for s in HEAD_STRIDES)
+            if anchors < self.spec.max_detections:
+                return letterbox_params(height, width, d.imgsz, d.stride, False), True
+        return box, False
+
+    def one(self, cell: Any) -> tuple[np.ndarray, Letterbox, bool] | str:
+        """The letterboxed input of one image, where it went, whether it was squared; or why
+        there is none."""
+        try:
+            rgb = rgb_of(open_image(read_cell(cell, self.storage_options), PIL_MAX_PIXELS))
+        except BadImage as exc:
+            return str(exc)
+        box, squared = self._letterbox(*rgb.shape[:2])
+        return letterboxed(rgb, box), box, squared
+
+    def prepare(self, table: pa.Table) -> Prepared:
+        column = self.spec.image_column
+        cells, bad = image_cells(table[column], column)
+        rows = [i for i in range(len(cells)) if i not in bad]
+        by_shape: dict[tuple[int, int], list[tuple[int, np.ndarray, Letterbox]]] = {}
+        squared = 0
+        for row, result in zip(rows, self.pool.map(self.one, [cells[r] for r in rows]),
+                               strict=True):
+            if isinstance(result, str):
+                bad[row] = result
+                continue
+            pixels, box, was_squared = result
+            squared += was_squared
+            by_shape.setdefault(pixels.shape[1:], []).append((row, pixels, box))
+        cap = self.batching.max_rows
+        batches = []
+        for group in by_shape.values():
+            for start in range(0, len(group), cap):
+                part = group[start:start + cap]
+                batches.append(Batch(
+                    rows=np.asarray([r for r, _, _ in part], dtype=np.int64),
+                    feeds={self.input_name: np.stack([p for _, p, _ in part]).astype(
+                        self.dtype, copy=False)},
+                    meta=[b for _, _, b in part]))
+        return Prepared(batches=batches, bad=bad,
+                        notes={SQUARED_NOTE: squared} if squared else {})
+
+    def finish(self, batch: Batch, outputs: list[np.ndarray]):
+        out = np.asarray(outputs[0], dtype=np.float32)
+        if out.ndim != 3 or out.shape[0] != len(batch):
+            raise ModelError(f"task.kind: detect needs an output [batch, ...] per image, the "
+                             f"model gives {list(out.shape)}")
+        s = self.spec
+        values, bad = [], {}
+        for i, row in enumerate(batch.rows):
+            if not np.isfinite(out[i]).all():
+                bad[int(row)] = "model produced non-finite values"
+                continue
+            if self.detection.layout == "yolo":
+                found = from_raw(out[i], s.score_threshold, s.iou_threshold, s.max_detections,
+                                 s.class_agnostic)
+            else:
+                found = from_chosen(out[i], s.score_threshold, s.max_detections)
+            found = to_image(found, batch.meta[i])
+            order = np.argsort(-found[:, 4], kind="stable")
+            values.append([{"label": self._label(c), "score": float(score), "box": list(box)}
+                           for box, score, c in zip(found[order, :4], found[order, 4],
+                                                    found[order, 5], strict=True)])
+        return {s.output_column: pa.array(values, pa.list_(DETECTION_TYPE))}, bad
+
+    def _label(self, index: float) -> str:
+        i = int(index)
+        return self.labels[i] if 0 <= i < len(self.labels) else str(i)
