@@ -9,7 +9,7 @@ TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
 TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images tables bench-images test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,12 @@ chaos: models
 bench: models
 	$(PY) -m benchmarks.throughput
 	$(PY) -m benchmarks.images
+
+# The task families against their frameworks' own loops (transformers' NER pipeline on
+# Optimum, ultralytics' predict), at equal outputs; and SPLADE's worker memory.
+bench-tasks: models conformance-env detection-env
+	$(PY) -m benchmarks.task_families
+	$(PY) -m benchmarks.sparse_memory
 
 # The image variant alone: the pipeline, a raw onnxruntime loop and Ray Data's image guide.
 bench-images: models

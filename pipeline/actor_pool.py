@@ -129,6 +129,10 @@ class ActorPool:
 
     # ------------------------------------------------------------------ views
 
+    def starting_count(self) -> int:
+        """Workers started that are not ready yet."""
+        return len(self.in_state(WorkerState.STARTING))
+
     def in_state(self, state: WorkerState) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.state is state]
 

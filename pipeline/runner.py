@@ -95,7 +95,7 @@ class Runner:
     def step(self) -> None:
         """One pass: grow the pools, send shards, take one result, check the clocks."""
         self.pool.grow(self.scheduler.remaining())
-        for wid, sid, attempt in self.scheduler.assignments():
+        for wid, sid, attempt in self.scheduler.assignments(self.pool.starting_count()):
             ref = self.backend.submit(self.pool.workers[wid].handle, self.shards[sid], attempt)
             self.pool.add_call(wid, ref, sid)
         self._collect()

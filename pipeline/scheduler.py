@@ -111,11 +111,17 @@ class Scheduler:
 
     # ----------------------------------------------------------------- assignment
 
-    def assignments(self) -> list[tuple[str, str, int]]:
-        """(worker, shard, attempt) for every free slot that a ready shard can fill."""
+    def assignments(self, starting: int = 0) -> list[tuple[str, str, int]]:
+        """(worker, shard, attempt) for every free slot that a ready shard can fill.
+
+        ``starting``: workers still starting. A shard queued behind a busy worker's (the
+        second of ``max_in_flight``) is only given while more shards wait than there are idle
+        or starting workers to take them: two shards and two workers, the second one still
+        starting, must not both go to the first."""
         out = []
         self._promote(self.clock())
         order = sorted(self.in_flight, key=lambda w: len(self.in_flight[w]))
+        idle = sum(1 for w in order if not self.in_flight[w])
         # A shard waiting to run alone needs an empty worker: the least busy one takes no new
         # shards until it is empty (else it could wait until the queue runs dry).
         draining = order[0] if self.alone and order and self.in_flight[order[0]] else None
@@ -129,7 +135,11 @@ class Scheduler:
                 continue
             if self.in_flight[worker] & self.running_alone or worker == draining:
                 continue  # nothing beside a shard that runs alone
+            if not self.in_flight[worker]:
+                idle -= 1  # this one is served now
             while self.ready and len(self.in_flight[worker]) < self.max_in_flight:
+                if self.in_flight[worker] and len(self.ready) <= idle + starting:
+                    break  # leave the rest to workers with nothing to do
                 sid = self._pick(worker)
                 if sid is None:
                     break

@@ -70,7 +70,8 @@ def fill_long_texts() -> list[str]:
     return out
 
 
-def train_token_classifier(model: Any, tokenizer: Any, steps: int, seed: int) -> None:
+def train_token_classifier(model: Any, tokenizer: Any, steps: int, seed: int,
+                           lr: float = 3e-3) -> None:
     """A few hundred steps of Adam on synthetic sentences: every sub-token gets its word's
     label (I- after the first), special tokens are ignored."""
     import torch
@@ -78,7 +79,7 @@ def train_token_classifier(model: Any, tokenizer: Any, steps: int, seed: int) ->
     torch.manual_seed(seed)
     label_id = {name: i for i, name in enumerate(NER_LABELS)}
     sentences = synthetic_sentences(2000, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
         batch = sentences[(step * 32) % len(sentences):][:32]

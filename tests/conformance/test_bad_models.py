@@ -181,3 +181,29 @@ def test_onnxruntimes_reason_is_kept_whole_without_its_source_locations():
     loaded = runtime_reason("[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/.x.tmp-1/"
                             "model.onnx failed:Type Error: Type (tensor(float16)) of node (n)")
     assert loaded == "Type Error: Type (tensor(float16)) of node (n)"
+
+
+def test_a_fill_mask_export_is_named_and_pooled_as_splade_when_asked(tmp_path, capsys):
+    """The SPLADE case without its sentence-transformers modules is a plain fill-mask export:
+    import says what it is and which flags make it sparse-embed; with them, the same vectors."""
+    import pyarrow.parquet as pq
+
+    from pipeline import OnnxPredictor
+    from pipeline.import_checks import _compare
+
+    case = CASES / "sentence_transformers_splade"
+    src = tmp_path / "fill-mask"
+    shutil.copytree(case / "src", src)
+    shutil.rmtree(src / "1_SpladePooling")
+    (src / "modules.json").unlink()
+    (src / "onnx" / "model.onnx").rename(src / "model.onnx")  # where Optimum writes it
+    code, err = run(capsys, str(src), "--out", str(tmp_path / "x"))
+    assert code == 2 and "a masked language model (BertForMaskedLM" in err
+    assert "--task sparse-embed --pooling max" in err
+    assert main(["import", str(src), "--out", str(tmp_path / "b"), "--task", "sparse-embed",
+                 "--pooling", "max"]) == 0
+    assert "repaired: SpladePooling fused into the graph" in capsys.readouterr().out
+    out = OnnxPredictor(str(tmp_path / "b"))(pq.read_table(case / "sample.parquet"))
+    want = pq.read_table(case / "reference.parquet")["sparse_embedding"].to_pylist()
+    assert _compare("sparse_embedding", out["sparse_embedding"].to_pylist(), want, 1e-4,
+                    0.9999) is None
