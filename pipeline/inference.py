@@ -120,6 +120,8 @@ class _Runner:
         self.succeeded += int(keep.sum())
         if self.loaded.probe_feeds is None and keep.any():
             i = int(np.argmax(keep))  # a copy: the probe must not keep the whole batch alive
+            if batch.spans is not None:  # the first model row of that batch row
+                i = int(batch.spans[i])
             self.loaded.probe_feeds = {k: np.array(v[i:i + 1]) for k, v in batch.feeds.items()}
 
     def _failed(self, batch: Batch, exc: Exception) -> None:

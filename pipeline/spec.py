@@ -164,6 +164,8 @@ class TokenClassifyTaskSpec(Strict):
         "truncate", description="a text longer than max_length: truncated (counted in the "
         "report), or run as overlapping windows whose entities are merged")
     stride: int = Field(32, gt=0, description="long_texts stride: tokens two windows share")
+    max_windows: int = Field(256, gt=0, description="long_texts stride: a text of more "
+                             "windows goes to the dead letters (they run in one model call)")
     max_length: int | None = Field(None, gt=1, description="default: the bundle's max_length")
 
     @model_validator(mode="after")
@@ -485,7 +487,7 @@ class JobSpec(Strict):
         }
 
 
-def output_clash(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
+def output_clash(task: Any,
                  passthrough: list[str]) -> str | None:
     """Why ``passthrough`` cannot sit beside the task's outputs (None: it can)."""
     clash = set(output_columns(task)) & set(passthrough)
@@ -494,10 +496,15 @@ def output_clash(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec,
     return None
 
 
-def output_columns(task: EmbedTaskSpec | ClassifyTaskSpec | TensorTaskSpec) -> list[str]:
+def output_columns(task: Any) -> list[str]:
+    """The columns a task writes (chunk rows: their chunk columns too)."""
     if isinstance(task, EmbedTaskSpec):
-        return [task.output_column]
-    if isinstance(task, ClassifyTaskSpec):
+        chunks = ["chunk_index", "chunk_start", "chunk_end"] \
+            if task.chunking is not None and task.chunking.pool == "none" else []
+        return [*chunks, task.output_column]
+    if isinstance(task, ClassifyTaskSpec | ZeroShotTaskSpec):
         cols = [task.label_column, task.score_column]
         return cols + ([task.probabilities_column] if task.probabilities_column else [])
+    if isinstance(task, TokenClassifyTaskSpec | SparseEmbedTaskSpec | DetectTaskSpec):
+        return [task.output_column]
     return []

@@ -94,7 +94,8 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
     _refuse_generation(source, graph)
     reading = Reading()
     meta = ultralytics_metadata(model)
-    if meta is not None and choices.task in ("auto", "detect"):
+    if meta is not None and (choices.task == "detect" or
+                             (choices.task == "auto" and meta.get("task", "detect") == "detect")):
         _detector(source, graph, meta, reading, choices.task)
         return reading
     if source.others:
@@ -345,7 +346,7 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                      ("text" if TEXT_SOURCE in reading.inputs.values() else "features")
                      + " in; label and probabilities out")
         return "classify"
-    if wanted in ("embed", "classify"):
+    if wanted not in ("auto", "tensor"):
         raise ModelError(f"{source.uri}: --task {wanted} does not fit this graph (inputs: "
                          f"{', '.join(i.name for i in graph.inputs)}; outputs: "
                          f"{', '.join(outputs)}); try --task tensor")

@@ -76,7 +76,8 @@ def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = Non
         Path(uri.removeprefix("file://")).resolve()
     if not local.exists():
         raise ModelError(f"{uri}: no such file or folder")
-    generation_layout(local, uri)
+    if model_file is None:  # a named file of the folder is imported as what it is
+        generation_layout(local, uri)
     model, layout, config_root = _find_model(local, uri, model_file)
     configs = {name: config_root / name for name in CONFIG_FILES
                if (config_root / name).is_file()}

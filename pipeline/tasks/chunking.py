@@ -93,12 +93,14 @@ def _text_span(encoding: Any) -> tuple[int, int] | None:
     return (real[0][0], real[-1][1]) if real else None
 
 
-def chunk_type(vector: pa.DataType) -> pa.DataType:
+def chunk_type(vector: pa.DataType, name: str) -> pa.DataType:
+    """A row's chunks: their index, character span and vector (in the column ``name``)."""
     return pa.list_(pa.struct([("chunk_index", pa.int32()), ("chunk_start", pa.int64()),
-                               ("chunk_end", pa.int64()), ("embedding", vector)]))
+                               ("chunk_end", pa.int64()), (name, vector)]))
 
 
-def chunk_lists(chunks: list[list[Chunk]], vectors: pa.Array, vector: pa.DataType) -> pa.Array:
+def chunk_lists(chunks: list[list[Chunk]], vectors: pa.Array, vector: pa.DataType,
+                name: str) -> pa.Array:
     """A list of chunk structs per row, ``vectors`` holding every row's chunks in order."""
     counts = np.fromiter((len(c) for c in chunks), np.int32, count=len(chunks))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -108,7 +110,7 @@ def chunk_lists(chunks: list[list[Chunk]], vectors: pa.Array, vector: pa.DataTyp
         [pa.array(index, pa.int32()),
          pa.array([c.start for c in flat], pa.int64()),
          pa.array([c.end for c in flat], pa.int64()), vectors.cast(vector)],
-        names=["chunk_index", "chunk_start", "chunk_end", "embedding"])
+        names=["chunk_index", "chunk_start", "chunk_end", name])
     return pa.ListArray.from_arrays(pa.array(offsets), fields)
 
 

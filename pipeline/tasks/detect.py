@@ -25,7 +25,7 @@ from pipeline.models.bundle import LETTERBOX_SOURCE, PIL_MAX_PIXELS
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.detections import from_chosen, from_raw, to_image
 from pipeline.tasks.images import BadImage, image_cells, open_image, read_cell
-from pipeline.tasks.letterbox import Letterbox, letterbox_params, letterboxed, rgb_of
+from pipeline.tasks.letterbox import Letterbox, letterbox_params, letterboxed, rgb_of, to_input
 
 DETECTION_TYPE = pa.struct([("label", pa.string()), ("score", pa.float32()),
                             ("box", pa.list_(pa.float32(), 4))])
@@ -101,8 +101,7 @@ class DetectTask(Task):
                 part = group[start:start + cap]
                 batches.append(Batch(
                     rows=np.asarray([r for r, _, _ in part], dtype=np.int64),
-                    feeds={self.input_name: np.stack([p for _, p, _ in part]).astype(
-                        self.dtype, copy=False)},
+                    feeds={self.input_name: to_input([p for _, p, _ in part], self.dtype)},
                     meta=[b for _, _, b in part]))
         return Prepared(batches=batches, bad=bad,
                         notes={SQUARED_NOTE: squared} if squared else {})

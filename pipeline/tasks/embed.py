@@ -90,7 +90,8 @@ class EmbedTask(Task):
     @property
     def row_schema(self) -> pa.Schema:
         if self.explodes:
-            return pa.schema([(CHUNK_COLUMN, chunk_type(self.vector_type))])
+            return pa.schema([(CHUNK_COLUMN, chunk_type(self.vector_type,
+                                                         self.spec.output_column))])
         return self.output_schema
 
     @property
@@ -143,7 +144,7 @@ class EmbedTask(Task):
         picked = np.concatenate([np.arange(batch.spans[i], batch.spans[i + 1]) for i in good]) \
             if good else np.zeros(0, dtype=np.int64)
         return {CHUNK_COLUMN: chunk_lists(chunks, self.shaped(vectors[picked]),
-                                          self.vector_type)}, bad
+                                          self.vector_type, self.spec.output_column)}, bad
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
         vectors = self.pool(np.asarray(outputs[0], dtype=np.float32), batch)

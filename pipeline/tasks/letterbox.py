@@ -65,12 +65,19 @@ def rgb_of(image: Image.Image) -> np.ndarray:
 
 
 def letterboxed(rgb: np.ndarray, box: Letterbox) -> np.ndarray:
-    """The padded input image, ``[3, H, W]`` float32 in 0-1."""
+    """The padded input image, ``[3, H, W]`` uint8 (``to_input`` scales a batch to 0-1: a
+    window of images holds a quarter of the memory float pixels would)."""
     if (box.new_height, box.new_width) != rgb.shape[:2]:
         rgb = resize_bilinear(rgb, box.new_width, box.new_height)
     out = np.full((box.input_height, box.input_width, 3), PAD_VALUE, dtype=np.uint8)
     out[box.top:box.top + box.new_height, box.left:box.left + box.new_width] = rgb
-    return np.ascontiguousarray(out.transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def to_input(images: list[np.ndarray], dtype: type) -> np.ndarray:
+    """A batch of letterboxed uint8 images as the model takes them: 0-1, as ultralytics
+    divides (float32 x / 255)."""
+    return (np.stack(images).astype(np.float32) / np.float32(255)).astype(dtype, copy=False)
 
 
 def _weights(source: int, target: int, clamp: bool) -> tuple[np.ndarray, ...]:

@@ -60,9 +60,15 @@ class TokenClassifyTask(Task):
     def prepare(self, table: pa.Table) -> Prepared:
         column = self.spec.text_column
         rows, texts, bad = self.encoder.valid_texts(table[column], column)
+        text_of = dict(zip(rows, texts, strict=True))  # before encode() drops failed rows
         rows, encodings = self.encoder.encode(rows, texts, bad)
-        text_of = dict(zip(rows, texts, strict=True))
         windows = [[e, *e.overflowing] if self.windows else [e] for e in encodings]
+        most = self.spec.max_windows
+        for row, w in zip(rows, windows, strict=True):
+            if len(w) > most:  # its windows run in one model call: bounded
+                bad[row] = f"{column} makes {len(w)} windows, more than task.max_windows ({most})"
+        kept = [(r, w) for r, w in zip(rows, windows, strict=True) if r not in bad]
+        rows, windows = [r for r, _ in kept], [w for _, w in kept]
         notes = {} if self.windows else self.encoder.truncated(encodings)
         meta = [(text_of[r], w) for r, w in zip(rows, windows, strict=True)]
         return Prepared(batches=self.encoder.grouped_batches(rows, windows, meta,

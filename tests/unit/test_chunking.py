@@ -72,3 +72,49 @@ def test_a_chunk_that_fails_dead_letters_its_row_naming_the_chunk():
     assert bad == {0: f"chunk 1 (characters {chunk.start}-{chunk.end}): model produced "
                       "non-finite values"}
     assert len(columns["_chunks"]) == 1  # the short text's chunk list
+
+
+def test_every_task_names_the_columns_it_writes_for_clashes_and_merge_keys():
+    from pipeline.spec import (
+        DetectTaskSpec,
+        SparseEmbedTaskSpec,
+        TokenClassifyTaskSpec,
+        ZeroShotTaskSpec,
+        output_clash,
+        output_columns,
+    )
+
+    zero_shot = ZeroShotTaskSpec(labels=["a", "b"])
+    assert "'label' clashes" in output_clash(zero_shot, ["id", "label"])
+    chunks = EmbedTaskSpec(kind="embed", chunking={}, output_column="vec")
+    assert output_columns(chunks) == ["chunk_index", "chunk_start", "chunk_end", "vec"]
+    assert output_columns(EmbedTaskSpec(kind="embed", chunking={"pool": "mean"})) == \
+        ["embedding"]
+    assert output_columns(TokenClassifyTaskSpec(kind="token-classify")) == ["entities"]
+    assert output_columns(SparseEmbedTaskSpec(kind="sparse-embed")) == ["sparse_embedding"]
+    assert output_columns(DetectTaskSpec(kind="detect")) == ["detections"]
+
+
+def test_chunk_rows_write_their_vectors_under_task_output_column():
+    import pipeline
+
+    out = pipeline.score(pa.table({"id": [1], "text": ["the river runs to the sea " * 20]}),
+                         model=str(MINILM), passthrough=["id"],
+                         task={"kind": "embed", "output_column": "vec",
+                               "chunking": {"max_tokens": 16}})
+    assert out.column_names == ["id", "chunk_index", "chunk_start", "chunk_end", "vec"]
+    assert out.num_rows > 3
+
+
+def test_a_text_of_more_windows_than_max_windows_is_a_dead_letter():
+    from pipeline import OnnxPredictor
+
+    case = Path(__file__).resolve().parents[1] / "conformance" / "cases" / "optimum_ner_wordpiece"
+    predictor = OnnxPredictor(str(case / "src"), passthrough=["id"], on_bad_row="keep",
+                              task={"kind": "token-classify", "long_texts": "stride",
+                                    "stride": 8, "max_windows": 2})
+    out = predictor(pa.table({"id": [0, 1], "text": ["Anna moved to Oslo.",
+                                                      "Anna moved to Oslo. " * 40]}))
+    errors = out["_error"].to_pylist()
+    assert errors[0] is None and out["entities"][0].as_py()
+    assert errors[1].startswith("text makes ") and "more than task.max_windows (2)" in errors[1]
