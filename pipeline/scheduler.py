@@ -1,6 +1,9 @@
 """Scheduling policy, free of Ray: one queue, an in-flight cap per worker, retry with backoff.
 
-Fast workers take more shards because every free slot pulls from the same queue. A retried
+Fast workers take more shards because every free slot pulls from the same queue. A worker's
+second slot (a shard queued behind the one it runs) is filled only while more shards wait
+than there are idle or starting workers: two shards must not both go to the first worker up
+while the second starts (measured: half the throughput of a two-shard job). A retried
 shard waits (exponential backoff with jitter) and prefers a worker other than the one it
 failed on. The runner feeds events in and executes the assignments that come out.
 
