@@ -41,29 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="a converter's model (.onnx file, sentence-transformers "
                          "or Optimum folder) -> a bundle, every value inferred and checked")
-    imp.add_argument("src", help=".onnx file or folder, local or any fsspec URL")
-    imp.add_argument("--out", required=True, type=Path)
-    imp.add_argument("--task", default="auto",
-                     choices=["auto", "embed", "classify", "rerank", "token-classify",
-                              "sparse-embed", "detect", "tensor"])
-    imp.add_argument("--model-file", help="the .onnx file of a folder holding several "
-                     "(model_quantized.onnx beside model.onnx): default model.onnx")
-    imp.add_argument("--pooling", choices=["mean", "cls", "max", "sum"],
-                     help="token embeddings: mean or cls (default: 1_Pooling/config.json); "
-                     "sparse-embed: max or sum (default: 1_SpladePooling/config.json)")
-    imp.add_argument("--activation", choices=["identity", "sigmoid"],
-                     help="rerank: the score of a one-logit model (default: what the "
-                     "sentence-transformers config names, else the raw logit)")
-    imp.add_argument("--features", help="feature names in the model's order, comma-separated")
-    imp.add_argument("--sample", type=Path, help="Parquet rows to check batches (and compare "
-                     "with --reference) on; default: synthesized rows")
-    imp.add_argument("--reference", type=Path, help="outputs the source framework computed for "
-                     "--sample (.npz or Parquet, by output column); a mismatch fails the import")
-    imp.add_argument("--atol", type=float, default=1e-4, help="--reference: largest difference")
-    imp.add_argument("--min-cosine", type=float, default=0.9999,
-                     help="--reference: lowest cosine of an embedding to its reference")
-    imp.add_argument("--strict", action="store_true",
-                     help="refuse a graph that only runs one row per call")
+    _import_arguments(imp)
 
     exp = sub.add_parser("export-bert", help="BERT-family checkpoint -> embed bundle (no PyTorch)")
     exp.add_argument("src", help="checkpoint directory or installed package holding one")
@@ -107,6 +85,33 @@ def _optimize_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--max-prob-error", type=float, default=default.max_prob_error,
                      help="classifiers: largest absolute probability difference")
 
+
+
+def _import_arguments(imp: argparse.ArgumentParser) -> None:
+    """The import command's arguments."""
+    imp.add_argument("src", help=".onnx file or folder, local or any fsspec URL")
+    imp.add_argument("--out", required=True, type=Path)
+    imp.add_argument("--task", default="auto",
+                     choices=["auto", "embed", "classify", "rerank", "token-classify",
+                              "sparse-embed", "detect", "tensor"])
+    imp.add_argument("--model-file", help="the .onnx file of a folder holding several "
+                     "(model_quantized.onnx beside model.onnx): default model.onnx")
+    imp.add_argument("--pooling", choices=["mean", "cls", "max", "sum"],
+                     help="token embeddings: mean or cls (default: 1_Pooling/config.json); "
+                     "sparse-embed: max or sum (default: 1_SpladePooling/config.json)")
+    imp.add_argument("--activation", choices=["identity", "sigmoid"],
+                     help="rerank: the score of a one-logit model (default: what the "
+                     "sentence-transformers config names, else the raw logit)")
+    imp.add_argument("--features", help="feature names in the model's order, comma-separated")
+    imp.add_argument("--sample", type=Path, help="Parquet rows to check batches (and compare "
+                     "with --reference) on; default: synthesized rows")
+    imp.add_argument("--reference", type=Path, help="outputs the source framework computed for "
+                     "--sample (.npz or Parquet, by output column); a mismatch fails the import")
+    imp.add_argument("--atol", type=float, default=1e-4, help="--reference: largest difference")
+    imp.add_argument("--min-cosine", type=float, default=0.9999,
+                     help="--reference: lowest cosine of an embedding to its reference")
+    imp.add_argument("--strict", action="store_true",
+                     help="refuse a graph that only runs one row per call")
 
 def _import(args: argparse.Namespace) -> int:
     if args.reference and not args.sample:

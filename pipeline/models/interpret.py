@@ -299,46 +299,7 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
         reading.note("task", "tensor", "--task")
         return "tensor"
     if tokens:
-        embedding = _embedding(source, outputs, choices, reading) \
-            if wanted in ("auto", "embed") else None
-        if embedding:
-            reading.note("task", "embed", "--task" if wanted == "embed" else
-                         f"token inputs, output {reading.outputs['embedding']}")
-            return "embed"
-        logits = outputs.get("logits")
-        per_token = logits is not None and logits.dims is not None and len(logits.dims) == 3
-        if per_token and _sparse(source, logits, choices, reading):
-            return "sparse-embed"
-        if per_token and wanted in ("auto", "token-classify"):
-            reading.outputs["logits"] = "logits"
-            reading.labels = _id2label(source, logits)
-            reading.note("outputs.logits", "logits", "graph output name")
-            reading.note("labels", reading.labels, "config.json id2label")
-            reading.note("task", "token-classify", "--task" if wanted == "token-classify" else
-                         "token inputs, output logits [batch, tokens, labels]")
-            return "token-classify"
-        if per_token and wanted in ("classify", "rerank"):
-            raise ModelError(f"{source.uri}: output logits is {_shape(logits)}, one score per "
-                             f"token: --task {wanted} needs [batch, labels]; this is a token "
-                             "classifier (--task token-classify)")
-        if "logits" in outputs and wanted in ("auto", "rerank") and \
-                _cross_encoder(source, outputs["logits"], reading, choices):
-            return "rerank"
-        if "logits" in outputs and wanted in ("auto", "classify"):
-            if logits.dims is not None and len(logits.dims) != 2:
-                raise ModelError(f"{source.uri}: output logits is {_shape(logits)}; classify "
-                                 "needs [batch, labels]")
-            reading.outputs["logits"] = "logits"
-            reading.labels = _id2label(source, outputs["logits"])
-            reading.note("labels", reading.labels, "config.json id2label")
-            reading.note("task", "classify", "--task" if wanted == "classify" else
-                         "token inputs, output logits")
-            return "classify"
-        if wanted != "auto":
-            raise ModelError(f"{source.uri}: --task {wanted} needs an output "
-                             f"{'sentence_embedding or last_hidden_state' if wanted == 'embed' else 'logits'}"
-                             f" (outputs: {', '.join(outputs)})")
-        return "tensor"
+        return _token_task(source, outputs, choices, reading)
     if {"features", TEXT_SOURCE} & set(reading.inputs.values()) and \
             wanted in ("auto", "classify") and \
             _tabular_classifier(model, outputs, zipmap, reading):
@@ -351,6 +312,52 @@ def _task(source: ModelSource, model: onnx.ModelProto, graph: Signature,
                          f"{', '.join(i.name for i in graph.inputs)}; outputs: "
                          f"{', '.join(outputs)}); try --task tensor")
     reading.note("task", "tensor", "no token or feature inputs with embedding or class outputs")
+    return "tensor"
+
+
+def _token_task(source: ModelSource, outputs: dict[str, TensorInfo], choices: Choices,
+                reading: Reading) -> str:
+    """A model fed tokens: an embedder, SPLADE, a token, sequence or pair classifier."""
+    wanted = choices.task
+    embedding = _embedding(source, outputs, choices, reading) \
+        if wanted in ("auto", "embed") else None
+    if embedding:
+        reading.note("task", "embed", "--task" if wanted == "embed" else
+                     f"token inputs, output {reading.outputs['embedding']}")
+        return "embed"
+    logits = outputs.get("logits")
+    per_token = logits is not None and logits.dims is not None and len(logits.dims) == 3
+    if per_token and _sparse(source, logits, choices, reading):
+        return "sparse-embed"
+    if per_token and wanted in ("auto", "token-classify"):
+        reading.outputs["logits"] = "logits"
+        reading.labels = _id2label(source, logits)
+        reading.note("outputs.logits", "logits", "graph output name")
+        reading.note("labels", reading.labels, "config.json id2label")
+        reading.note("task", "token-classify", "--task" if wanted == "token-classify" else
+                     "token inputs, output logits [batch, tokens, labels]")
+        return "token-classify"
+    if per_token and wanted in ("classify", "rerank"):
+        raise ModelError(f"{source.uri}: output logits is {_shape(logits)}, one score per "
+                         f"token: --task {wanted} needs [batch, labels]; this is a token "
+                         "classifier (--task token-classify)")
+    if "logits" in outputs and wanted in ("auto", "rerank") and \
+            _cross_encoder(source, outputs["logits"], reading, choices):
+        return "rerank"
+    if "logits" in outputs and wanted in ("auto", "classify"):
+        if logits.dims is not None and len(logits.dims) != 2:
+            raise ModelError(f"{source.uri}: output logits is {_shape(logits)}; classify "
+                             "needs [batch, labels]")
+        reading.outputs["logits"] = "logits"
+        reading.labels = _id2label(source, outputs["logits"])
+        reading.note("labels", reading.labels, "config.json id2label")
+        reading.note("task", "classify", "--task" if wanted == "classify" else
+                     "token inputs, output logits")
+        return "classify"
+    if wanted != "auto":
+        raise ModelError(f"{source.uri}: --task {wanted} needs an output "
+                         f"{'sentence_embedding or last_hidden_state' if wanted == 'embed' else 'logits'}"
+                         f" (outputs: {', '.join(outputs)})")
     return "tensor"
 
 

@@ -59,15 +59,20 @@ def fuse_splade_pooling(model: onnx.ModelProto, logits: str, mask: str, pooling:
     else:
         nodes.append(helper.make_node(reduce, [last], [SPARSE_OUTPUT], axes=[1], keepdims=0))
     model.graph.node.extend(nodes)
-    info = next(o for o in model.graph.output if o.name == logits)
-    dims = list(info.type.tensor_type.shape.dim)
-    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
-             for d in (dims[0], dims[-1])] if len(dims) == 3 else ["batch", None]
-    index = outputs.index(logits)
-    model.graph.output.remove(info)
-    model.graph.output.insert(index, helper.make_tensor_value_info(
-        SPARSE_OUTPUT, onnx.TensorProto.FLOAT, shape))
+    _replace_output(model, logits)
     twice = " twice" if activation == "log1p_relu" else ""
     return (f"SpladePooling fused into the graph: {logits} [batch, tokens, vocab] -> "
             f"{SPARSE_OUTPUT} [batch, vocab], the {pooling} over unmasked tokens of "
             f"log1p{twice}(relu(logits)); the logits never leave onnxruntime")
+
+
+def _replace_output(model: onnx.ModelProto, logits: str) -> None:
+    """``sparse_embedding [batch, vocab]`` where the graph output ``logits`` was."""
+    info = next(o for o in model.graph.output if o.name == logits)
+    dims = list(info.type.tensor_type.shape.dim)
+    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+             for d in (dims[0], dims[-1])] if len(dims) == 3 else ["batch", None]
+    index = [o.name for o in model.graph.output].index(logits)
+    model.graph.output.remove(info)
+    model.graph.output.insert(index, helper.make_tensor_value_info(
+        SPARSE_OUTPUT, onnx.TensorProto.FLOAT, shape))

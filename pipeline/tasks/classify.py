@@ -12,7 +12,7 @@ from pipeline.models.bundle import TEXT_SOURCE
 from pipeline.models.onnx_types import file_signature
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
 from pipeline.tasks.images import image_encoder
-from pipeline.tasks.text import TextEncoder, load_tokenizer, valid_texts
+from pipeline.tasks.text import TextEncoder, task_tokenizer, valid_texts
 
 
 class ClassifyTask(Task):
@@ -38,12 +38,8 @@ class ClassifyTask(Task):
                 raise ConfigError("task.text_column: required for a text classifier bundle")
             if bspec.text is None:
                 raise ConfigError(f"model.uri: {bundle.uri} has token inputs but no 'text' section")
-            max_length = spec.max_length or bspec.text.max_length
-            if max_length > bspec.text.max_length:
-                raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
-                                  f"{bspec.text.max_length}")
-            self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
-                                       bspec.inputs, keep_empty=spec.empty_text == "embed")
+            self.encoder = TextEncoder(task_tokenizer(bundle, spec)[0], bspec.inputs,
+                                       keep_empty=spec.empty_text == "embed")
         else:
             self.feature_count = len(bspec.features) if bspec.features else bspec.feature_count
             names = spec.feature_columns or bspec.features

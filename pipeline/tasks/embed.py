@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, nonfinite_rows, split_good
 from pipeline.tasks.chunking import CHUNK_COLUMN, Chunker, chunk_lists, chunk_type
 from pipeline.tasks.images import image_encoder
-from pipeline.tasks.text import TextEncoder, load_tokenizer
+from pipeline.tasks.text import TextEncoder, task_tokenizer
 
 
 class EmbedTask(Task):
@@ -30,16 +30,9 @@ class EmbedTask(Task):
         if text is None or bundle.spec.embedding is None:
             raise ConfigError(f"task.kind: embed needs a text or image embedding bundle, "
                               f"{bundle.uri} is not")
-        max_length = spec.max_length or text.max_length
-        if max_length > text.max_length:
-            raise ConfigError(
-                f"task.max_length: {max_length} exceeds the bundle's max_length {text.max_length}"
-            )
-        self.encoder = TextEncoder(
-            load_tokenizer(str(bundle.tokenizer_path), max_length),
-            bundle.spec.inputs,
-            keep_empty=spec.empty_text == "embed",
-        )
+        tokenizer, max_length = task_tokenizer(bundle, spec)
+        self.encoder = TextEncoder(tokenizer, bundle.spec.inputs,
+                                   keep_empty=spec.empty_text == "embed")
         if spec.chunking is not None:
             self._chunker(spec.chunking, max_length)
 

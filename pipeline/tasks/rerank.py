@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tasks.base import Batch, Prepared, Task, nonfinite_rows, split_good
-from pipeline.tasks.text import TextEncoder, load_tokenizer
+from pipeline.tasks.text import TextEncoder, task_tokenizer
 
 
 class RerankTask(Task):
@@ -23,13 +23,9 @@ class RerankTask(Task):
         if bspec.text is None or not bspec.needs_tokenizer() or "logits" not in bspec.outputs:
             raise ConfigError(f"task.kind: rerank needs a cross-encoder bundle (token inputs, "
                               f"outputs.logits), {bundle.uri} is not")
-        max_length = spec.max_length or bspec.text.max_length
-        if max_length > bspec.text.max_length:
-            raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
-                              f"{bspec.text.max_length}")
         self.activation = bspec.rerank.activation if bspec.rerank else "identity"
-        self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
-                                   bspec.inputs, keep_empty=False)
+        self.encoder = TextEncoder(task_tokenizer(bundle, spec)[0], bspec.inputs,
+                                   keep_empty=False)
 
     @property
     def input_columns(self) -> list[str]:

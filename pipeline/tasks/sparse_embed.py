@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import Batch, Prepared, Task, nonfinite_rows, split_good
-from pipeline.tasks.text import TextEncoder, load_tokenizer
+from pipeline.tasks.text import TextEncoder, task_tokenizer
 
 SPARSE_TYPE = pa.struct([("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
 SPARSE_BATCH_BYTES = 512 << 20
@@ -33,12 +33,8 @@ class SparseEmbedTask(Task):
         if batching.max_tokens > cap:
             batching = batching.model_copy(update={"max_tokens": cap})
         super().__init__(bundle, spec, batching, input_types, storage_options)
-        max_length = spec.max_length or bspec.text.max_length
-        if max_length > bspec.text.max_length:
-            raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
-                              f"{bspec.text.max_length}")
-        self.encoder = TextEncoder(load_tokenizer(str(bundle.tokenizer_path), max_length),
-                                   bspec.inputs, keep_empty=spec.empty_text == "embed")
+        self.encoder = TextEncoder(task_tokenizer(bundle, spec)[0], bspec.inputs,
+                                   keep_empty=spec.empty_text == "embed")
 
     @property
     def input_columns(self) -> list[str]:

@@ -6,12 +6,14 @@ are batched together; the caller restores the input order from ``Batch.rows``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.tasks.base import Batch, Prepared
 
 _FIELDS = {"tokens.ids": "ids", "tokens.attention_mask": "attention_mask",
@@ -31,6 +33,16 @@ def load_tokenizer(path: str, max_length: int) -> Tokenizer:
     tokenizer.enable_truncation(max_length, strategy="longest_first")
     tokenizer.pad_id = pad  # type: ignore[attr-defined]  # read by TextEncoder
     return tokenizer
+
+
+def task_tokenizer(bundle: Any, spec: Any) -> tuple[Tokenizer, int]:
+    """The bundle's tokenizer truncating at the task's ``max_length`` (default: the bundle's,
+    which the task may lower but not raise), and that length."""
+    limit = bundle.spec.text.max_length
+    max_length = spec.max_length or limit
+    if max_length > limit:
+        raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length {limit}")
+    return load_tokenizer(str(bundle.tokenizer_path), max_length), max_length
 
 
 def pad_id(tokenizer: Tokenizer) -> int:

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tasks.base import Batch, Prepared, Task, softmax
 from pipeline.tasks.entities import EntityReader, merge_windows
-from pipeline.tasks.text import TextEncoder, load_tokenizer
+from pipeline.tasks.text import TextEncoder, task_tokenizer
 
 ENTITY_TYPE = pa.struct([("entity_group", pa.string()), ("score", pa.float32()),
                          ("word", pa.string()), ("start", pa.int64()), ("end", pa.int64())])
@@ -29,11 +29,7 @@ class TokenClassifyTask(Task):
                 or not bspec.labels:
             raise ConfigError(f"task.kind: token-classify needs a token classifier bundle "
                               f"(token inputs, outputs.logits, labels), {bundle.uri} is not")
-        max_length = spec.max_length or bspec.text.max_length
-        if max_length > bspec.text.max_length:
-            raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
-                              f"{bspec.text.max_length}")
-        tokenizer = load_tokenizer(str(bundle.tokenizer_path), max_length)
+        tokenizer, max_length = task_tokenizer(bundle, spec)
         self.windows = spec.long_texts == "stride"
         if self.windows:
             room = max_length - tokenizer.num_special_tokens_to_add(False)

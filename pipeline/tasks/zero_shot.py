@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError, ModelError
 from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, softmax
-from pipeline.tasks.text import TextEncoder, load_tokenizer, truncation_note
+from pipeline.tasks.text import TextEncoder, task_tokenizer, truncation_note
 
 
 def entailment_index(labels: list[str]) -> int | None:
@@ -37,11 +37,7 @@ class ZeroShotTask(Task):
                               f"entailment; {bundle.uri} has labels {nli}")
         self.entail, self.contradiction = entail, (len(nli) - 1 if entail == 0 else 0)
         self.nli_width = len(nli)
-        max_length = spec.max_length or bspec.text.max_length
-        if max_length > bspec.text.max_length:
-            raise ConfigError(f"task.max_length: {max_length} exceeds the bundle's max_length "
-                              f"{bspec.text.max_length}")
-        tokenizer = load_tokenizer(str(bundle.tokenizer_path), max_length)
+        tokenizer, max_length = task_tokenizer(bundle, spec)
         tokenizer.enable_truncation(max_length, strategy="only_first")  # never the hypothesis
         self.encoder = TextEncoder(tokenizer, bspec.inputs, keep_empty=False)
         self.hypotheses = [spec.template.format(label) for label in spec.labels]
