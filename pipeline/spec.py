@@ -189,28 +189,36 @@ class SparseEmbedTaskSpec(Strict):
 
 
 class DetectTaskSpec(Strict):
-    """Objects in each image (a YOLO export), as ultralytics' predictor finds them."""
+    """Objects in each image, as the detector's framework finds them: ultralytics' predictor
+    for a YOLO export, the image processor's ``post_process_object_detection`` for DETR."""
 
     kind: Literal["detect"]
     image_column: str = Field("image", description="bytes, paths or URIs")
     output_column: str = "detections"
-    score_threshold: float = Field(0.25, ge=0, le=1, description="ultralytics' conf")
+    score_threshold: float | None = Field(None, ge=0, le=1, description="default: the "
+                                          "framework's, 0.25 (ultralytics' conf) for YOLO, "
+                                          "0.5 (transformers' threshold) for DETR")
     iou_threshold: float = Field(0.7, ge=0, le=1, description="ultralytics' iou (NMS)")
     max_detections: int = Field(300, gt=0, description="ultralytics' max_det")
     class_agnostic: bool = Field(False, description="NMS across classes (agnostic_nms)")
 
 
 class ZeroShotTaskSpec(Strict):
-    """Labels chosen by the job, scored by an NLI model, as transformers' zero-shot pipeline
-    scores them. A task block with ``labels`` and no ``kind`` is this task."""
+    """Labels chosen by the job, scored by an NLI model over texts or a CLIP model over images,
+    as transformers' zero-shot pipelines score them. A task block with ``labels`` and no
+    ``kind`` is this task."""
 
     kind: Literal["zero-shot"] = "zero-shot"
     labels: list[Annotated[str, Field(min_length=1)]] = Field(
         min_length=1, description="the classes, in the order probabilities are written")
-    template: str = Field("This example is {}.", description="the hypothesis each label makes")
+    template: str | None = Field(None, description="the hypothesis (NLI) or caption (CLIP) "
+                                 "each label makes; default: the pipeline's, 'This example is "
+                                 "{}.' or 'This is a photo of {}.'")
     multi_label: bool = Field(False, description="false: probabilities over the labels sum "
-                              "to 1; true: each label's own entailment probability")
+                              "to 1; true: each label's own entailment probability (NLI)")
     text_column: str = "text"
+    image_column: str = Field("image", description="a CLIP model's images: bytes, paths or "
+                              "URIs")
     label_column: str = "label"
     score_column: str = "score"
     probabilities_column: str | None = "probabilities"
@@ -219,8 +227,8 @@ class ZeroShotTaskSpec(Strict):
 
     @field_validator("template")
     @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if value.format("\0") == value:
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and value.format("\0") == value:
             raise ValueError("task.template needs {} where the label goes")
         return value
 

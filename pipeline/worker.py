@@ -78,7 +78,8 @@ def _tensorrt_context(spec: JobSpec, pool: PoolSettings, bundle: LocalBundle,
     text = bundle.spec.text
     batching = spec.batching.for_device("gpu", bundle.spec.modality)
     shapes = providers.graph_input_shapes(bundle.model_path)
-    if bundle.spec.image is not None:  # the pixels' shape is the bundle's, whatever the graph says
+    if bundle.spec.image is not None and not bundle.spec.image.any_size:
+        # the pixels' shape is the bundle's, whatever the graph says
         shapes.update({name: (None, *bundle.spec.image.pixel_shape)
                        for name, role in bundle.spec.inputs.items() if role == IMAGE_SOURCE})
     return providers.TensorrtContext(

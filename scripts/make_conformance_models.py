@@ -607,13 +607,28 @@ def optimum_causal_gpt2(out: Path) -> None:
     conformance_traps.optimum_causal_gpt2(out, fresh, versions)
 
 
+def optimum_detr_detector(out: Path) -> None:
+    """A DETR detector (scripts/conformance_vision.py)."""
+    import conformance_vision
+
+    conformance_vision.optimum_detr_detector(out, fresh, versions)
+
+
+def optimum_clip_zero_shot(out: Path) -> None:
+    """A CLIP export with both towers (scripts/conformance_vision.py)."""
+    import conformance_vision
+
+    conformance_vision.optimum_clip_zero_shot(out, fresh, versions)
+
+
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
          onnxmltools_lightgbm, tf2onnx_nhwc_conv, optimum_image_classifier,
          torch_clip_image_embedder, sentence_transformers_cross_encoder, newer_ir_and_opset,
          missing_operator, optimum_ner_wordpiece, optimum_ner_bpe, skl2onnx_tfidf_text,
          optimum_one_logit_classifier, onnxconverter_fp16, optimum_seq2seq_t5,
-         optimum_causal_gpt2, optimum_zero_shot_nli, sentence_transformers_splade]
+         optimum_causal_gpt2, optimum_zero_shot_nli, sentence_transformers_splade,
+         optimum_detr_detector, optimum_clip_zero_shot]
 
 
 def main() -> None:

@@ -59,13 +59,15 @@ class EmbeddingSpec(BaseModel):
 
 
 class ImageSize(BaseModel):
-    """Either ``height`` and ``width``, or ``shortest_edge`` (aspect ratio kept), as Hugging
-    Face's image processors write ``size`` and ``crop_size``."""
+    """Either ``height`` and ``width``, or ``shortest_edge`` (aspect ratio kept, the long side
+    at most ``longest_edge`` where given: DETR's), as Hugging Face's image processors write
+    ``size`` and ``crop_size``."""
 
     model_config = ConfigDict(extra="forbid")
     height: int | None = Field(None, gt=0)
     width: int | None = Field(None, gt=0)
     shortest_edge: int | None = Field(None, gt=0)
+    longest_edge: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_form(self) -> ImageSize:
@@ -73,6 +75,8 @@ class ImageSize(BaseModel):
         if fixed == (self.shortest_edge is not None) or \
                 (not fixed and (self.height is not None or self.width is not None)):
             raise ValueError("give height and width, or shortest_edge")
+        if self.longest_edge is not None and self.shortest_edge is None:
+            raise ValueError("longest_edge needs shortest_edge")
         return self
 
 
@@ -96,10 +100,18 @@ class ImageSpec(BaseModel):
     layout: Literal["NCHW", "NHWC"] = "NCHW"
     # Larger images are dead letters, not a worker's memory blown by one decompression bomb.
     max_pixels: int = Field(PIL_MAX_PIXELS, gt=0, le=2 * PIL_MAX_PIXELS)
+    # A graph that takes any size (a DETR detector): each image keeps its aspect ratio, and
+    # images of one resized shape share a batch (no padding: the graph has no pixel mask).
+    any_size: bool = False
 
     @model_validator(mode="after")
     def _fixed_shape(self) -> ImageSpec:
-        if self.do_center_crop:
+        if self.any_size:
+            if self.do_center_crop or self.size is None or self.size.shortest_edge is None:
+                raise ValueError("any_size needs size with shortest_edge and no center crop")
+        elif self.size is not None and self.size.longest_edge is not None:
+            raise ValueError("size.longest_edge is for any_size (a detector's input)")
+        elif self.do_center_crop:
             if self.crop_size is None or self.crop_size.shortest_edge is not None:
                 raise ValueError("do_center_crop needs crop_size with height and width")
         elif not (self.do_resize and self.size is not None and self.size.shortest_edge is None):
@@ -116,7 +128,10 @@ class ImageSpec(BaseModel):
 
     @property
     def height_width(self) -> tuple[int, int]:
-        """The pixels' height and width once resized and cropped."""
+        """The pixels' height and width once resized and cropped (for ``any_size``, a square
+        of the shortest edge: a shape the graph takes, for checks)."""
+        if self.any_size:
+            return int(self.size.shortest_edge), int(self.size.shortest_edge)
         box = self.crop_size if self.do_center_crop else self.size
         return int(box.height), int(box.width)
 
@@ -137,17 +152,26 @@ class SparseSpec(BaseModel):
 
 
 class DetectionSpec(BaseModel):
-    """An object detector: how its input is letterboxed and its output read (ultralytics)."""
+    """An object detector: how its input is made and its output read (ultralytics' YOLO, or
+    a DETR whose pixels the bundle's image section describes)."""
 
     model_config = ConfigDict(extra="forbid")
     # yolo: [B, 4 + classes, anchors], NMS ours; yolo-nms: [B, max_det, 6] from an nms=True
-    # export; yolo-end2end: [B, max_det, 6] from an end-to-end head (YOLOv10, YOLO26).
-    layout: Literal["yolo", "yolo-nms", "yolo-end2end"]
-    imgsz: tuple[int, int]  # height, width the model was exported at
+    # export; yolo-end2end: [B, max_det, 6] from an end-to-end head (YOLOv10, YOLO26);
+    # detr: logits [B, queries, classes + 1] (the last: no object) and pred_boxes
+    # [B, queries, 4] (centre x, y, width, height as fractions of the input).
+    layout: Literal["yolo", "yolo-nms", "yolo-end2end", "detr"]
+    imgsz: tuple[int, int] | None = None  # height, width a YOLO model was exported at
     stride: int = Field(32, gt=0)
     # A dynamic export runs each image letterboxed to the smallest multiple of the stride
     # (rect); a static one at imgsz.
     rect: bool = False
+
+    @model_validator(mode="after")
+    def _yolo_size(self) -> DetectionSpec:
+        if self.layout != "detr" and self.imgsz is None:
+            raise ValueError(f"layout {self.layout} needs imgsz")
+        return self
 
 
 class RerankSpec(BaseModel):
@@ -162,8 +186,10 @@ class BundleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1] = 1
+    # zero-shot: a CLIP model with both towers (a job names the labels); an NLI model is a
+    # classify bundle that a zero-shot job runs.
     task: Literal["embed", "classify", "tensor", "rerank", "token-classify", "sparse-embed",
-                  "detect"]
+                  "detect", "zero-shot"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
@@ -221,8 +247,8 @@ class BundleSpec(BaseModel):
     @property
     def modality(self) -> Literal["text", "image", "tabular"]:
         """What the rows hold: text to tokenize, images to decode, or columns as they are."""
-        return "text" if self.needs_tokenizer() else "image" if self.takes_images() or \
-            self.takes_letterboxed() else "tabular"
+        return "image" if self.takes_images() or self.takes_letterboxed() else \
+            "text" if self.needs_tokenizer() else "tabular"
 
 
 @dataclass(frozen=True)

@@ -96,12 +96,15 @@ class BatchVerdict:
 
 
 def batch_verdict(session: Any, feeds: dict[str, np.ndarray], output_names: list[str],
-                  rtol: float = 1e-3, atol: float = 1e-4) -> BatchVerdict:
-    """Run the rows one by one, then 2 and all of them at once, and compare each row."""
-    rows = len(next(iter(feeds.values())))
+                  rtol: float = 1e-3, atol: float = 1e-4,
+                  fixed: frozenset[str] = frozenset()) -> BatchVerdict:
+    """Run the rows one by one, then 2 and all of them at once, and compare each row.
+    ``fixed`` inputs are fed whole to every run (a CLIP model's captions)."""
+    rows = len(next(v for k, v in feeds.items() if k not in fixed))
 
     def run(part: slice) -> list[np.ndarray]:
-        return session.run(output_names, {k: v[part] for k, v in feeds.items()})
+        return session.run(output_names, {k: v if k in fixed else v[part]
+                                          for k, v in feeds.items()})
 
     try:
         alone = [run(slice(i, i + 1)) for i in range(rows)]
@@ -121,6 +124,13 @@ def batch_verdict(session: Any, feeds: dict[str, np.ndarray], output_names: list
                     return BatchVerdict(False, f"in a batch of {size}, row {i} of output {name} "
                                                "differs from the row run alone")
     return BatchVerdict(True)
+
+
+def unbatched_inputs(bundle: LocalBundle) -> frozenset[str]:
+    """Inputs a task feeds whole beside every batch: a zero-shot (CLIP) bundle's captions."""
+    if bundle.spec.task != "zero-shot":
+        return frozenset()
+    return frozenset(n for n, s in bundle.spec.inputs.items() if s.startswith("tokens."))
 
 
 def _failure(exc: BaseException) -> str:

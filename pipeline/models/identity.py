@@ -37,6 +37,8 @@ def read_files(spec: BundleSpec) -> list[str]:
 LATER_KEYS = {"feature_count": None, "max_batch": None, "external_data": {}, "image": None,
               "rerank": None, "sparse": None, "detection": None}
 
+LATER_IMAGE_KEYS = {"any_size": False}  # and sizes' longest_edge (None)
+
 
 def canonical_spec(spec: BundleSpec) -> dict[str, Any]:
     """bundle.yaml as values: defaults filled in, provenance and the model hash left out."""
@@ -44,6 +46,13 @@ def canonical_spec(spec: BundleSpec) -> dict[str, Any]:
     for key, default in LATER_KEYS.items():
         if data.get(key) == default:
             data.pop(key, None)
+    image = data.get("image") or {}
+    for key, default in LATER_IMAGE_KEYS.items():
+        if image.get(key) == default:
+            image.pop(key, None)
+    for size in (image.get("size"), image.get("crop_size")):
+        if size and size.get("longest_edge") is None:
+            size.pop("longest_edge", None)
     data["outputs"] = [[role, name] for role, name in spec.outputs.items()]
     return data
 

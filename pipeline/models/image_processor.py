@@ -38,12 +38,18 @@ NO_OP = {"do_pad": (False, None), "do_flip_channel_order": (False, None),
          "do_image_splitting": (False, None)}
 
 
+# A detector's processor (DETR's): annotation handling, and padding to the batch's largest
+# image, which never happens here (images of one size share a batch).
+DETECTOR_IGNORED = {"format", "do_convert_annotations", "do_pad", "pad_size"}
+
+
 def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
-                  note: Any) -> dict[str, Any]:
+                  note: Any, any_size: bool = False) -> dict[str, Any]:
     """The ``image`` fields for a graph input ``pixels`` and what ``config`` (the content of
-    ``where``) says; ``note(key, value, source)`` records where each value came from."""
+    ``where``) says; ``note(key, value, source)`` records where each value came from.
+    ``any_size``: a detector's graph that takes each image at its own resized size."""
     for key, value in config.items():
-        if key in USED or key in IGNORED:
+        if key in USED or key in IGNORED or (any_size and key in DETECTOR_IGNORED):
             continue
         if key in NO_OP and value in NO_OP[key]:
             continue
@@ -59,7 +65,7 @@ def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
 
     take("do_resize", bool(config.get("do_resize", True)))
     take("resample", _resample(config.get("resample", 2), where))
-    size = _size(config.get("size"), "size", where)
+    size = _size(config.get("size"), "size", where, any_size)
     crop = _size(config.get("crop_size"), "crop_size", where) if config.get("crop_size") else None
     do_crop = bool(config.get("do_center_crop", False)) and crop is not None
     if kind.startswith("ConvNext") and size and "shortest_edge" in size:
@@ -74,6 +80,12 @@ def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
                          "expressed; the pipeline crops crop_size exactly")
     if size is not None:
         take("size", size)
+    if any_size:
+        if size is None or "shortest_edge" not in size or do_crop:
+            raise ModelError(f"{where}: a detector's size is shortest_edge (and longest_edge), "
+                             f"with no crop; this one is {config.get('size')!r}")
+        take("any_size", True, "a detector's graph takes any size: images of one resized "
+             "size share a batch, unpadded")
     if do_crop:
         take("do_center_crop", True)
         take("crop_size", crop)
@@ -108,7 +120,7 @@ def layout_of(pixels: TensorInfo) -> tuple[str, int, str]:
     return "NCHW", 3, f"input {pixels.name} fixes no channel dim: NCHW, as transformers exports"
 
 
-def _size(value: Any, key: str, where: str) -> dict[str, int] | None:
+def _size(value: Any, key: str, where: str, longest: bool = False) -> dict[str, int] | None:
     if value is None:
         return None
     if isinstance(value, int):  # old feature extractors: one number, a square
@@ -116,6 +128,9 @@ def _size(value: Any, key: str, where: str) -> dict[str, int] | None:
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return {"height": int(value[0]), "width": int(value[1])}
     if isinstance(value, dict):
+        if "longest_edge" in value and longest and "shortest_edge" in value:
+            return {"shortest_edge": int(value["shortest_edge"]),
+                    "longest_edge": int(value["longest_edge"])}
         if "longest_edge" in value:
             raise ModelError(f"{where}: field {key}.longest_edge is not expressed (the "
                              "pipeline resizes to height/width or to a shortest edge)")

@@ -45,7 +45,12 @@ from pipeline.models.bundle import (
     verified_sha256,
     write_bundle_spec,
 )
-from pipeline.models.checks import batch_verdict, load_session, synthesized_feeds
+from pipeline.models.checks import (
+    batch_verdict,
+    load_session,
+    synthesized_feeds,
+    unbatched_inputs,
+)
 from pipeline.models.interpret import Choices, Reading, interpret
 from pipeline.models.onnx_types import signature
 from pipeline.models.optimize import staging
@@ -155,14 +160,15 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         return imported
     feeds = (options.feeds or synthesized_feeds)(imported.bundle)
     session = load_session(imported.bundle, where=source.where).session
-    verdict = batch_verdict(session, feeds, _outputs(imported.bundle))
+    verdict = batch_verdict(session, feeds, _outputs(imported.bundle),
+                            fixed=unbatched_inputs(imported.bundle))
     if not verdict.ok:
         fixed = symbolic_batch(model)
         if fixed:
             _save_model(model, tmp, source.uri)
             bundle = _write(source, model, reading, repairs, tmp, None)
             verdict = batch_verdict(load_session(bundle, where=source.where).session, feeds,
-                                    _outputs(bundle))
+                                    _outputs(bundle), fixed=unbatched_inputs(bundle))
             if verdict.ok:
                 repairs.append(f"batch dim of {', '.join(fixed)} made symbolic (was fixed at 1)")
                 imported.bundle = _write(source, model, reading, repairs, tmp, None)

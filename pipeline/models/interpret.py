@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 from pipeline.errors import ModelError
 from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, TEXT_SOURCE
 from pipeline.models.detection import read_detector, ultralytics_metadata
+from pipeline.models.detr import detr_outputs, read_detr
 from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
@@ -43,7 +44,8 @@ TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_m
                 "token_type_ids": "tokens.type_ids"}
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
-TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "detect", "tensor")
+TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "detect", "zero-shot",
+         "tensor")
 PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
@@ -116,9 +118,15 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
             raise ModelError(f"{source.uri}: input {pixels.name} takes images and no "
                              f"{PREPROCESSOR} says how to make its pixels; save the model's "
                              "image processor beside it (processor.save_pretrained)")
-        reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}",
-                                      reading.note)
-        task = _image_task(source, graph, choices, reading)
+        if detr_outputs(graph) and choices.task in ("auto", "detect"):
+            task = _detr(source, graph, pixels, config, reading, choices.task)
+        elif tokens and any(o.name == "logits_per_image" for o in graph.outputs) and \
+                choices.task in ("auto", "zero-shot"):
+            task = _image_text(source, pixels, config, reading, choices.task)
+        else:
+            reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}",
+                                          reading.note)
+            task = _image_task(source, graph, choices, reading)
     else:
         task = _task(source, model, graph, zipmap, choices, reading, tokens)
     reading.task = task
@@ -179,6 +187,42 @@ def _detector(source: ModelSource, graph: Signature, meta: dict[str, str], readi
                      "graph runs at its export batch, as ultralytics runs it)")
     reading.note("task", "detect", "--task" if wanted == "detect" else
                  f"{where} task detect")
+
+
+def _image_text(source: ModelSource, pixels: TensorInfo, config: dict[str, Any],
+                reading: Reading, wanted: str) -> str:
+    """CLIP with both towers (Optimum's zero-shot-image-classification export): images scored
+    against captions a job makes from its labels."""
+    model_type = (source.json("config.json") or {}).get("model_type")
+    if model_type != "clip":
+        raise ModelError(f"{source.where}: a {model_type or 'two-tower'} image-text model "
+                         "(output logits_per_image); zero-shot reads CLIP, whose scores are a "
+                         "softmax over the labels (SigLIP's are sigmoids of captions padded "
+                         "to 64 tokens); import it with --task tensor")
+    reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}", reading.note)
+    reading.outputs = {"logits": "logits_per_image"}
+    reading.note("outputs.logits", "logits_per_image", "graph output name")
+    reading.note("task", "zero-shot", "--task" if wanted == "zero-shot" else
+                 "image and token inputs, output logits_per_image of a clip model (a job "
+                 "names the labels)")
+    return "zero-shot"
+
+
+def _detr(source: ModelSource, graph: Signature, pixels: TensorInfo, config: dict[str, Any],
+          reading: Reading, wanted: str) -> str:
+    """A DETR-style detector: its pixels as its processor makes them, at any size."""
+    reading.labels = read_detr(source.json("config.json") or {}, config, graph, source.where)
+    reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}", reading.note,
+                                  any_size=True)
+    reading.outputs = {"logits": "logits", "boxes": "pred_boxes"}
+    reading.detection = {"layout": "detr"}
+    reading.note("labels", reading.labels, "config.json id2label (logits has one more: no "
+                 "object)")
+    reading.note("detection.layout", "detr", "outputs logits and pred_boxes [batch, queries, "
+                 f"...] of a {(source.json('config.json') or {}).get('model_type')} model")
+    reading.note("task", "detect", "--task" if wanted == "detect" else
+                 "image input, outputs logits and pred_boxes")
+    return "detect"
 
 
 def _inputs(source: ModelSource, graph: Signature, choices: Choices, reading: Reading,

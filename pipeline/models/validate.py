@@ -16,7 +16,12 @@ from onnx import helper
 
 from pipeline.errors import ModelError
 from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle
-from pipeline.models.checks import batch_verdict, operator_problem, synthesized_feeds
+from pipeline.models.checks import (
+    batch_verdict,
+    operator_problem,
+    synthesized_feeds,
+    unbatched_inputs,
+)
 from pipeline.models.onnx_types import file_signature
 from pipeline.sessions import PROVIDER_NAMES, SHORT_NAMES, SessionSettings, create_session
 
@@ -145,10 +150,21 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
     if spec.task == "rerank" and (not spec.needs_tokenizer() or "logits" not in spec.outputs):
         raise ModelError(f"{where}: a rerank bundle needs token inputs and outputs.logits")
-    if spec.task == "detect" and (spec.detection is None or "detections" not in spec.outputs
-                                  or not spec.takes_letterboxed() or not spec.labels):
-        raise ModelError(f"{where}: a detect bundle needs an input fed by image.letterbox, "
-                         "outputs.detections, labels and a 'detection' section")
+    if spec.task == "zero-shot" and (not spec.takes_images() or not spec.needs_tokenizer()
+                                      or "logits" not in spec.outputs):
+        raise ModelError(f"{where}: a zero-shot bundle (CLIP) needs image and token inputs "
+                         "and outputs.logits (logits_per_image)")
+    if spec.task == "detect" and (spec.detection is None or not spec.labels):
+        raise ModelError(f"{where}: a detect bundle needs labels and a 'detection' section")
+    if spec.task == "detect" and spec.detection.layout == "detr" and (
+            {"logits", "boxes"} - set(spec.outputs) or not spec.takes_images()
+            or spec.image is None or not spec.image.any_size):
+        raise ModelError(f"{where}: a DETR detect bundle needs an input fed by image.pixels, "
+                         "an image section with any_size, outputs.logits and outputs.boxes")
+    if spec.task == "detect" and spec.detection.layout != "detr" and (
+            "detections" not in spec.outputs or not spec.takes_letterboxed()):
+        raise ModelError(f"{where}: a YOLO detect bundle needs an input fed by image.letterbox "
+                         "and outputs.detections")
     if spec.task == "sparse-embed" and ("embedding" not in spec.outputs or spec.sparse is None
                                         or not spec.needs_tokenizer()):
         raise ModelError(f"{where}: a sparse-embed bundle needs token inputs, outputs.embedding "
@@ -173,6 +189,9 @@ def _check_pixel_shape(bundle: LocalBundle) -> None:
         dims = graph.input(name).row_dims
         if dims is None:
             continue
+        if bundle.spec.image.any_size:  # only the channels are fixed
+            channel = 0 if bundle.spec.image.layout == "NCHW" else 2
+            dims = [d if i == channel else None for i, d in enumerate(dims)]
         if len(dims) != 3 or any(isinstance(d, int) and d > 0 and d != w
                                  for d, w in zip(dims, want, strict=False)):
             shown = ["?" if not isinstance(d, int) or d <= 0 else d for d in dims]
@@ -210,7 +229,8 @@ def check_batches(bundle: LocalBundle) -> str:
         return "runs one row per call (max_batch: 1)"
     session = create_session(str(bundle.model_path), SessionSettings()).session
     verdict = batch_verdict(session, synthesized_feeds(bundle),
-                            list(dict.fromkeys(bundle.spec.outputs.values())))
+                            list(dict.fromkeys(bundle.spec.outputs.values())),
+                            fixed=unbatched_inputs(bundle))
     if not verdict.ok:
         raise ModelError(f"{bundle.uri}: {verdict.problem}; import the model again (python -m "
                          "pipeline.models import) to repair it or run it one row per call")

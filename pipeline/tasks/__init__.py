@@ -26,6 +26,7 @@ from pipeline.tasks.sparse_embed import SparseEmbedTask
 from pipeline.tasks.tensor import TensorTask
 from pipeline.tasks.token_classify import TokenClassifyTask
 from pipeline.tasks.zero_shot import ZeroShotTask
+from pipeline.tasks.zero_shot_image import ImageZeroShotTask
 
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
@@ -47,6 +48,9 @@ SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": Class
 def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:
     """The job's task with what it leaves out taken from the bundle: the bundle's own task,
     and the conventional ``text`` column for a text classifier."""
+    if spec is None and bundle.spec.task == "zero-shot":
+        raise ConfigError(f"task.labels: {bundle.uri} is a zero-shot image classifier (CLIP); "
+                          "a job names its classes: task: {labels: [...]}")
     if spec is None:
         spec = SPECS[bundle.spec.task](kind=bundle.spec.task)
     if isinstance(spec, ClassifyTaskSpec) and spec.text_column is None and \
@@ -67,16 +71,18 @@ def build_task(
     the provider that runs the session ("cpu", "cuda", ...): it picks the batch sizes the job
     left out. ``storage_options`` open image files a path column names (the input's)."""
     spec = resolve_task(spec, bundle)
-    # Zero-shot runs an NLI classifier: a classify bundle with labels the task reads.
-    runs_on = "classify" if spec.kind == "zero-shot" else spec.kind
-    if bundle.spec.task != runs_on:
+    # Zero-shot runs an NLI classifier (a classify bundle with labels the task reads) or a
+    # CLIP model (a zero-shot bundle).
+    runs_on = ("classify", "zero-shot") if spec.kind == "zero-shot" else (spec.kind,)
+    if bundle.spec.task not in runs_on:
         raise ConfigError(
             f"task.kind: {spec.kind!r} but the bundle {bundle.uri} is a {bundle.spec.task!r} model"
         )
     batching = batching.for_device(device, bundle.spec.modality)
     if bundle.spec.max_batch is not None and batching.max_rows > bundle.spec.max_batch:
         batching = batching.model_copy(update={"max_rows": bundle.spec.max_batch})
-    return TASKS[spec.kind](bundle, spec, batching, input_types, storage_options)
+    kind = ImageZeroShotTask if bundle.spec.task == "zero-shot" else TASKS[spec.kind]
+    return kind(bundle, spec, batching, input_types, storage_options)
 
 
 __all__ = ["Batch", "Prepared", "Task", "build_task", "resolve_task"]

@@ -10,6 +10,10 @@ make them, in numpy.
   ``max_detections``.
 - Boxes back to the original image: padding removed, divided by separate x and y gains taken
   from the rounded resized size, clipped to the image.
+
+DETR's outputs as transformers' ``post_process_object_detection`` reads them: a softmax over
+the classes, the last ("no object") dropped, each query's best class above the threshold,
+boxes from centre and size fractions to corners in the original image's pixels, not clipped.
 """
 
 from __future__ import annotations
@@ -82,4 +86,21 @@ def to_image(detections: np.ndarray, box: Letterbox) -> np.ndarray:
     out[:, [1, 3]] = (out[:, [1, 3]] - box.top) / gain_y
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, box.width)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, box.height)
+    return out
+
+
+def from_detr(logits: np.ndarray, boxes: np.ndarray, score_threshold: float,
+              max_detections: int, height: int, width: int) -> np.ndarray:
+    """One image's ``[queries, classes + 1]`` logits and ``[queries, 4]`` boxes -> ``[n, 6]``
+    detections in the original image's pixels, in query order."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (shifted / shifted.sum(axis=1, keepdims=True))[:, :-1]
+    best = probs.max(axis=1)
+    classes = probs.argmax(axis=1).astype(np.float32)
+    keep = best > score_threshold
+    found = corners(boxes[keep].astype(np.float32)) * \
+        np.asarray([width, height, width, height], np.float32)
+    out = np.concatenate([found, best[keep, None], classes[keep, None]], axis=1)
+    if len(out) > max_detections:
+        out = out[np.sort(np.argsort(-out[:, 4], kind="stable")[:max_detections])]
     return out

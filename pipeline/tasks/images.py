@@ -5,7 +5,8 @@ The steps and their arithmetic are those of Hugging Face's (PIL-based) image pro
 bundle imported from ``preprocessor_config.json`` gets the pixels its model was trained on:
 the resize is Pillow's on the 8-bit image, ``shortest_edge`` keeps the aspect ratio with the
 long side truncated, the crop is centred with ``(size - crop) // 2`` and zero-padded where the
-image is smaller. EXIF orientation is not applied, as there.
+image is smaller. EXIF orientation is not applied, as there (a task that follows a pipeline,
+which loads images with ``load_image``, asks for it: zero-shot over images).
 
 A cell may hold encoded bytes (binary), a path or URI to an image file on any fsspec store
 (string), or a struct with ``bytes`` and ``path`` (the Image feature of Hugging Face datasets
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.errors import ConfigError, one_line
@@ -45,9 +46,12 @@ class BadImage(ValueError):
     """A cell that cannot become pixels; its message is the dead letter's reason."""
 
 
-def decode_image(data: bytes, spec: ImageSpec) -> Image.Image:
-    """The image in ``data``, loaded and converted to the bundle's channels."""
+def decode_image(data: bytes, spec: ImageSpec, exif: bool = False) -> Image.Image:
+    """The image in ``data``, loaded (``exif``: turned as its EXIF orientation says) and
+    converted to the bundle's channels."""
     image = open_image(data, spec.max_pixels)
+    if exif:
+        image = ImageOps.exif_transpose(image)
     # Grayscale, palette, RGBA, CMYK and 16-bit images all become the model's channels: its
     # input has a fixed channel count (RGBA loses alpha, as Pillow and transformers convert).
     mode = "RGB" if spec.channels == 3 else "L"
@@ -84,13 +88,33 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def resized_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     """(width, height) after ``size``: exact, or the short side to ``shortest_edge`` with the
-    long one scaled and truncated (transformers' ``get_resize_output_image_size``)."""
+    long one scaled and truncated (transformers' ``get_resize_output_image_size``), or with
+    ``longest_edge`` as DETR's processor bounds it."""
     size = spec.size
     if size.shortest_edge is None:
         return int(size.width), int(size.height)
+    if size.longest_edge is not None:
+        return detr_size(width, height, size.shortest_edge, size.longest_edge)
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size.shortest_edge, int(size.shortest_edge * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def detr_size(width: int, height: int, shortest: int, longest: int) -> tuple[int, int]:
+    """(width, height) as DETR's ``get_size_with_aspect_ratio`` makes them: the short side to
+    ``shortest``, unless the long side would pass ``longest``; then the short side rounds
+    to what fits and the long side is truncated from the unrounded size."""
+    raw = None
+    low, high = float(min(width, height)), float(max(width, height))
+    if high / low * shortest > longest:
+        raw = longest * low / high
+        shortest = round(raw)
+    if (height <= width and height == shortest) or (width <= height and width == shortest):
+        return width, height
+    scale = raw if raw is not None else shortest
+    if width < height:
+        return shortest, int(scale * height / width)
+    return int(scale * width / height), shortest
 
 
 def pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -112,25 +136,26 @@ def pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     if spec.do_normalize:
         array = (array - np.asarray(spec.image_mean, np.float32)) / \
             np.asarray(spec.image_std, np.float32)
-    if array.shape[:2] != spec.height_width:
+    if not spec.any_size and array.shape[:2] != spec.height_width:
         raise BadImage(f"pixels are {array.shape[1]}x{array.shape[0]}, expected "
                        f"{spec.height_width[1]}x{spec.height_width[0]}")
     return np.ascontiguousarray(array.transpose(2, 0, 1)) if spec.layout == "NCHW" else array
 
 
-def preprocess(data: bytes, spec: ImageSpec) -> np.ndarray:
-    return pixels(decode_image(data, spec), spec)
+def preprocess(data: bytes, spec: ImageSpec, exif: bool = False) -> np.ndarray:
+    return pixels(decode_image(data, spec, exif), spec)
 
 
 def image_encoder(bundle: Any, input_types: dict[str, str],
-                  storage_options: dict[str, Any] | None) -> ImageEncoder:
-    """The encoder for a bundle whose graph takes ``image.pixels``."""
+                  storage_options: dict[str, Any] | None, exif: bool = False) -> ImageEncoder:
+    """The encoder for a bundle whose graph takes ``image.pixels``; ``exif``: images turned
+    as their EXIF orientation says (as transformers' pipelines load them)."""
     name = next(n for n, s in bundle.spec.inputs.items() if s == IMAGE_SOURCE)
     if bundle.spec.image is None:
         raise ConfigError(f"model.uri: {bundle.uri} has an image input ({name}) but no 'image' "
                           "section in bundle.yaml")
     dtype = np.float16 if input_types.get(name) == "tensor(float16)" else np.float32
-    return ImageEncoder(bundle.spec.image, name, np.dtype(dtype), storage_options)
+    return ImageEncoder(bundle.spec.image, name, np.dtype(dtype), storage_options, exif=exif)
 
 
 def _worker_threads() -> int:
@@ -141,8 +166,10 @@ class ImageEncoder:
     """An image column -> lazily decoded batches of ``max_rows`` images."""
 
     def __init__(self, spec: ImageSpec, input_name: str, dtype: np.dtype,
-                 storage_options: dict[str, Any] | None = None, threads: int | None = None):
+                 storage_options: dict[str, Any] | None = None, threads: int | None = None,
+                 exif: bool = False):
         self.spec = spec
+        self.exif = exif
         self.input_name = input_name
         self.dtype = dtype
         self.storage_options = storage_options or {}
@@ -158,7 +185,7 @@ class ImageEncoder:
     def one(self, cell: bytes | str) -> np.ndarray | str:
         """Pixels, or the reason there are none."""
         try:
-            return preprocess(self.read(cell), self.spec)
+            return preprocess(self.read(cell), self.spec, self.exif)
         except BadImage as exc:
             return str(exc)
 

@@ -15,8 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError, ModelError
-from pipeline.tasks.base import Batch, Prepared, Task, fixed_size_list, softmax
+from pipeline.tasks.base import Batch, Prepared, Task, softmax
 from pipeline.tasks.text import TextEncoder, task_tokenizer, truncation_note
+from pipeline.tasks.zero_shot_image import zero_shot_columns, zero_shot_schema
+
+NLI_TEMPLATE = "This example is {}."  # the pipeline's hypothesis_template
 
 
 def entailment_index(labels: list[str]) -> int | None:
@@ -40,7 +43,8 @@ class ZeroShotTask(Task):
         tokenizer, max_length = task_tokenizer(bundle, spec)
         tokenizer.enable_truncation(max_length, strategy="only_first")  # never the hypothesis
         self.encoder = TextEncoder(tokenizer, bspec.inputs, keep_empty=False)
-        self.hypotheses = [spec.template.format(label) for label in spec.labels]
+        self.hypotheses = [(spec.template or NLI_TEMPLATE).format(label)
+                           for label in spec.labels]
 
     @property
     def input_columns(self) -> list[str]:
@@ -48,11 +52,7 @@ class ZeroShotTask(Task):
 
     @property
     def output_schema(self) -> pa.Schema:
-        fields = [(self.spec.label_column, pa.string()), (self.spec.score_column, pa.float32())]
-        if self.spec.probabilities_column:
-            fields.append((self.spec.probabilities_column,
-                           pa.list_(pa.float32(), len(self.spec.labels))))
-        return pa.schema(fields)
+        return zero_shot_schema(self.spec)
 
     @property
     def output_names(self) -> list[str]:
@@ -87,12 +87,5 @@ class ZeroShotTask(Task):
             scores = softmax(per_row[..., self.entail])
         finite = np.isfinite(scores).all(axis=1)
         bad = {int(r): "model produced non-finite values" for r in batch.rows[~finite]}
-        scores = scores[finite]
-        best = scores.argmax(axis=1)
-        columns = {self.spec.label_column: pa.array([self.spec.labels[i] for i in best],
-                                                    pa.string()),
-                   self.spec.score_column: pa.array(scores.max(axis=1), pa.float32())}
-        if self.spec.probabilities_column:
-            columns[self.spec.probabilities_column] = fixed_size_list(scores)
-        return columns, bad
+        return zero_shot_columns(self.spec, scores[finite]), bad
 

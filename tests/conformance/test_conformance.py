@@ -49,7 +49,8 @@ def reference(case: Path, variants: bool = False) -> dict[str, Any]:
             columns = {k: v for k, v in columns.items() if k not in meta(case).get("variants", {})}
         return columns
     with np.load(case / "reference.npz", allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+        return {name: data[name] for name in data.files
+                if variants or name not in meta(case).get("variants", {})}
 
 
 def reference_file(case: Path, folder: Path, spoil: bool = False) -> Path:
@@ -183,7 +184,7 @@ def test_every_task_setting_gives_the_frameworks_outputs(case, column):
                               task=task)
     out = predictor(table)
     want = reference(case, variants=True)[column]
-    assert sum(len(w or ()) for w in want) > 0
+    assert (np.size(want) if isinstance(want, np.ndarray) else sum(len(w or ()) for w in want))
     # The reference column is the output column it holds, suffixed: entities_first, ...
     written = [c for c in out.column_names if column.startswith(c + "_")]
     assert len(written) == 1, (column, out.column_names)

@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline.errors import ModelError
 from pipeline.models.detection import read_detector, ultralytics_metadata
+from pipeline.models.detr import read_detr
 from pipeline.models.onnx_types import Signature, TensorInfo
-from pipeline.tasks.detections import from_raw, nms, to_image
+from pipeline.tasks.detections import from_detr, from_raw, nms, to_image
+from pipeline.tasks.images import detr_size
 from pipeline.tasks.letterbox import letterbox_params, resize_bilinear
 
 CASES = Path(__file__).resolve().parents[1] / "conformance" / "cases"
@@ -72,3 +75,47 @@ def test_bilinear_resize_keeps_flat_images_flat_and_edges_in_range():
     ramp = np.tile(np.arange(0, 250, 5, dtype=np.uint8)[None, :, None], (8, 1, 3))
     out = resize_bilinear(ramp, 25, 4)
     assert out.shape == (4, 25, 3) and (np.diff(out[0, :, 0].astype(int)) >= 0).all()
+
+
+def test_detr_sizes_bound_the_long_side_and_round_as_detr_does():
+    # The short side to 96 unless the long one would pass 160; then the short side rounds.
+    assert detr_size(640, 480, 96, 160) == (128, 96)
+    assert detr_size(1000, 250, 96, 160) == (160, 40)
+    assert detr_size(250, 1000, 96, 160) == (40, 160)
+    assert detr_size(96, 150, 96, 160) == (96, 150)  # the short side already fits: kept
+    assert detr_size(96, 200, 96, 160) == (77, 160)
+    # raw short side 81.6: rounded to 82, while the long side is int(raw * 257 / 131) = 160.
+    assert detr_size(257, 131, 96, 160) == (160, 82)
+
+
+def test_detr_outputs_drop_no_object_and_scale_centre_boxes_to_the_image():
+    logits = np.array([[4.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 3.0, 0.0]], np.float32)
+    boxes = np.array([[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.25, 0.75, 0.5, 0.5]],
+                     np.float32)
+    found = from_detr(logits, boxes, 0.5, 300, height=100, width=200)
+    # Query 1 is no object; 0 and 2 keep their query order and class.
+    assert found[:, 5].tolist() == [0, 1]
+    np.testing.assert_allclose(found[0, :4], [80, 30, 120, 70])
+    np.testing.assert_allclose(found[1, :4], [0, 50, 100, 100])
+    assert (found[:, 4] > 0.9).all()
+    assert len(from_detr(logits, boxes, 0.5, 1, 100, 200)) == 1
+
+
+def test_only_detr_families_are_read_as_detr():
+    graph = Signature(
+        inputs=(TensorInfo("pixel_values", "tensor", onnx.TensorProto.FLOAT,
+                           ("b", 3, "h", "w")),),
+        outputs=(TensorInfo("logits", "tensor", onnx.TensorProto.FLOAT, ("b", 100, 4)),
+                 TensorInfo("pred_boxes", "tensor", onnx.TensorProto.FLOAT, ("b", 100, 4))))
+    processor = {"image_processor_type": "DetrImageProcessor"}
+    labels = {"0": "a", "1": "b", "2": "c"}
+    assert read_detr({"model_type": "detr", "id2label": labels}, processor, graph, "m") == \
+        ["a", "b", "c"]
+    for config, words in (({"model_type": "deformable_detr", "id2label": labels}, "deformable_detr"),
+                          ({"model_type": "detr", "id2label": {"0": "a"}}, "expected 2")):
+        try:
+            read_detr(config, processor, graph, "m")
+        except ModelError as exc:
+            assert words in str(exc) and "\n" not in str(exc)
+        else:
+            raise AssertionError(config)
