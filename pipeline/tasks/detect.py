@@ -18,6 +18,7 @@ fails the image. Such an image runs at the full square, and the report counts it
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +30,7 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, PIL_MAX_PIXELS
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.detections import from_chosen, from_detr, from_raw, to_image
-from pipeline.tasks.images import BadImage, image_cells, open_image, pixels, read_cell
+from pipeline.tasks.images import BadImage, image_cells, open_image, read_cell, resized, scaled
 from pipeline.tasks.letterbox import Letterbox, letterbox_params, letterboxed, rgb_of, to_input
 
 DETECTION_TYPE = pa.struct([("label", pa.string()), ("score", pa.float32()),
@@ -83,12 +84,13 @@ class DetectTask(Task):
         return box, False
 
     def one(self, cell: Any) -> tuple[np.ndarray, Letterbox | tuple[int, int], bool] | str:
-        """The model input of one image and where it went (its letterbox, or for DETR its
-        height and width), whether it was squared; or why there is none."""
+        """One image as 8-bit model input (letterboxed ``[3, H, W]``, or for DETR resized
+        ``[H, W, 3]``), where it went (its letterbox, or its height and width), whether it
+        was squared; or why there is none. Float pixels are made batch by batch."""
         try:
             rgb = rgb_of(open_image(read_cell(cell, self.storage_options), PIL_MAX_PIXELS))
             if self.detr:
-                return pixels(Image.fromarray(rgb), self.bundle.spec.image), rgb.shape[:2], \
+                return resized(Image.fromarray(rgb), self.bundle.spec.image), rgb.shape[:2], \
                     False
         except BadImage as exc:
             return str(exc)
@@ -97,7 +99,8 @@ class DetectTask(Task):
 
     def _input(self, images: list[np.ndarray]) -> np.ndarray:
         if self.detr:
-            return np.stack(images).astype(self.dtype, copy=False)
+            return scaled(np.stack(images), self.bundle.spec.image).astype(self.dtype,
+                                                                          copy=False)
         return to_input(images, self.dtype)
 
     def prepare(self, table: pa.Table) -> Prepared:
@@ -111,20 +114,20 @@ class DetectTask(Task):
             if isinstance(result, str):
                 bad[row] = result
                 continue
-            pixels, box, was_squared = result
+            image, box, was_squared = result
             squared += was_squared
-            by_shape.setdefault(pixels.shape[1:], []).append((row, pixels, box))
-        cap = self.batching.max_rows
-        batches = []
-        for group in by_shape.values():
-            for start in range(0, len(group), cap):
-                part = group[start:start + cap]
-                batches.append(Batch(
-                    rows=np.asarray([r for r, _, _ in part], dtype=np.int64),
-                    feeds={self.input_name: self._input([p for _, p, _ in part])},
-                    meta=[b for _, _, b in part]))
-        return Prepared(batches=batches, bad=bad,
+            by_shape.setdefault(image.shape, []).append((row, image, box))
+        parts = [group[start:start + self.batching.max_rows] for group in by_shape.values()
+                 for start in range(0, len(group), self.batching.max_rows)]
+        return Prepared(batches=self._batches(parts), bad=bad,  # type: ignore[arg-type]
                         notes={SQUARED_NOTE: squared} if squared else {})
+
+    def _batches(self, parts: list[list[tuple[int, np.ndarray, Any]]]) -> Iterator[Batch]:
+        """Float input made as each batch is reached: a window holds 8-bit images only."""
+        for part in parts:
+            yield Batch(rows=np.asarray([r for r, _, _ in part], dtype=np.int64),
+                        feeds={self.input_name: self._input([p for _, p, _ in part])},
+                        meta=[b for _, _, b in part])
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
         outs = [np.asarray(o, dtype=np.float32) for o in outputs]

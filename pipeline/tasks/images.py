@@ -117,8 +117,8 @@ def detr_size(width: int, height: int, shortest: int, longest: int) -> tuple[int
     return int(scale * width / height), shortest
 
 
-def pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """One image as float32 pixels of ``spec.pixel_shape``."""
+def resized(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One image resized and cropped, as 8-bit ``[H, W, C]``."""
     if spec.do_resize:
         target = resized_size(*image.size, spec)
         if target != image.size:
@@ -128,18 +128,31 @@ def pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
         top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
         if (top, left, crop_w, crop_h) != (0, 0, image.width, image.height):
             image = image.crop((left, top, left + crop_w, top + crop_h))  # pads with zeros
-    array = np.asarray(image, dtype=np.float32)
+    array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
+    if not spec.any_size and array.shape[:2] != spec.height_width:
+        raise BadImage(f"pixels are {array.shape[1]}x{array.shape[0]}, expected "
+                       f"{spec.height_width[1]}x{spec.height_width[0]}")
+    return array
+
+
+def scaled(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """8-bit ``[..., H, W, C]`` images rescaled, normalized and laid out as float32."""
+    array = images.astype(np.float32)
     if spec.do_rescale:
         array = array * np.float32(spec.rescale_factor)
     if spec.do_normalize:
         array = (array - np.asarray(spec.image_mean, np.float32)) / \
             np.asarray(spec.image_std, np.float32)
-    if not spec.any_size and array.shape[:2] != spec.height_width:
-        raise BadImage(f"pixels are {array.shape[1]}x{array.shape[0]}, expected "
-                       f"{spec.height_width[1]}x{spec.height_width[0]}")
-    return np.ascontiguousarray(array.transpose(2, 0, 1)) if spec.layout == "NCHW" else array
+    if spec.layout == "NCHW":
+        array = np.moveaxis(array, -1, -3)
+    return np.ascontiguousarray(array)
+
+
+def pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One image as float32 pixels of ``spec.pixel_shape``."""
+    return scaled(resized(image, spec), spec)
 
 
 def preprocess(data: bytes, spec: ImageSpec, exif: bool = False) -> np.ndarray:

@@ -199,7 +199,8 @@ CLI_CASE = "skl2onnx_zipmap"
 # Cases whose job runs in tests/integration/test_task_families.py (incremental runs into a
 # table, a folder of images): not run a second time here.
 JOB_ELSEWHERE = {"optimum_ner_bpe", "optimum_zero_shot_nli", "sentence_transformers_splade",
-                 "ultralytics_yolo_raw", "ultralytics_yolo26_end2end"}
+                 "ultralytics_yolo_raw", "ultralytics_yolo26_end2end", "optimum_detr_detector",
+                 "optimum_clip_zero_shot"}
 
 
 @pytest.mark.usefixtures("ray_cluster")

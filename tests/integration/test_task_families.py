@@ -81,6 +81,8 @@ FAMILIES = [
      "probabilities"),
     ("sentence_transformers_splade", None, "lance", "sparse_embedding"),
     ("ultralytics_yolo_raw", None, "lance", "detections"),
+    ("optimum_detr_detector", None, "lance", "detections"),
+    ("optimum_clip_zero_shot", {"labels": ["disc", "bar", "box"]}, "delta", "probabilities"),
 ]
 
 
