@@ -94,7 +94,8 @@ class LoadedModel:
                               f"use some of {', '.join(PROVIDER_NAMES)} in order of preference")
         # A bundle, or a converter's output imported once per node (cached by content).
         self.bundle, self.imported = open_model(model, storage_options, sha256)
-        self.task_spec = resolve_task(task_spec(task, self.bundle.spec.task), self.bundle)
+        self.task_spec = resolve_task(None if task is None else
+                                      task_spec(task, self.bundle.spec.task), self.bundle)
         self.sessions = SessionCache()
         self.session = self.sessions.get(
             str(self.bundle.model_path), self.bundle.sha256,

@@ -326,3 +326,17 @@ def pipeline_score(table: pa.Table, model: str, task: dict[str, Any]) -> pa.Tabl
     import pipeline
 
     return pipeline.score(table, model=model, task=task, passthrough=["id"])
+
+
+def test_clip_zero_shot_asks_for_labels_and_refuses_what_clip_cannot_score():
+    from pipeline.errors import ConfigError
+
+    src = str(CASES_DIR / "optimum_clip_zero_shot" / "src")
+    table = pq.read_table(CASES_DIR / "optimum_clip_zero_shot" / "sample.parquet")
+    refusals = [(None, "task.labels: "), ({"labels": ["box", "bar"], "multi_label": True},
+                                         "task.multi_label: CLIP"),
+                ({"labels": ["box", "a very long label " * 3]}, "over the model's max_length")]
+    for task, words in refusals:
+        with pytest.raises(ConfigError, match=words) as refused:
+            OnnxPredictor(src, task)(table)
+        assert "\n" not in str(refused.value)
