@@ -105,11 +105,11 @@ class _Runner:
     def run(self, batch: Batch) -> None:
         self.runs += 1
         try:
-            if self.bound_device is not None:
+            if self.bound_device is not None and not self.task.loops:
                 outputs = run_bound(self.session, self.task.output_names, batch.feeds,
                                     "cuda", self.bound_device)
             else:
-                outputs = self.session.run(self.task.output_names, batch.feeds)
+                outputs = self.task.run_model(self.session, batch.feeds)
         except Exception as exc:  # onnxruntime raises RuntimeError subclasses
             self._failed(batch, exc)
             return
@@ -156,7 +156,7 @@ class _Runner:
             return
         self.probes += 1
         try:
-            self.session.run(self.task.output_names, feeds)
+            self.task.run_model(self.session, feeds)
         except Exception as exc:
             self.check_provider(message)
             raise self._device_error(

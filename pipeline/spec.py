@@ -240,6 +240,31 @@ class ZeroShotTaskSpec(Strict):
         return value
 
 
+class GenerateTaskSpec(Strict):
+    """Text generated for each prompt by a causal LM, as transformers' ``generate`` gives it
+    (greedy by default; sampling with a seed gives the same text on every run)."""
+
+    kind: Literal["generate"]
+    prompt_column: str = "prompt"
+    output_column: str = "generated"
+    max_new_tokens: int = Field(256, gt=0, description="new tokens at most, whatever the "
+                                "prompt's length")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (the most likely token)")
+    top_k: int = Field(0, ge=0, description="sample from the k likeliest tokens (0: all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample from the likeliest tokens "
+                         "holding this much probability")
+    seed: int = Field(0, ge=0, description="with sampling: a row gets the same text on every "
+                      "run and in any batch")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="a text ends before the first of these it writes")
+
+    @model_validator(mode="after")
+    def _sampling(self) -> GenerateTaskSpec:
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            raise ValueError("top_k and top_p sample: set temperature above 0")
+        return self
+
+
 class TensorTaskSpec(Strict):
     kind: Literal["tensor"]
     output_prefix: str = ""
@@ -258,7 +283,8 @@ TaskSpec = Annotated[
     | Annotated[TokenClassifyTaskSpec, Tag("token-classify")]
     | Annotated[SparseEmbedTaskSpec, Tag("sparse-embed")]
     | Annotated[DetectTaskSpec, Tag("detect")]
-    | Annotated[ZeroShotTaskSpec, Tag("zero-shot")] | Annotated[TensorTaskSpec, Tag("tensor")],
+    | Annotated[ZeroShotTaskSpec, Tag("zero-shot")] | Annotated[GenerateTaskSpec, Tag("generate")]
+    | Annotated[TensorTaskSpec, Tag("tensor")],
     Discriminator(_task_kind)]
 
 
@@ -515,4 +541,9 @@ def output_columns(task: Any) -> list[str]:
         return cols + ([task.probabilities_column] if task.probabilities_column else [])
     if isinstance(task, TokenClassifyTaskSpec | SparseEmbedTaskSpec | DetectTaskSpec):
         return [task.output_column]
+    if isinstance(task, GenerateTaskSpec):
+        return [task.output_column, *GENERATION_COLUMNS]
     return []
+
+
+GENERATION_COLUMNS = ("finish_reason", "tokens_in", "tokens_out")

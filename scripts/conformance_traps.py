@@ -157,5 +157,6 @@ def optimum_causal_gpt2(out: Path, fresh: Any, versions: Any) -> None:
     write_refused(folder, {
         "converter": "Optimum (ORTModelForCausalLM export, text-generation-with-past)",
         "versions": versions("optimum", "transformers", "torch"), "task": "generate",
-        "refused": "a text generation model", "refused_also": ["causal", "past_key_values"],
-        "trap": "logits [batch, tokens, vocab] with past_key_values inputs"})
+        "refused": "a text generation model", "refused_also": ["KV cache", "no tokenizer.json"],
+        "trap": "logits [batch, tokens, vocab] with past_key_values inputs, saved without its "
+                "tokenizer"})

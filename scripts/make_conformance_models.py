@@ -621,6 +621,13 @@ def optimum_clip_zero_shot(out: Path) -> None:
     conformance_vision.optimum_clip_zero_shot(out, fresh, versions)
 
 
+def optimum_causal_llama(out: Path) -> None:
+    """A Llama with its KV cache (scripts/conformance_generate.py)."""
+    import conformance_generate
+
+    conformance_generate.optimum_causal_llama(out, fresh, versions)
+
+
 CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          sentence_transformers_onnx, optimum_text_classifier, skl2onnx_zipmap,
          onnxmltools_lightgbm, tf2onnx_nhwc_conv, optimum_image_classifier,
@@ -628,7 +635,7 @@ CASES = [torchscript_fixed_batch, torchscript_reshape, dynamo_multi_output,
          missing_operator, optimum_ner_wordpiece, optimum_ner_bpe, skl2onnx_tfidf_text,
          optimum_one_logit_classifier, onnxconverter_fp16, optimum_seq2seq_t5,
          optimum_causal_gpt2, optimum_zero_shot_nli, sentence_transformers_splade,
-         optimum_detr_detector, optimum_clip_zero_shot]
+         optimum_detr_detector, optimum_clip_zero_shot, optimum_causal_llama]
 
 
 def main() -> None:

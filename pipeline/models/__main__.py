@@ -93,7 +93,7 @@ def _import_arguments(imp: argparse.ArgumentParser) -> None:
     imp.add_argument("--out", required=True, type=Path)
     imp.add_argument("--task", default="auto",
                      choices=["auto", "embed", "classify", "rerank", "token-classify",
-                              "sparse-embed", "detect", "zero-shot", "tensor"])
+                              "sparse-embed", "detect", "zero-shot", "generate", "tensor"])
     imp.add_argument("--model-file", help="the .onnx file of a folder holding several "
                      "(model_quantized.onnx beside model.onnx): default model.onnx")
     imp.add_argument("--pooling", choices=["mean", "cls", "max", "sum"],

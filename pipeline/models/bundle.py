@@ -34,6 +34,7 @@ TOKEN_SOURCES = ("tokens.ids", "tokens.attention_mask", "tokens.type_ids")
 IMAGE_SOURCE = "image.pixels"
 TEXT_SOURCE = "text"  # a string input fed the text column as it is (skl2onnx text pipelines)
 LETTERBOX_SOURCE = "image.letterbox"  # YOLO's input: letterboxed RGB in 0-1 (bundle detection)
+GENERATION_SOURCE = "generation.state"  # positions and KV cache, fed by the generation loop
 # Pillow's resampling filters by the names Hugging Face's image processors give their numbers.
 RESAMPLE_NAMES = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 PIL_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
@@ -174,6 +175,20 @@ class DetectionSpec(BaseModel):
         return self
 
 
+class GenerationSpec(BaseModel):
+    """A text generation model: how its loop runs and when a text ends."""
+
+    model_config = ConfigDict(extra="forbid")
+    # onnx-causal: a causal LM exported with its KV cache (Optimum's text-generation-with-past),
+    # run by the pipeline's own loop on onnxruntime (pipeline.models.decoding).
+    runtime: Literal["onnx-causal"] = "onnx-causal"
+    eos_token_ids: list[int] = Field(min_length=1)  # any of them ends a text
+    pad_token_id: int = Field(ge=0)  # what left padding is filled with (masked out)
+    max_context: int = Field(gt=1)  # prompt and new tokens together
+    # transformers' decode(clean_up_tokenization_spaces=True): " ." -> "." and the like.
+    clean_up_spaces: bool = False
+
+
 class RerankSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The score a pair gets: the raw logit, or its sigmoid (sentence-transformers' CrossEncoder
@@ -189,7 +204,7 @@ class BundleSpec(BaseModel):
     # zero-shot: a CLIP model with both towers (a job names the labels); an NLI model is a
     # classify bundle that a zero-shot job runs.
     task: Literal["embed", "classify", "tensor", "rerank", "token-classify", "sparse-embed",
-                  "detect", "zero-shot"]
+                  "detect", "zero-shot", "generate"]
     model_file: str = "model.onnx"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # graph input name -> what feeds it: tokens.ids | tokens.attention_mask |
@@ -203,6 +218,7 @@ class BundleSpec(BaseModel):
     rerank: RerankSpec | None = None
     sparse: SparseSpec | None = None
     detection: DetectionSpec | None = None
+    generation: GenerationSpec | None = None
     embedding: EmbeddingSpec | None = None
     features: list[str] | None = None  # input columns in the model's feature order
     # A features input whose converter kept no names: how many columns it takes (a job then
@@ -222,7 +238,7 @@ class BundleSpec(BaseModel):
     def _known_sources(cls, value: dict[str, str]) -> dict[str, str]:
         for name, source in value.items():
             if source not in (*TOKEN_SOURCES, "features", IMAGE_SOURCE, TEXT_SOURCE,
-                              LETTERBOX_SOURCE) and \
+                              LETTERBOX_SOURCE, GENERATION_SOURCE) and \
                     not source.startswith("column:"):
                 raise ValueError(
                     f"input {name!r} has source {source!r}; use one of "

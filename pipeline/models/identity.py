@@ -35,7 +35,7 @@ def read_files(spec: BundleSpec) -> list[str]:
 # Keys added after IDENTITY_FORMAT 1: they count only when set, so that every bundle written
 # before them keeps its identity (and every output its fingerprint).
 LATER_KEYS = {"feature_count": None, "max_batch": None, "external_data": {}, "image": None,
-              "rerank": None, "sparse": None, "detection": None}
+              "rerank": None, "sparse": None, "detection": None, "generation": None}
 
 LATER_IMAGE_KEYS = {"any_size": False}  # and sizes' longest_edge (None)
 

@@ -33,6 +33,7 @@ from pipeline.models.bundle import (
     BundleSpec,
     DetectionSpec,
     EmbeddingSpec,
+    GenerationSpec,
     ImageSpec,
     LocalBundle,
     RerankSpec,
@@ -51,6 +52,8 @@ from pipeline.models.checks import (
     synthesized_feeds,
     unbatched_inputs,
 )
+from pipeline.models.decoding import CacheLayout, batch_agrees
+from pipeline.models.generation import probe_prompts
 from pipeline.models.interpret import Choices, Reading, interpret
 from pipeline.models.onnx_types import signature
 from pipeline.models.optimize import staging
@@ -158,6 +161,10 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         load_session(imported.bundle, where=source.where)
         validate_bundle(imported.bundle, smoke=True, providers=["cpu"])
         return imported
+    if reading.task == "generate":
+        _generation_batches(imported, source, model, reading, repairs, tmp)
+        validate_bundle(imported.bundle, smoke=True, providers=["cpu"])
+        return imported
     feeds = (options.feeds or synthesized_feeds)(imported.bundle)
     session = load_session(imported.bundle, where=source.where).session
     verdict = batch_verdict(session, feeds, _outputs(imported.bundle),
@@ -186,6 +193,21 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         imported.bundle = _write(source, model, reading, repairs, tmp, 1, imported.warnings)
     validate_bundle(imported.bundle, smoke=True, providers=["cpu"])
     return imported
+
+
+def _generation_batches(imported: Imported, source: ModelSource, model: onnx.ModelProto,
+                        reading: Reading, repairs: list[str], tmp: Path) -> None:
+    """Greedy tokens of prompts batched equal those of each alone, or the model runs one
+    prompt per call, with a warning that says where they differ."""
+    bundle = imported.bundle
+    session = load_session(bundle, where=source.where).session
+    problem = batch_agrees(session, CacheLayout.of(session),
+                           probe_prompts(str(bundle.tokenizer_path)),
+                           bundle.spec.generation.pad_token_id)
+    if problem:
+        imported.warnings.append(f"runs one prompt per call: batched generation differs from "
+                                 f"one prompt at a time ({problem})")
+        imported.bundle = _write(source, model, reading, repairs, tmp, 1, imported.warnings)
 
 
 def _same_outputs(original: onnx.ModelProto, source: ModelSource, bundle: LocalBundle,
@@ -255,6 +277,7 @@ def _write(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         rerank=RerankSpec(**reading.rerank) if reading.rerank else None,
         sparse=SparseSpec(**reading.sparse) if reading.sparse else None,
         detection=DetectionSpec(**reading.detection) if reading.detection else None,
+        generation=GenerationSpec(**reading.generation) if reading.generation else None,
         features=reading.features, feature_count=reading.feature_count, labels=reading.labels,
         max_batch=max_batch,
         external_data={name: verified_sha256(tmp / name) for name in source.external},

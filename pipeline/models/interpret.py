@@ -32,9 +32,10 @@ import onnx
 from tokenizers import Tokenizer
 
 from pipeline.errors import ModelError
-from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, TEXT_SOURCE
+from pipeline.models.bundle import GENERATION_SOURCE, IMAGE_SOURCE, LETTERBOX_SOURCE, TEXT_SOURCE
 from pipeline.models.detection import read_detector, ultralytics_metadata
 from pipeline.models.detr import detr_outputs, read_detr
+from pipeline.models.generation import cache_inputs, read_causal
 from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
@@ -45,7 +46,7 @@ TOKEN_INPUTS = {"input_ids": "tokens.ids", "attention_mask": "tokens.attention_m
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 IMAGE_EMBEDDINGS = ("image_embeds", "pooler_output", "embeddings", "embedding")
 TASKS = ("embed", "classify", "rerank", "token-classify", "sparse-embed", "detect", "zero-shot",
-         "tensor")
+         "generate", "tensor")
 PREPROCESSOR = "preprocessor_config.json"
 HUGE_MAX_LENGTH = 1_000_000  # tokenizer_config.json's "no limit" is 1e30
 
@@ -73,6 +74,7 @@ class Reading:
     rerank: dict[str, Any] | None = None  # {activation}
     sparse: dict[str, Any] | None = None  # {pooling, activation, dim}: SPLADE
     detection: dict[str, Any] | None = None  # {layout, imgsz, stride, rect}: YOLO
+    generation: dict[str, Any] | None = None  # a causal LM's loop (bundle GenerationSpec)
     max_batch: int | None = None  # rows per call the export allows (an nms=True graph)
     findings: list[Finding] = field(default_factory=list)
 
@@ -93,8 +95,9 @@ class Choices:
 
 def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
               zipmap: ZipMapRemoved | None, choices: Choices) -> Reading:
-    _refuse_generation(source, graph)
     reading = Reading()
+    if _generation(source, graph, reading, choices.task):
+        return reading
     meta = ultralytics_metadata(model)
     if meta is not None and (choices.task == "detect" or
                              (choices.task == "auto" and meta.get("task", "detect") == "detect")):
@@ -146,22 +149,51 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
 GENERATION_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-def _refuse_generation(source: ModelSource, graph: Signature) -> None:
-    """A causal LM scores nothing in one forward pass: say so in one line, not that its
-    logits lack labels."""
-    cache = [i.name for i in graph.inputs if i.name.startswith("past_key_values")]
-    architectures = (source.json("config.json") or {}).get("architectures") or []
+def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted: str) -> bool:
+    """A causal LM with its KV cache is a ``generate`` model; one without a cache scores
+    nothing in one forward pass: say so in one line, not that its logits lack labels."""
+    cache = cache_inputs(graph)
+    config = source.json("config.json") or {}
+    architectures = config.get("architectures") or []
     lm = [a for a in architectures if isinstance(a, str) and a.endswith(GENERATION_ARCHITECTURES)]
+    if cache and wanted in ("auto", "generate"):
+        if "tokenizer.json" not in source.configs:
+            raise ModelError(f"{source.uri}: a text generation model (a causal LM with a KV "
+                             "cache) and no tokenizer.json lies beside it (save the tokenizer "
+                             "with the model)")
+        vocabulary = Tokenizer.from_file(str(source.configs["tokenizer.json"])).get_vocab()
+        reading.generation = read_causal(config, source.json("generation_config.json") or {},
+                                         source.json("tokenizer_config.json") or {},
+                                         vocabulary, graph, source.where)
+        for info in graph.inputs:
+            role = TOKEN_INPUTS.get(info.name, GENERATION_SOURCE)
+            reading.inputs[info.name] = role
+        reading.outputs = {"logits": "logits"}
+        reading.text = {"tokenizer": "tokenizer.json",
+                        "max_length": reading.generation["max_context"]}
+        reading.task = "generate"
+        where = "generation_config.json or config.json"
+        reading.note("inputs", f"input_ids, attention_mask; {len(cache)} cache inputs fed by "
+                     "the generation loop", "graph input names (past_key_values.*)")
+        reading.note("generation.eos_token_ids", reading.generation["eos_token_ids"],
+                     f"{where} eos_token_id")
+        reading.note("generation.pad_token_id", reading.generation["pad_token_id"],
+                     f"{where} pad_token_id, else the tokenizer's pad_token, else eos")
+        reading.note("generation.max_context", reading.generation["max_context"],
+                     "config.json max_position_embeddings")
+        reading.note("task", "generate", "--task" if wanted == "generate" else
+                     f"a causal LM with a KV cache ({cache[0]} and {len(cache) - 1} more)")
+        return True
     if cache:
         raise ModelError(f"{source.where}: a text generation model (a causal LM with a KV "
-                         f"cache: inputs {cache[0]} and {len(cache) - 1} more, as Optimum's "
-                         "text-generation-with-past export writes it); it runs as a loop of "
-                         "decoding steps, which no task here runs yet")
+                         f"cache: inputs {cache[0]} and {len(cache) - 1} more); --task "
+                         f"{wanted} does not fit it (--task generate)")
     logits = next((o for o in graph.outputs if o.name == "logits"), None)
     if lm and logits is not None and logits.dims is not None and len(logits.dims) == 3:
-        raise ModelError(f"{source.where}: a text generation model ({lm[0]} in config.json, "
-                         "logits over the vocabulary for each token); it runs as a loop of "
-                         "decoding steps, which no task here runs yet")
+        raise ModelError(f"{source.where}: a text generation model ({lm[0]} in config.json) "
+                         "exported without its KV cache; export it with one (Optimum: --task "
+                         "text-generation-with-past) to run it as a generate model")
+    return False
 
 
 def _detector(source: ModelSource, graph: Signature, meta: dict[str, str], reading: Reading,

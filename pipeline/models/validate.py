@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, one_line
 from pipeline.models.bundle import IMAGE_SOURCE, LocalBundle
 from pipeline.models.checks import (
     batch_verdict,
@@ -22,6 +23,8 @@ from pipeline.models.checks import (
     synthesized_feeds,
     unbatched_inputs,
 )
+from pipeline.models.decoding import CacheLayout, batch_agrees
+from pipeline.models.generation import probe_prompts
 from pipeline.models.onnx_types import file_signature
 from pipeline.sessions import PROVIDER_NAMES, SHORT_NAMES, SessionSettings, create_session
 
@@ -150,6 +153,10 @@ def _check_task_fields(bundle: LocalBundle) -> None:
         raise ModelError(f"{where}: a classify bundle needs outputs.probabilities or logits")
     if spec.task == "rerank" and (not spec.needs_tokenizer() or "logits" not in spec.outputs):
         raise ModelError(f"{where}: a rerank bundle needs token inputs and outputs.logits")
+    if spec.task == "generate" and (spec.generation is None or spec.text is None
+                                     or "tokens.ids" not in spec.inputs.values()):
+        raise ModelError(f"{where}: a generate bundle needs a 'generation' section, a "
+                         "tokenizer and an input fed by tokens.ids")
     if spec.task == "zero-shot" and (not spec.takes_images() or not spec.needs_tokenizer()
                                       or "logits" not in spec.outputs):
         raise ModelError(f"{where}: a zero-shot bundle (CLIP) needs image and token inputs "
@@ -208,6 +215,8 @@ def smoke_run(bundle: LocalBundle, provider: str) -> ProviderCheck:
         raise ModelError(f"{where}: {operator_problem(exc, bundle.model_path)}") from exc
     if loaded.active != provider:
         return ProviderCheck(provider, False, loaded.fallback or "not loaded")
+    if bundle.spec.task == "generate":
+        return _generation_smoke(bundle, loaded.session, provider)
     feeds = synthesized_feeds(bundle, rows=min(2, bundle.spec.max_batch or 2))
     try:
         outputs = loaded.session.run(None, feeds)
@@ -222,11 +231,30 @@ def smoke_run(bundle: LocalBundle, provider: str) -> ProviderCheck:
     return ProviderCheck(provider, True, f"ok: {shapes}")
 
 
+def _generation_smoke(bundle: LocalBundle, session: Any, provider: str) -> ProviderCheck:
+    """Four greedy tokens for prompts of three lengths, batched and alone."""
+    try:
+        layout = CacheLayout.of(session)
+        problem = batch_agrees(session, layout, probe_prompts(str(bundle.tokenizer_path)),
+                               bundle.spec.generation.pad_token_id)
+    except Exception as exc:  # onnxruntime raises RuntimeError subclasses
+        raise ModelError(f"{bundle.uri}: generation on {provider} failed "
+                         f"({one_line(exc, 240)})") from exc
+    if problem and bundle.spec.max_batch != 1:
+        raise ModelError(f"{bundle.uri}: batched generation differs from one prompt at a time "
+                         f"({problem}); import the model again to run it one prompt per call")
+    return ProviderCheck(provider, True, "ok: 4 greedy tokens for 3 prompts" +
+                         ("" if problem else ", batched and alone alike"))
+
+
 def check_batches(bundle: LocalBundle) -> str:
     """Batches of 1, 2 and 7 rows give every row its own outputs (not for a bundle that runs
     one row per call); what was checked, in words."""
     if bundle.spec.max_batch == 1:
         return "runs one row per call (max_batch: 1)"
+    if bundle.spec.task == "generate":  # the smoke run compares batched and alone
+        smoke_run(bundle, "cpu")
+        return "greedy tokens of 3 prompts batched and alone agree"
     session = create_session(str(bundle.model_path), SessionSettings()).session
     verdict = batch_verdict(session, synthesized_feeds(bundle),
                             list(dict.fromkeys(bundle.spec.outputs.values())),

@@ -11,6 +11,7 @@ from pipeline.spec import (
     ClassifyTaskSpec,
     DetectTaskSpec,
     EmbedTaskSpec,
+    GenerateTaskSpec,
     RerankTaskSpec,
     SparseEmbedTaskSpec,
     TensorTaskSpec,
@@ -21,6 +22,7 @@ from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.detect import DetectTask
 from pipeline.tasks.embed import EmbedTask
+from pipeline.tasks.generate import GenerateTask
 from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.sparse_embed import SparseEmbedTask
 from pipeline.tasks.tensor import TensorTask
@@ -31,17 +33,19 @@ from pipeline.tasks.zero_shot_image import ImageZeroShotTask
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
                                 "zero-shot": ZeroShotTask, "sparse-embed": SparseEmbedTask,
-                                "detect": DetectTask, "tensor": TensorTask}
+                                "detect": DetectTask, "generate": GenerateTask,
+                                "tensor": TensorTask}
 
 
 AnyTaskSpec = EmbedTaskSpec | ClassifyTaskSpec | RerankTaskSpec | TokenClassifyTaskSpec | \
-    ZeroShotTaskSpec | SparseEmbedTaskSpec | DetectTaskSpec | TensorTaskSpec
+    ZeroShotTaskSpec | SparseEmbedTaskSpec | DetectTaskSpec | GenerateTaskSpec | TensorTaskSpec
 SPECS: dict[str, type[AnyTaskSpec]] = {"embed": EmbedTaskSpec, "classify": ClassifyTaskSpec,
                                        "rerank": RerankTaskSpec,
                                        "token-classify": TokenClassifyTaskSpec,
                                        "zero-shot": ZeroShotTaskSpec,
                                        "sparse-embed": SparseEmbedTaskSpec,
                                        "detect": DetectTaskSpec,
+                                       "generate": GenerateTaskSpec,
                                        "tensor": TensorTaskSpec}
 
 

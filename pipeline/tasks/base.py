@@ -86,6 +86,11 @@ class Task(ABC):
         return self.output_schema
 
     explodes: str | None = None  # the row_schema column that becomes rows (chunks)
+    loops: bool = False  # runs a loop of model calls per batch (generation): run_model
+
+    def run_model(self, session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs finish() reads for a batch's feeds: one call of the graph."""
+        return session.run(self.output_names, feeds)
 
     @property
     @abstractmethod
