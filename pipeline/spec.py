@@ -246,6 +246,11 @@ class GenerateTaskSpec(Strict):
 
     kind: Literal["generate"]
     prompt_column: str = "prompt"
+    messages_column: str | None = Field(None, description="chat messages (a list of {role, "
+                                        "content}) instead of prompts; implies chat")
+    chat: bool = Field(False, description="apply the model's chat template (a prompt becomes "
+                       "the user's message), with the generation prompt")
+    system: str | None = Field(None, description="a system message first (chat)")
     output_column: str = "generated"
     max_new_tokens: int = Field(256, gt=0, description="new tokens at most, whatever the "
                                 "prompt's length")
@@ -262,7 +267,13 @@ class GenerateTaskSpec(Strict):
     def _sampling(self) -> GenerateTaskSpec:
         if self.temperature == 0 and (self.top_k or self.top_p < 1):
             raise ValueError("top_k and top_p sample: set temperature above 0")
+        if self.system is not None and not self.chats:
+            raise ValueError("system needs chat: true (or messages_column)")
         return self
+
+    @property
+    def chats(self) -> bool:
+        return self.chat or self.messages_column is not None
 
 
 class TensorTaskSpec(Strict):

@@ -187,6 +187,10 @@ class GenerationSpec(BaseModel):
     max_context: int = Field(gt=1)  # prompt and new tokens together
     # transformers' decode(clean_up_tokenization_spaces=True): " ." -> "." and the like.
     clean_up_spaces: bool = False
+    # The tokenizer's chat template (Jinja, as transformers renders it) and the special tokens
+    # it may name (bos_token, eos_token, ...): what task.chat and task.messages_column use.
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = Field(default_factory=dict)
 
 
 class RerankSpec(BaseModel):

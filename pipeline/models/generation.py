@@ -49,10 +49,31 @@ def read_causal(config: dict[str, Any], generation: dict[str, Any],
     if not isinstance(context, int) or context < 2:
         raise ModelError(f"{where}: no max_position_embeddings in config.json: the context "
                          "window is unknown")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"),
+                        None)
     return {"runtime": "onnx-causal", "eos_token_ids": eos_ids,
+            "chat_template": template if isinstance(template, str) else None,
+            "special_tokens": special_tokens(tokenizer_config),
             "pad_token_id": int(pad if pad is not None else eos_ids[0]),
             "max_context": int(context),
             "clean_up_spaces": bool(tokenizer_config.get("clean_up_tokenization_spaces", False))}
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                  "mask_token")
+
+
+def special_tokens(tokenizer_config: dict[str, Any]) -> dict[str, str]:
+    """The special tokens a chat template may name, as transformers passes them to it."""
+    found = {}
+    for key in SPECIAL_TOKENS:
+        value = tokenizer_config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            found[key] = value
+    return found
 
 
 PROBE_TEXTS = ("a", "the river runs to the sea and further", "ok then")

@@ -162,9 +162,12 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
                              "cache) and no tokenizer.json lies beside it (save the tokenizer "
                              "with the model)")
         vocabulary = Tokenizer.from_file(str(source.configs["tokenizer.json"])).get_vocab()
+        tokenizer_config = {**(source.json("special_tokens_map.json") or {}),
+                            **(source.json("tokenizer_config.json") or {})}
+        if "chat_template.jinja" in source.configs:  # where transformers 4.5x saves it
+            tokenizer_config["chat_template"] = source.configs["chat_template.jinja"].read_text()
         reading.generation = read_causal(config, source.json("generation_config.json") or {},
-                                         source.json("tokenizer_config.json") or {},
-                                         vocabulary, graph, source.where)
+                                         tokenizer_config, vocabulary, graph, source.where)
         for info in graph.inputs:
             role = TOKEN_INPUTS.get(info.name, GENERATION_SOURCE)
             reading.inputs[info.name] = role
@@ -181,6 +184,10 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
                      f"{where} pad_token_id, else the tokenizer's pad_token, else eos")
         reading.note("generation.max_context", reading.generation["max_context"],
                      "config.json max_position_embeddings")
+        if reading.generation["chat_template"]:
+            reading.note("generation.chat_template", "a chat template",
+                         "chat_template.jinja" if "chat_template.jinja" in source.configs
+                         else "tokenizer_config.json chat_template")
         reading.note("task", "generate", "--task" if wanted == "generate" else
                      f"a causal LM with a KV cache ({cache[0]} and {len(cache) - 1} more)")
         return True

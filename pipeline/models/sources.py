@@ -29,7 +29,8 @@ from pipeline.errors import ModelError, storage_error
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "modules.json",
                 "sentence_bert_config.json", "1_Pooling/config.json", "preprocessor_config.json",
                 "1_SpladePooling/config.json",
-                "special_tokens_map.json", "config_sentence_transformers.json")
+                "special_tokens_map.json", "config_sentence_transformers.json",
+                "generation_config.json", "chat_template.jinja")
 
 
 @dataclass

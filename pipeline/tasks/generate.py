@@ -20,6 +20,7 @@ import pyarrow as pa
 from pipeline.errors import ConfigError
 from pipeline.models.decoding import LENGTH, STOP, CacheLayout, Sampling, generate, left_padded
 from pipeline.tasks.base import Batch, Prepared, Task
+from pipeline.tasks.chat import ChatTemplate, messages_of
 from pipeline.tasks.text import load_tokenizer, valid_texts
 
 REASONS = {STOP: "stop", LENGTH: "length"}
@@ -43,13 +44,20 @@ class GenerateTask(Task):
         self.tokenizer = load_tokenizer(str(bundle.tokenizer_path), generation.max_context)
         self.tokenizer.no_truncation()  # a prompt is never cut: one that does not fit is refused
         self.eos = set(generation.eos_token_ids)
+        self.chat = None
+        if spec.chats:
+            if not generation.chat_template:
+                raise ConfigError(f"task.chat: {bundle.uri} has no chat template (none in its "
+                                  "tokenizer_config.json or chat_template.jinja); use prompts")
+            self.chat = ChatTemplate(generation.chat_template, generation.special_tokens,
+                                     bundle.uri)
         self.sampling = Sampling(spec.max_new_tokens, spec.temperature, spec.top_k, spec.top_p,
                                  spec.seed)
         self.layout: CacheLayout | None = None  # read from the session on its first batch
 
     @property
     def input_columns(self) -> list[str]:
-        return [self.spec.prompt_column]
+        return [self.spec.messages_column or self.spec.prompt_column]
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -62,9 +70,15 @@ class GenerateTask(Task):
         return [self.bundle.spec.outputs["logits"]]
 
     def prepare(self, table: pa.Table) -> Prepared:
-        column = self.spec.prompt_column
-        rows, prompts, bad = valid_texts(table[column], column, keep_empty=False)
-        encodings = self.tokenizer.encode_batch(prompts) if prompts else []
+        if self.chat is not None:
+            rows, prompts, bad = self._chat_prompts(table)
+            # The template wrote the special tokens: none are added.
+            encodings = self.tokenizer.encode_batch(prompts, add_special_tokens=False) \
+                if prompts else []
+        else:
+            column = self.spec.prompt_column
+            rows, prompts, bad = valid_texts(table[column], column, keep_empty=False)
+            encodings = self.tokenizer.encode_batch(prompts) if prompts else []
         context = self.generation.max_context
         kept = []
         for row, prompt, encoding in zip(rows, prompts, encodings, strict=True):
@@ -76,6 +90,23 @@ class GenerateTask(Task):
                 kept.append((row, prompt, encoding.ids))
         kept.sort(key=lambda item: len(item[2]))
         return Prepared(batches=self._batches(kept), bad=bad)
+
+    def _chat_prompts(self, table: pa.Table) -> tuple[list[int], list[str], dict[int, str]]:
+        """Each row's messages rendered by the chat template; reasons for rows that have none
+        or that the template refuses."""
+        column = self.spec.messages_column or self.spec.prompt_column
+        rows, prompts, bad = [], [], {}
+        for row, value in enumerate(table[column].to_pylist()):
+            if value is None or value == "":
+                bad[row] = f"{column} is {'null' if value is None else 'empty'}"
+                continue
+            try:
+                prompts.append(self.chat.render(messages_of(value, self.spec.system)))
+            except ValueError as exc:
+                bad[row] = f"{column}: {exc}"
+                continue
+            rows.append(row)
+        return rows, prompts, bad
 
     def _batches(self, kept: list[tuple[int, str, list[int]]]) -> list[Batch]:
         """Runs of similar length within the row cap and a token budget of prompt plus new

@@ -122,3 +122,29 @@ def test_sampling_settings_without_a_temperature_are_refused():
     table = pa.table({"id": [0], "prompt": ["the cat"]})
     with pytest.raises(ConfigError, match="set temperature above 0"):
         generated(table, top_p=0.9)
+
+
+def test_bad_messages_are_row_errors_and_chat_needs_a_template(tmp_path):
+    messages = pa.array([[{"role": "user", "content": "the cat"}],
+                         [{"role": "robot", "content": "the dog"}], None, []],
+                        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+    table = pa.table({"id": [0, 1, 2, 3], "messages": messages})
+    out = generated(table, max_new_tokens=12, messages_column="messages")
+    errors = out["_error"].to_pylist()
+    assert errors[0] is None and out["generated"][0].as_py() == reference_chat()["the cat"]
+    assert errors[1].startswith("messages: message 0 needs a role (system, user, assistant")
+    assert errors[2] == "messages is null"
+    assert errors[3] == "messages: messages must be a list of {role, content} (non-empty)"
+    # A model without a chat template: the job is refused before it starts.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in (CASE / "src").iterdir():
+        if path.name != "chat_template.jinja":
+            (bare / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ConfigError, match="has no chat template"):
+        pipeline.score(table, model=str(bare), task={"kind": "generate", "chat": True})
+
+
+def reference_chat() -> dict[str, str]:
+    texts = pq.read_table(CASE / "reference.parquet")["generated_chat"].to_pylist()
+    return dict(zip(prompts(), texts, strict=True))
