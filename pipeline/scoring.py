@@ -99,7 +99,8 @@ class LoadedModel:
         self.sessions = SessionCache()
         self.session = self.sessions.get(
             str(self.bundle.model_path), self.bundle.sha256,
-            SessionSettings(providers=providers, intra_op_threads=intra_op_threads))
+            SessionSettings(providers=providers, intra_op_threads=intra_op_threads),
+            self.bundle.spec.runtime)
         types = {i.name: i.type for i in self.session.session.get_inputs()}
         self.task = build_task(self.bundle, self.task_spec, batching_spec(batching), types,
                                self.session.active)

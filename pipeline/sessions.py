@@ -22,6 +22,7 @@ from typing import Any
 import onnxruntime as ort
 
 from pipeline.errors import one_line
+from pipeline.genai_sessions import GenaiSession, genai_provider, require_genai
 
 log = logging.getLogger(__name__)
 # onnxruntime logs every failed provider library load at error level straight to stderr;
@@ -136,6 +137,18 @@ def create_session(model: str | bytes, settings: SessionSettings,
         tuning=tuning_record(session, settings, graph, time.perf_counter() - started),
         gpu_device_id=_gpu_device_id(session) if active in ("cuda", "tensorrt") else None,
     )
+
+
+def create_genai_session(folder: str, settings: SessionSettings) -> LoadedSession:
+    """An onnxruntime-genai model folder as a session (``pipeline.genai_sessions``)."""
+    require_genai("model.uri")
+    started = time.perf_counter()
+    active, fallback = genai_provider(settings.providers)
+    session = GenaiSession(folder, active)
+    return LoadedSession(session=session, requested=settings.providers, active=active,
+                         fallback=fallback,
+                         tuning={"runtime": "onnxruntime-genai", "provider": active,
+                                 "load_s": round(time.perf_counter() - started, 3)})
 
 
 def _provider_chain(settings: SessionSettings,
@@ -313,10 +326,13 @@ class SessionCache:
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, SessionSettings], LoadedSession] = {}
 
-    def get(self, model_path: str, sha256: str, settings: SessionSettings) -> LoadedSession:
+    def get(self, model_path: str, sha256: str, settings: SessionSettings,
+            runtime: str = "onnx") -> LoadedSession:
+        """``runtime`` ``genai``: the model's folder loaded by onnxruntime-genai instead."""
         key = (sha256, settings)
         if key not in self._sessions:
-            self._sessions[key] = create_session(model_path, settings, sha256)
+            self._sessions[key] = create_genai_session(str(Path(model_path).parent), settings) \
+                if runtime == "genai" else create_session(model_path, settings, sha256)
         return self._sessions[key]
 
     def clear(self) -> None:

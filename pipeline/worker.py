@@ -119,7 +119,8 @@ class ShardWorker:
                              f"{bundle_identity[:12]}); rerun the job")
         self.sessions = SessionCache()
         self.loaded = self.sessions.get(str(self.bundle.model_path), self.bundle.sha256,
-                                        session_settings(spec, pool, self.bundle))
+                                        session_settings(spec, pool, self.bundle),
+                                        self.bundle.spec.runtime)
         types = {i.name: i.type for i in self.loaded.session.get_inputs()}
         # Batch sizes follow the provider that runs, not the one asked for: a GPU pool that
         # fell back to the CPU batches as the CPU likes.

@@ -163,7 +163,7 @@ def optimum_causal_llama(out: Path, fresh: Any, versions: Any) -> None:
     tokenizer = generation_tokenizer(texts + [m["content"] for c in chats for m in c] +
                                      ["<|user|>\n<|assistant|>\n<|system|>\n"] * 50)
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=None,

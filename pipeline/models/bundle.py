@@ -181,7 +181,9 @@ class GenerationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # onnx-causal: a causal LM exported with its KV cache (Optimum's text-generation-with-past),
     # run by the pipeline's own loop on onnxruntime (pipeline.models.decoding).
-    runtime: Literal["onnx-causal"] = "onnx-causal"
+    # genai: an onnxruntime-genai model folder (genai_config.json beside the model), run by
+    # onnxruntime-genai's own generator and KV cache.
+    runtime: Literal["onnx-causal", "genai"] = "onnx-causal"
     eos_token_ids: list[int] = Field(min_length=1)  # any of them ends a text
     pad_token_id: int = Field(ge=0)  # what left padding is filled with (masked out)
     max_context: int = Field(gt=1)  # prompt and new tokens together
@@ -250,6 +252,12 @@ class BundleSpec(BaseModel):
                     "column:<name>"
                 )
         return value
+
+    @property
+    def runtime(self) -> str:
+        """What loads the model: onnxruntime (``onnx``), or onnxruntime-genai (``genai``)."""
+        return "genai" if self.generation is not None and \
+            self.generation.runtime == "genai" else "onnx"
 
     def needs_tokenizer(self) -> bool:
         return any(s.startswith("tokens.") for s in self.inputs.values())

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from pipeline.errors import ModelError, one_line
 from pipeline.models.bundle import IMAGE_SOURCE, LETTERBOX_SOURCE, LocalBundle
 from pipeline.models.onnx_types import TensorInfo, file_signature
-from pipeline.sessions import LoadedSession, SessionSettings, create_session
+from pipeline.sessions import LoadedSession, SessionSettings, create_genai_session, create_session
 
 CHECK_ROWS = 7
 SAMPLE_TEXTS = ("a short one", "a somewhat longer sentence about rivers and the sea",
@@ -37,6 +37,8 @@ def load_session(bundle: LocalBundle, provider: str = "cpu",
     named in the error rather than the staged copy."""
     where = where or f"{bundle.uri}/{bundle.spec.model_file}"
     try:
+        if bundle.spec.runtime == "genai":
+            return create_genai_session(str(bundle.path), SessionSettings(providers=(provider,)))
         return create_session(str(bundle.model_path), SessionSettings(providers=(provider,)))
     except Exception as exc:  # onnxruntime raises Fail / InvalidGraph / NotImplemented
         raise ModelError(f"{where}: {operator_problem(exc, bundle.model_path)}") from exc

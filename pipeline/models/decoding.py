@@ -164,17 +164,13 @@ def left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
-def batch_agrees(session, layout: CacheLayout, prompts: list[list[int]], pad: int,
-                 new_tokens: int = 4) -> str | None:
-    """None when greedy generation of the prompts together gives each the tokens it gets
-    alone; else which prompt differs and how."""
-    greedy = Sampling(max_new_tokens=new_tokens)
-    room = [new_tokens] * len(prompts)
-    together = generate(session, layout, *left_padded(prompts, pad), list(range(len(prompts))),
-                        greedy, set(), room)
+def batch_agrees(greedy: Callable[[list[list[int]], int], list[Generated]],
+                 prompts: list[list[int]], new_tokens: int = 4) -> str | None:
+    """None when ``greedy(prompts, new_tokens)`` (a runtime's greedy generation) gives each
+    prompt in a batch the tokens it gets alone; else which prompt differs and how."""
+    together = greedy(prompts, new_tokens)
     for i, prompt in enumerate(prompts):
-        alone = generate(session, layout, *left_padded([prompt], pad), [i], greedy, set(),
-                         [new_tokens])[0]
+        alone = greedy([prompt], new_tokens)[0]
         if alone.ids != together[i].ids:
             return f"prompt {i} ({len(prompt)} tokens) gives {together[i].ids} in a batch of " \
                    f"{len(prompts)} and {alone.ids} alone"

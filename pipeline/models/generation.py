@@ -13,9 +13,12 @@ a context may be, read from ``generation_config.json``, ``config.json`` and
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import ModelError
+from pipeline.models.decoding import CacheLayout, Generated, Sampling, generate, left_padded
+from pipeline.models.genai_loop import genai_generate
 from pipeline.models.onnx_types import Signature
 
 PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$")
@@ -27,12 +30,13 @@ def cache_inputs(graph: Signature) -> list[str]:
 
 
 def read_causal(config: dict[str, Any], generation: dict[str, Any],
-                tokenizer_config: dict[str, Any], vocabulary: dict[str, int], graph: Signature,
-                where: str) -> dict[str, Any]:
-    """The bundle's generation section for a causal export with its cache."""
-    names = {i.name for i in graph.inputs}
-    if "input_ids" not in names or "attention_mask" not in names or \
-            not any(o.name == "logits" for o in graph.outputs):
+                tokenizer_config: dict[str, Any], vocabulary: dict[str, int],
+                graph: Signature | None, where: str) -> dict[str, Any]:
+    """The bundle's generation section for a causal export with its cache (``graph`` None:
+    its inputs are another runtime's business)."""
+    names = {i.name for i in graph.inputs} if graph is not None else set()
+    if graph is not None and ("input_ids" not in names or "attention_mask" not in names or
+                              not any(o.name == "logits" for o in graph.outputs)):
         raise ModelError(f"{where}: a causal LM with a KV cache needs inputs input_ids and "
                          "attention_mask and an output logits")
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
@@ -87,3 +91,39 @@ def probe_prompts(tokenizer_path: str) -> list[list[int]]:
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return [e.ids for e in tokenizer.encode_batch(list(PROBE_TEXTS))]
+
+
+def read_genai(genai_config: dict[str, Any], tokenizer_config: dict[str, Any],
+               vocabulary: dict[str, int], where: str) -> dict[str, Any]:
+    """The bundle's generation section for an onnxruntime-genai model folder: its ids and
+    context from genai_config.json (``model.eos_token_id``, ``pad_token_id``,
+    ``context_length``), the chat template and special tokens from the tokenizer's files."""
+    model = genai_config.get("model") or {}
+    eos = model.get("eos_token_id")
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    context = model.get("context_length")
+    if not eos_ids or not isinstance(context, int):
+        raise ModelError(f"{where}: genai_config.json needs model.eos_token_id and "
+                         "model.context_length")
+    causal = read_causal({"eos_token_id": eos_ids, "pad_token_id": model.get("pad_token_id"),
+                          "max_position_embeddings": context}, {}, tokenizer_config,
+                         vocabulary, None, where)
+    return {**causal, "runtime": "genai"}
+
+
+def greedy_runner(session: Any, spec: Any) -> Callable[[list[list[int]], int], list[Generated]]:
+    """Greedy generation of prompts by the runtime a bundle names (``spec``: its generation
+    section), for checks: onnxruntime with the pipeline's loop, or onnxruntime-genai."""
+    pad, context = spec.pad_token_id, spec.max_context
+
+    if spec.runtime == "genai":
+        def run(prompts: list[list[int]], new: int) -> list[Generated]:
+            return genai_generate(session, prompts, list(range(len(prompts))), Sampling(new),
+                                  set(), [new] * len(prompts), pad, context)
+        return run
+    layout = CacheLayout.of(session)
+
+    def run_onnx(prompts: list[list[int]], new: int) -> list[Generated]:
+        return generate(session, layout, *left_padded(prompts, pad), list(range(len(prompts))),
+                        Sampling(new), set(), [new] * len(prompts))
+    return run_onnx

@@ -52,8 +52,8 @@ from pipeline.models.checks import (
     synthesized_feeds,
     unbatched_inputs,
 )
-from pipeline.models.decoding import CacheLayout, batch_agrees
-from pipeline.models.generation import probe_prompts
+from pipeline.models.decoding import batch_agrees
+from pipeline.models.generation import greedy_runner, probe_prompts
 from pipeline.models.interpret import Choices, Reading, interpret
 from pipeline.models.onnx_types import signature
 from pipeline.models.optimize import staging
@@ -149,7 +149,10 @@ def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repair
         shutil.copy2(source.folder / name, tmp / name)
     if reading.text:
         shutil.copy2(source.configs["tokenizer.json"], tmp / "tokenizer.json")
-    _save_model(model, tmp, source.uri)
+    if source.layout == "genai":
+        _stage_genai(source, tmp, repairs)
+    else:
+        _save_model(model, tmp, source.uri)
     imported = Imported(_write(source, model, reading, repairs, tmp, reading.max_batch),
                         reading, repairs)
     if reading.max_batch is not None:  # the export says how many rows a call takes
@@ -201,9 +204,8 @@ def _generation_batches(imported: Imported, source: ModelSource, model: onnx.Mod
     prompt per call, with a warning that says where they differ."""
     bundle = imported.bundle
     session = load_session(bundle, where=source.where).session
-    problem = batch_agrees(session, CacheLayout.of(session),
-                           probe_prompts(str(bundle.tokenizer_path)),
-                           bundle.spec.generation.pad_token_id)
+    problem = batch_agrees(greedy_runner(session, bundle.spec.generation),
+                           probe_prompts(str(bundle.tokenizer_path)))
     if problem:
         imported.warnings.append(f"runs one prompt per call: batched generation differs from "
                                  f"one prompt at a time ({problem})")
@@ -243,6 +245,21 @@ def _same_outputs(original: onnx.ModelProto, source: ModelSource, bundle: LocalB
 
 def _outputs(bundle: LocalBundle) -> list[str]:
     return list(dict.fromkeys(bundle.spec.outputs.values()))
+
+
+def _stage_genai(source: ModelSource, tmp: Path, repairs: list[str]) -> None:
+    """An onnxruntime-genai folder's graph as its builder wrote it: its ops (the builder's
+    SimplifiedLayerNormalization, GroupQueryAttention) are onnxruntime's, which onnx's checker
+    does not know, and onnxruntime-genai loads it as it is. Its config names the file the
+    bundle keeps it in."""
+    shutil.copy2(source.model, tmp / MODEL_FILE)
+    if source.model.name != MODEL_FILE:
+        path = tmp / "genai_config.json"
+        config = json.loads(path.read_text())
+        config["model"]["decoder"]["filename"] = MODEL_FILE
+        path.write_text(json.dumps(config, indent=4))
+        repairs.append(f"genai_config.json: the decoder {source.model.name} kept as "
+                       f"{MODEL_FILE}")
 
 
 def _save_model(model: onnx.ModelProto, tmp: Path, uri: str) -> None:

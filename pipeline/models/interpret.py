@@ -35,7 +35,7 @@ from pipeline.errors import ModelError
 from pipeline.models.bundle import GENERATION_SOURCE, IMAGE_SOURCE, LETTERBOX_SOURCE, TEXT_SOURCE
 from pipeline.models.detection import read_detector, ultralytics_metadata
 from pipeline.models.detr import detr_outputs, read_detr
-from pipeline.models.generation import cache_inputs, read_causal
+from pipeline.models.generation import cache_inputs, read_causal, read_genai
 from pipeline.models.image_processor import image_section
 from pipeline.models.onnx_types import Signature, TensorInfo
 from pipeline.models.repairs import ZipMapRemoved, classifier_labels
@@ -156,7 +156,7 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
     config = source.json("config.json") or {}
     architectures = config.get("architectures") or []
     lm = [a for a in architectures if isinstance(a, str) and a.endswith(GENERATION_ARCHITECTURES)]
-    if cache and wanted in ("auto", "generate"):
+    if (cache or source.layout == "genai") and wanted in ("auto", "generate"):
         if "tokenizer.json" not in source.configs:
             raise ModelError(f"{source.uri}: a text generation model (a causal LM with a KV "
                              "cache) and no tokenizer.json lies beside it (save the tokenizer "
@@ -166,8 +166,11 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
                             **(source.json("tokenizer_config.json") or {})}
         if "chat_template.jinja" in source.configs:  # where transformers 4.5x saves it
             tokenizer_config["chat_template"] = source.configs["chat_template.jinja"].read_text()
-        reading.generation = read_causal(config, source.json("generation_config.json") or {},
-                                         tokenizer_config, vocabulary, graph, source.where)
+        reading.generation = read_genai(source.json("genai_config.json") or {},
+                                        tokenizer_config, vocabulary, source.where) \
+            if source.layout == "genai" else \
+            read_causal(config, source.json("generation_config.json") or {},
+                        tokenizer_config, vocabulary, graph, source.where)
         for info in graph.inputs:
             role = TOKEN_INPUTS.get(info.name, GENERATION_SOURCE)
             reading.inputs[info.name] = role
@@ -175,9 +178,10 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
         reading.text = {"tokenizer": "tokenizer.json",
                         "max_length": reading.generation["max_context"]}
         reading.task = "generate"
-        where = "generation_config.json or config.json"
+        where = "genai_config.json" if source.layout == "genai" else \
+            "generation_config.json or config.json"
         reading.note("inputs", f"input_ids, attention_mask; {len(cache)} cache inputs fed by "
-                     "the generation loop", "graph input names (past_key_values.*)")
+                     "the generation loop", "graph input names")
         reading.note("generation.eos_token_ids", reading.generation["eos_token_ids"],
                      f"{where} eos_token_id")
         reading.note("generation.pad_token_id", reading.generation["pad_token_id"],
@@ -188,7 +192,12 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
             reading.note("generation.chat_template", "a chat template",
                          "chat_template.jinja" if "chat_template.jinja" in source.configs
                          else "tokenizer_config.json chat_template")
+        reading.note("generation.runtime", reading.generation["runtime"],
+                     "genai_config.json beside the model (onnxruntime-genai runs it)"
+                     if source.layout == "genai" else
+                     "the graph's past_key_values inputs (the pipeline's loop runs it)")
         reading.note("task", "generate", "--task" if wanted == "generate" else
+                     "an onnxruntime-genai model folder" if source.layout == "genai" else
                      f"a causal LM with a KV cache ({cache[0]} and {len(cache) - 1} more)")
         return True
     if cache:

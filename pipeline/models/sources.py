@@ -39,7 +39,7 @@ class ModelSource:
 
     uri: str  # as given
     model: Path  # the .onnx file
-    layout: str  # onnx-file | sentence-transformers | hf-folder
+    layout: str  # onnx-file | sentence-transformers | hf-folder | genai
     root: Path  # where the configs are (the folder given, or the model's own)
     configs: dict[str, Path] = field(default_factory=dict)  # CONFIG_FILES found, by name
     external: list[str] = field(default_factory=list)  # external data files, relative names
@@ -79,6 +79,8 @@ def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = Non
         raise ModelError(f"{uri}: no such file or folder")
     if model_file is None:  # a named file of the folder is imported as what it is
         generation_layout(local, uri)
+    if model_file is None and local.is_dir() and (local / GENAI_CONFIG).is_file():
+        return _genai_source(local, uri)
     model, layout, config_root = _find_model(local, uri, model_file)
     configs = {name: config_root / name for name in CONFIG_FILES
                if (config_root / name).is_file()}
@@ -89,6 +91,31 @@ def locate(uri: str, workdir: Path, storage_options: dict[str, Any] | None = Non
                     if p != model) if layout != "onnx-file" else []
     return ModelSource(uri, model, layout, config_root, configs, external_files(model, uri),
                        others)
+
+
+GENAI_CONFIG = "genai_config.json"
+# What onnxruntime-genai reads from a model folder besides the graph and its weights.
+GENAI_FILES = (GENAI_CONFIG, "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja", "generation_config.json")
+
+
+def _genai_source(local: Path, uri: str) -> ModelSource:
+    """An onnxruntime-genai model folder: the decoder its config names, and the files the
+    runtime reads beside it, which travel with the bundle."""
+    try:
+        config = json.loads((local / GENAI_CONFIG).read_text())
+        filename = config["model"]["decoder"]["filename"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{uri}/{GENAI_CONFIG}: no model.decoder.filename ({exc})") from exc
+    model = local / filename
+    if not model.is_file():
+        raise ModelError(f"{uri}/{GENAI_CONFIG}: names the decoder {filename}, which is not "
+                         "in the folder")
+    configs = {name: local / name for name in CONFIG_FILES if (local / name).is_file()}
+    configs[GENAI_CONFIG] = local / GENAI_CONFIG
+    extra = [name for name in GENAI_FILES if (local / name).is_file()]
+    return ModelSource(uri, model, "genai", local, configs,
+                       external_files(model, uri) + extra, [])
 
 
 # Files that make a folder a generation model: a loop of decoder steps, not one forward pass.
@@ -102,10 +129,6 @@ def generation_layout(local: Path, uri: str) -> None:
     if not local.is_dir():
         return
     folder = local
-    if (folder / "genai_config.json").is_file():
-        raise ModelError(f"{uri}: a text generation model (an onnxruntime-genai folder: "
-                         "genai_config.json); it runs as a loop of decoding steps with a KV "
-                         "cache, which no task here runs yet (no single forward pass scores it)")
     found = [name for name in SEQ2SEQ_FILES if (folder / name).is_file()]
     if "encoder_model.onnx" in found and len(found) > 1:
         raise ModelError(f"{uri}: a text generation model (an Optimum seq2seq export: "

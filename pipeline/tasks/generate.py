@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
+from pipeline.genai_sessions import require_genai
 from pipeline.models.constrained import SchemaGrammar
 from pipeline.models.decoding import (
     FAILED,
@@ -31,6 +32,7 @@ from pipeline.models.decoding import (
     generate,
     left_padded,
 )
+from pipeline.models.genai_loop import genai_generate
 from pipeline.tasks.base import Batch, Prepared, Task
 from pipeline.tasks.chat import ChatTemplate, messages_of
 from pipeline.tasks.text import load_tokenizer, valid_texts
@@ -67,10 +69,14 @@ class GenerateTask(Task):
                                  spec.seed)
         self.layout: CacheLayout | None = None  # read from the session on its first batch
         self.grammar = self.validator = None
+        self.genai = generation.runtime == "genai"
+        if self.genai:
+            require_genai("model.uri")
         if spec.json_schema is not None:
             self.validator = schema_validator(spec.json_schema)
-            self.grammar = SchemaGrammar(spec.json_schema, self.tokenizer.to_str(),
-                                         sorted(self.eos), "task.json_schema")
+            if not self.genai:  # onnxruntime-genai holds the schema with its own guidance
+                self.grammar = SchemaGrammar(spec.json_schema, self.tokenizer.to_str(),
+                                             sorted(self.eos), "task.json_schema")
 
     @property
     def input_columns(self) -> list[str]:
@@ -152,17 +158,17 @@ class GenerateTask(Task):
     def run_model(self, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The loop for a batch: new tokens ``[rows, longest]`` (-1 past each row's end),
         their counts and finish reasons."""
-        if self.layout is None:
-            self.layout = CacheLayout.of(session)
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        # Rows split off a batch keep its left padding: drop the columns none of them use.
-        used = int(mask.any(axis=0).argmax()) if mask.any() else 0
-        ids, mask = ids[:, used:], mask[:, used:]
         stopped = self._stopped if self.spec.stop else None
-        constraints = [self.grammar.matcher() for _ in range(len(ids))] if self.grammar \
-            else None  # fresh for every run: a retried row starts its grammar again
-        results = generate(session, self.layout, ids, mask, feeds[KEYS].tolist(),
-                           self.sampling, self.eos, feeds[ROOM].tolist(), stopped, constraints)
+        if self.genai:
+            prompts = [row[keep == 1].tolist() for row, keep in zip(ids, mask, strict=True)]
+            results = genai_generate(session, prompts, feeds[KEYS].tolist(), self.sampling,
+                                     self.eos, feeds[ROOM].tolist(),
+                                     self.generation.pad_token_id,
+                                     self.generation.max_context, stopped,
+                                     self.spec.json_schema)
+        else:
+            results = self._onnx_generate(session, ids, mask, feeds, stopped)
         width = max(len(r.ids) for r in results)
         tokens = np.full((len(results), width), -1, np.int64)
         for i, result in enumerate(results):
@@ -170,6 +176,18 @@ class GenerateTask(Task):
         return [tokens, np.asarray([len(r.ids) for r in results], np.int32),
                 np.asarray([r.reason for r in results], np.int8),
                 np.asarray([r.error for r in results], dtype=object)]
+
+    def _onnx_generate(self, session, ids: np.ndarray, mask: np.ndarray,
+                       feeds: dict[str, np.ndarray], stopped) -> list:
+        if self.layout is None:
+            self.layout = CacheLayout.of(session)
+        # Rows split off a batch keep its left padding: drop the columns none of them use.
+        used = int(mask.any(axis=0).argmax()) if mask.any() else 0
+        constraints = [self.grammar.matcher() for _ in range(len(ids))] if self.grammar \
+            else None  # fresh for every run: a retried row starts its grammar again
+        return generate(session, self.layout, ids[:, used:], mask[:, used:],
+                        feeds[KEYS].tolist(), self.sampling, self.eos, feeds[ROOM].tolist(),
+                        stopped, constraints)
 
     def _stopped(self, _row: int, ids: list[int]) -> bool:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
