@@ -71,8 +71,9 @@ def _run(session: Any, prompts: list[list[int]], room: list[int], sampling: Samp
         options.update(temperature=sampling.temperature, top_k=sampling.top_k,
                        top_p=sampling.top_p, random_seed=int(seed))
     params.set_search_options(**options)
-    if schema is not None:
-        params.set_guidance("json_schema", json.dumps(schema))
+    if schema is not None:  # compact JSON, as our own loop holds it (llguidance's x-guidance)
+        params.set_guidance("json_schema", json.dumps(
+            {**schema, "x-guidance": {"whitespace_flexible": False, **schema.get("x-guidance", {})}}))
     generator = og.Generator(session.model, params)
     generator.append_tokens(tokens)
     results = [Generated([], LENGTH) for _ in prompts]
@@ -86,7 +87,8 @@ def _run(session: Any, prompts: list[list[int]], room: list[int], sampling: Samp
             done = results[i]
             done.ids.append(token)
             if token in eos or stopped(i, done.ids):
-                done.reason = STOP
+                # With a schema the grammar forces the end-of-sequence token once it is done.
+                done.reason = SCHEMA if schema is not None and token in eos else STOP
             elif len(done.ids) >= room[i]:
                 done.reason = LENGTH
             else:

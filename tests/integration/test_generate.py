@@ -24,6 +24,9 @@ from tests.conformance.test_conformance import CASES_DIR
 
 CASE = CASES_DIR / "optimum_causal_llama"
 MODEL = str(CASE / "src")
+# Both runtimes: the pipeline's loop on an Optimum export, onnxruntime-genai on a builder's.
+MODELS = {"onnx-causal": MODEL, "genai": str(CASES_DIR / "genai_builder_llama" / "src")}
+RUNTIMES = pytest.mark.parametrize("model", list(MODELS.values()), ids=list(MODELS))
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,8 +40,8 @@ def reference() -> dict[str, str]:
     return dict(zip(prompts(), texts, strict=True))
 
 
-def generated(table: pa.Table, **task) -> pa.Table:
-    return pipeline.score(table, model=MODEL, task={"kind": "generate", **task},
+def generated(table: pa.Table, model: str = MODEL, **task) -> pa.Table:
+    return pipeline.score(table, model=model, task={"kind": "generate", **task},
                           passthrough=["id"])
 
 
@@ -92,29 +95,31 @@ def test_a_killed_driver_resumes_exactly_once_and_an_overlong_prompt_is_dead_let
     assert reason.startswith("prompt is ") and "context window is 64" in reason
 
 
-def test_stop_strings_cut_the_text_and_end_it():
+@RUNTIMES
+def test_stop_strings_cut_the_text_and_end_it(model):
     table = pa.table({"id": [0, 1], "prompt": ["the cat", "count one two"]})
-    out = generated(table, max_new_tokens=12, stop=[" in", "six"]).to_pylist()
+    out = generated(table, model, max_new_tokens=12, stop=[" in", "six"]).to_pylist()
     assert out[0]["generated"] == " eats fish" and out[0]["finish_reason"] == "stop"
     assert out[1]["generated"] == " three four five " and out[1]["finish_reason"] == "stop"
     # The tokens written up to the one that completed the stop string, not all 12.
-    full = generated(table, max_new_tokens=12).to_pylist()
+    full = generated(table, model, max_new_tokens=12).to_pylist()
     assert all(o["tokens_out"] < f["tokens_out"] for o, f in zip(out, full, strict=True))
-    short = generated(table, max_new_tokens=2).to_pylist()
+    short = generated(table, model, max_new_tokens=2).to_pylist()
     assert [o["finish_reason"] for o in short] == ["length", "length"]
     assert [o["tokens_out"] for o in short] == [2, 2]
 
 
-def test_sampling_with_a_seed_gives_each_row_the_same_text_in_any_batch():
+@RUNTIMES
+def test_sampling_with_a_seed_gives_each_row_the_same_text_in_any_batch(model):
     table = pa.table({"id": np.arange(14), "prompt": prompts()})
     sampled = {"max_new_tokens": 8, "temperature": 1.5, "top_k": 50, "seed": 7}
-    first = generated(table, **sampled)["generated"].to_pylist()
-    one_by_one = pipeline.score(table, model=MODEL, task={"kind": "generate", **sampled},
+    first = generated(table, model, **sampled)["generated"].to_pylist()
+    one_by_one = pipeline.score(table, model=model, task={"kind": "generate", **sampled},
                                 passthrough=["id"], batching={"max_rows": 1})
     assert one_by_one["generated"].to_pylist() == first
-    other = generated(table, **{**sampled, "seed": 8})["generated"].to_pylist()
+    other = generated(table, model, **{**sampled, "seed": 8})["generated"].to_pylist()
     assert other != first  # the seed matters
-    greedy = generated(table, max_new_tokens=8)["generated"].to_pylist()
+    greedy = generated(table, model, max_new_tokens=8)["generated"].to_pylist()
     assert greedy != first  # and sampling at 1.5 leaves the greedy path somewhere
 
 
@@ -150,18 +155,19 @@ def reference_chat() -> dict[str, str]:
     return dict(zip(prompts(), texts, strict=True))
 
 
-def test_json_schema_holds_every_text_to_it_or_dead_letters_the_row():
+@RUNTIMES
+def test_json_schema_holds_every_text_to_it_or_dead_letters_the_row(model):
     import jsonschema
 
     schema = {"type": "object", "additionalProperties": False, "required": ["animal", "legs"],
               "properties": {"animal": {"type": "string", "enum": ["cat", "dog", "owl"]},
                              "legs": {"type": "integer", "minimum": 0, "maximum": 8}}}
     table = pa.table({"id": np.arange(14), "prompt": prompts()})
-    out = generated(table, max_new_tokens=40, json_schema=schema).to_pylist()
+    out = generated(table, model, max_new_tokens=40, json_schema=schema).to_pylist()
     for row in out:  # the tiny model never saw JSON: the grammar alone makes it valid
         jsonschema.validate(json.loads(row["generated"]), schema)
         assert row["finish_reason"] == "schema"
-    cut = generated(table, max_new_tokens=4, json_schema=schema)
+    cut = generated(table, model, max_new_tokens=4, json_schema=schema)
     assert set(cut["_error"].to_pylist()) == {
         "response is not JSON (cut at max_new_tokens): Unterminated string starting at: "
         "line 1 column 2 (char 1)"}
