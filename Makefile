@@ -9,7 +9,7 @@ TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
 TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images tables bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models genai-env genai-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables generate bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models genai-env genai-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ run: models data
 
 score: models data
 	$(PY) -m pipeline.run jobs/score.yaml
+
+# Answer 300 prompts with the tiny demo LLM (the onnxruntime-genai conformance case's Llama).
+PROMPT_ROWS ?= 300
+data/prompts/.rows-$(PROMPT_ROWS): $(STAMP) pipeline/demo/prompts.py
+	rm -rf data/prompts && $(PY) -m pipeline.demo prompts --rows $(PROMPT_ROWS) --out data/prompts
+	touch $@
+
+generate: $(STAMP) data/prompts/.rows-$(PROMPT_ROWS)
+	$(PY) -m pipeline.run jobs/generate.yaml
 
 # Classify 3,000 photos (a folder of JPEG, PNG and WebP files) with the demo image classifier.
 images: models data/images/.rows-$(IMAGE_ROWS)

@@ -275,6 +275,9 @@ def _session_line(worker: WorkerFigures) -> str:
     b = s.get("batching", {})
     threads = s.get("intra_op_threads")
     tokens = f"{b['max_tokens']} tokens / " if b.get("max_tokens") else ""
+    if s.get("runtime") == "onnxruntime-genai":
+        return (f"{worker.pool} pool on onnxruntime-genai ({s.get('provider')}), loaded in "
+                f"{s.get('load_s')} s, batches of {tokens}{b.get('max_rows')} rows")
     return (f"{worker.pool} pool on {', '.join(s.get('providers', [])[:1]) or '?'}, "
             f"{threads} intra-op thread{'s' if threads != 1 else ''}, graph {s.get('graph')}, "
             f"batches of {tokens}{b.get('max_rows')} rows")

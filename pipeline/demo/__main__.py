@@ -6,6 +6,7 @@
     python -m pipeline.demo image-model --out models/image-src   (then: pipeline.models import)
     python -m pipeline.demo table --rows 20000 --out data/patients   (a Delta table)
     python -m pipeline.demo table-night --out data/patients   (appends and deletes a night's rows)
+    python -m pipeline.demo prompts --rows 300 --out data/prompts   (for make generate)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.demo.images import write_image_data, write_image_model
+from pipeline.demo.prompts import write_prompt_data
 from pipeline.demo.tables import apply_night, write_table_data
 from pipeline.demo.tabular import write_scoring_data
 from pipeline.demo.text import write_text_data
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["text", "tabular", "images", "image-model", "table",
-                                         "table-night"])
+                                         "table-night", "prompts"])
     parser.add_argument("--rows", type=int, help="rows (image files for images)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--files", type=int, default=4)
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "table":
         write_table_data(args.out, args.rows)
         print(f"wrote a Delta table of {args.rows} rows to {args.out}")
+        return 0
+    if args.kind == "prompts":
+        write_prompt_data(args.out, args.rows, files=min(args.files, 2))
+        print(f"wrote {args.rows} prompts to {args.out}")
         return 0
     if args.kind == "text":
         write_text_data(args.out, args.rows, files=args.files)

@@ -51,7 +51,7 @@ LAYERS: dict[str, list[str]] = {
     "entry points": ["", "api", "predictor", "run", "submit", "accuracy_gate", "import_checks",
                      "models",
                      "models.__main__", "demo", "demo.__main__", "demo.text", "demo.tabular",
-                     "demo.images", "demo.tables"],
+                     "demo.images", "demo.tables", "demo.prompts"],
 }
 LAYER_OF = {f"pipeline.{m}" if m else "pipeline": i
             for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
