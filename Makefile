@@ -9,7 +9,7 @@ TABULAR_ROWS ?= 100000
 IMAGE_ROWS ?= 3000
 TABLE_ROWS ?= 20000
 
-.PHONY: install models data run score images tables generate bench-images bench-tasks test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models genai-env genai-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
+.PHONY: install models data run score images tables generate bench-images bench-tasks bench-generate test lint chaos bench bench-st-env conformance-env conformance-models detection-env detection-models genai-env genai-models bench-memory bench-small-files bench-scale bench-incremental notebook clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ bench: models
 bench-tasks: models conformance-env detection-env
 	$(PY) -m benchmarks.task_families
 	$(PY) -m benchmarks.sparse_memory
+
+# Generated tokens/s: the pipeline, onnxruntime-genai's own loop (one at a time, batched) and
+# transformers' generate, on one model built by the model builder (benchmarks/generation.py).
+bench-generate: install genai-env
+	$(PY) -m benchmarks.generation
 
 # The image variant alone: the pipeline, a raw onnxruntime loop and Ray Data's image guide.
 bench-images: models

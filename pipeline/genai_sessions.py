@@ -10,6 +10,7 @@ type. onnxruntime-genai is an extra (``pip install 'onnx-ray-pipeline[genai]'``)
 from __future__ import annotations
 
 import importlib.util
+import json
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -25,10 +26,13 @@ def require_genai(key: str) -> None:
 
 
 class GenaiSession:
-    def __init__(self, folder: str, provider: str):
+    def __init__(self, folder: str, provider: str, intra_op_threads: int = 0):
         import onnxruntime_genai as og
 
         config = og.Config(folder)
+        if intra_op_threads > 0:  # the pool's CPUs, as a plain session gets them
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": intra_op_threads}}}}))
         config.clear_providers()
         if provider == "cuda":
             config.append_provider("cuda")

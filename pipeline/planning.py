@@ -54,6 +54,7 @@ from pipeline.tasks import build_task, resolve_task
 from pipeline.tasks.classify import feature_columns_from
 
 IMAGE_ROWS_PER_SHARD = 250  # a few seconds of one CPU worker: a short tail at the end
+GENERATE_ROWS_PER_SHARD = 32  # one or two batches: seconds for a small model, minutes for an LLM
 
 
 @dataclass
@@ -205,11 +206,16 @@ def with_task(spec: JobSpec, bundle: LocalBundle, listing: Listing | None = None
 
 
 def _sharding(spec: JobSpec, bundle: LocalBundle) -> ShardingSpec:
-    """Shards of IMAGE_ROWS_PER_SHARD images where the job sets no size: an image costs a
-    hundred times a text row, and 10,000 of them would leave all but one worker idle on a
-    folder of a few thousand."""
+    """Shards of IMAGE_ROWS_PER_SHARD images, or GENERATE_ROWS_PER_SHARD prompts, where the
+    job sets no size: an image costs a hundred times a text row and a generated text a
+    thousand, and 10,000 of them would leave all but one worker idle on a few thousand rows
+    (a shard is also the work a crash loses)."""
     sharding = spec.sharding
-    if bundle.spec.modality != "image" or "rows_per_shard" in sharding.model_fields_set:
+    if "rows_per_shard" in sharding.model_fields_set:
+        return sharding
+    if bundle.spec.task == "generate":
+        return sharding.model_copy(update={"rows_per_shard": GENERATE_ROWS_PER_SHARD})
+    if bundle.spec.modality != "image":
         return sharding
     return sharding.model_copy(update={"rows_per_shard": IMAGE_ROWS_PER_SHARD})
 

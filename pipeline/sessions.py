@@ -144,10 +144,11 @@ def create_genai_session(folder: str, settings: SessionSettings) -> LoadedSessio
     require_genai("model.uri")
     started = time.perf_counter()
     active, fallback = genai_provider(settings.providers)
-    session = GenaiSession(folder, active)
+    session = GenaiSession(folder, active, settings.intra_op_threads)
     return LoadedSession(session=session, requested=settings.providers, active=active,
                          fallback=fallback,
                          tuning={"runtime": "onnxruntime-genai", "provider": active,
+                                 "intra_op_threads": settings.intra_op_threads,
                                  "load_s": round(time.perf_counter() - started, 3)})
 
 
