@@ -150,13 +150,13 @@ def greedy_references(model: Any, tokenizer: Any, prompts: list[Any],
     return out
 
 
-def optimum_causal_llama(out: Path, fresh: Any, versions: Any) -> None:
-    """A Llama exported by Optimum with its KV cache (text-generation-with-past)."""
+def trained_llama() -> tuple[Any, Any]:
+    """The tiny Llama both generation cases hold (4 heads of 16: onnxruntime-genai's
+    grouped-query attention needs a head size that is a multiple of 8), trained on the
+    sentences and the conversations, and its tokenizer with the chat template."""
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = fresh(out / "optimum_causal_llama")
     torch.manual_seed(51)
     texts = corpus(random.Random(51), 2000)
     chats = chat_examples(random.Random(52), 1000)
@@ -170,6 +170,16 @@ def optimum_causal_llama(out: Path, fresh: Any, versions: Any) -> None:
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     train_causal(model, training_ids(tokenizer, texts, chats), tokenizer.eos_token_id, 800, 51)
+    return model, tokenizer
+
+
+def optimum_causal_llama(out: Path, fresh: Any, versions: Any) -> None:
+    """A Llama exported by Optimum with its KV cache (text-generation-with-past)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import GenerationConfig
+
+    folder = fresh(out / "optimum_causal_llama")
+    model, tokenizer = trained_llama()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id)
     work = folder / "hf"

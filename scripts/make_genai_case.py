@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -33,27 +32,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "conformance" / "cases")
     args = parser.parse_args()
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     folder = args.out / "genai_builder_llama"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    torch.manual_seed(51)
-    texts = cases.corpus(random.Random(51), 2000)
-    chats = cases.chat_examples(random.Random(52), 1000)
-    tokenizer = cases.generation_tokenizer(texts + [m["content"] for c in chats for m in c] +
-                                           ["<|user|>\n<|assistant|>\n<|system|>\n"] * 50)
-    tokenizer.chat_template = cases.CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
-    cases.train_causal(model, cases.training_ids(tokenizer, texts, chats),
-                       tokenizer.eos_token_id, 800, 51)
+    model, tokenizer = cases.trained_llama()
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.eos_token_id)
