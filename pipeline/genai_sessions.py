@@ -58,9 +58,8 @@ def genai_provider(requested: tuple[str, ...]) -> tuple[str, str | None]:
     import onnxruntime_genai as og
 
     for name in requested:
-        if name == "cpu":
-            return "cpu", None if requested[0] == "cpu" else \
-                f"{requested[0]} is not available to onnxruntime-genai here"
-        if name == "cuda" and og.is_cuda_available():
-            return "cuda", None
-    return "cpu", f"none of {', '.join(requested)} runs onnxruntime-genai here"
+        if name in ("cpu", "cuda") and (name == "cpu" or og.is_cuda_available()):
+            why = None if name == requested[0] else \
+                f"{requested[0]} does not run onnxruntime-genai here; running on {name}"
+            return name, why
+    return "cpu", f"none of {', '.join(requested)} runs onnxruntime-genai here; running on cpu"

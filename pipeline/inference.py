@@ -105,7 +105,9 @@ class _Runner:
     def run(self, batch: Batch) -> None:
         self.runs += 1
         try:
-            if self.bound_device is not None and not self.task.loops:
+            # A task that runs its batches its own way (a generation loop, inputs fed beside
+            # every batch) is not bound.
+            if self.bound_device is not None and type(self.task).run_model is Task.run_model:
                 outputs = run_bound(self.session, self.task.output_names, batch.feeds,
                                     "cuda", self.bound_device)
             else:

@@ -325,12 +325,12 @@ class SessionCache:
     """Sessions owned by one worker, keyed by (model sha256, settings)."""
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, SessionSettings], LoadedSession] = {}
+        self._sessions: dict[tuple[str, SessionSettings, str], LoadedSession] = {}
 
     def get(self, model_path: str, sha256: str, settings: SessionSettings,
             runtime: str = "onnx") -> LoadedSession:
         """``runtime`` ``genai``: the model's folder loaded by onnxruntime-genai instead."""
-        key = (sha256, settings)
+        key = (sha256, settings, runtime)
         if key not in self._sessions:
             self._sessions[key] = create_genai_session(str(Path(model_path).parent), settings) \
                 if runtime == "genai" else create_session(model_path, settings, sha256)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 STOP, LENGTH, SCHEMA, FAILED = 0, 1, 2, 3  # why a row ended (SCHEMA: its JSON is complete)
 
 
@@ -57,9 +58,19 @@ class CacheLayout:
             raise ValueError("the graph has no KV cache to carry (" +
                              (f"no output {missing[0]}" if missing else
                               "no past_key_values inputs") + ")")
-        shapes = [(int(inputs[n].shape[1]), int(inputs[n].shape[3])) for n in pasts]
-        dtype = np.float16 if inputs[pasts[0]].type == "tensor(float16)" else np.float32
-        return cls(pasts, presents, shapes, np.dtype(dtype), "position_ids" in inputs)
+        shapes = []
+        for name in pasts:
+            dims = inputs[name].shape
+            if len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
+                raise ValueError(f"cache input {name} is {dims}; the loop carries caches of "
+                                 "[batch, kv heads, tokens, head size] with fixed heads and size")
+            shapes.append((int(dims[1]), int(dims[3])))
+        kind = inputs[pasts[0]].type
+        if kind not in CACHE_TYPES:
+            raise ValueError(f"cache input {pasts[0]} is {kind}; the loop carries "
+                             f"{' or '.join(CACHE_TYPES)}")
+        return cls(pasts, presents, shapes, np.dtype(CACHE_TYPES[kind]),
+                   "position_ids" in inputs)
 
 
 @dataclass
@@ -114,7 +125,8 @@ def generate(session, layout: CacheLayout, input_ids: np.ndarray, attention_mask
                     done.reason, done.error = FAILED, str(exc)
                     continue
             if token in eos or (stopped is not None and stopped(int(row), done.ids)):
-                done.reason = STOP
+                # An end-of-sequence token the grammar allowed ends a complete text too.
+                done.reason = SCHEMA if constraint is not None and token in eos else STOP
             elif complete:
                 done.reason = SCHEMA
             elif len(done.ids) >= room[row]:

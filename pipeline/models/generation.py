@@ -105,7 +105,10 @@ def read_genai(genai_config: dict[str, Any], tokenizer_config: dict[str, Any],
     if not eos_ids or not isinstance(context, int):
         raise ModelError(f"{where}: genai_config.json needs model.eos_token_id and "
                          "model.context_length")
-    causal = read_causal({"eos_token_id": eos_ids, "pad_token_id": model.get("pad_token_id"),
+    # onnxruntime-genai masks every token equal to its pad id (0 when its config names none):
+    # padding must be that id, whatever the tokenizer calls padding.
+    causal = read_causal({"eos_token_id": eos_ids,
+                          "pad_token_id": int(model.get("pad_token_id") or 0),
                           "max_position_embeddings": context}, {}, tokenizer_config,
                          vocabulary, None, where)
     return {**causal, "runtime": "genai"}
@@ -114,16 +117,16 @@ def read_genai(genai_config: dict[str, Any], tokenizer_config: dict[str, Any],
 def greedy_runner(session: Any, spec: Any) -> Callable[[list[list[int]], int], list[Generated]]:
     """Greedy generation of prompts by the runtime a bundle names (``spec``: its generation
     section), for checks: onnxruntime with the pipeline's loop, or onnxruntime-genai."""
-    pad, context = spec.pad_token_id, spec.max_context
+    pad, context, eos = spec.pad_token_id, spec.max_context, set(spec.eos_token_ids)
 
     if spec.runtime == "genai":
         def run(prompts: list[list[int]], new: int) -> list[Generated]:
             return genai_generate(session, prompts, list(range(len(prompts))), Sampling(new),
-                                  set(), [new] * len(prompts), pad, context)
+                                  eos, [new] * len(prompts), pad, context)
         return run
     layout = CacheLayout.of(session)
 
     def run_onnx(prompts: list[list[int]], new: int) -> list[Generated]:
         return generate(session, layout, *left_padded(prompts, pad), list(range(len(prompts))),
-                        Sampling(new), set(), [new] * len(prompts))
+                        Sampling(new), eos, [new] * len(prompts))
     return run_onnx

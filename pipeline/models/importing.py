@@ -101,9 +101,12 @@ def import_model(src: str | ModelSource, out: Path, options: ImportOptions = Imp
         model = _load(source)
         original = onnx.ModelProto()
         original.CopyFrom(model)
-        repairs = fit_runtime(model, source.where)
+        # An onnxruntime-genai folder's graph is kept as its builder wrote it (_stage_genai):
+        # onnxruntime-genai loads it, and no repair of ours would reach the file.
+        genai = source.layout == "genai"
+        repairs = [] if genai else fit_runtime(model, source.where)
         versions_changed = bool(repairs)
-        repairs += portable_locale(model) + unicode_words(model)
+        repairs += [] if genai else portable_locale(model) + unicode_words(model)
         zipmap = remove_zipmap(model)
         if zipmap is not None:
             repairs.append(f"ZipMap node {zipmap.node!r} removed: {zipmap.probabilities} is "
@@ -253,13 +256,13 @@ def _stage_genai(source: ModelSource, tmp: Path, repairs: list[str]) -> None:
     does not know, and onnxruntime-genai loads it as it is. Its config names the file the
     bundle keeps it in."""
     shutil.copy2(source.model, tmp / MODEL_FILE)
-    if source.model.name != MODEL_FILE:
-        path = tmp / "genai_config.json"
-        config = json.loads(path.read_text())
+    path = tmp / "genai_config.json"
+    config = json.loads(path.read_text())
+    named = config["model"]["decoder"]["filename"]
+    if named != MODEL_FILE:  # another name, or a file in a subfolder
         config["model"]["decoder"]["filename"] = MODEL_FILE
         path.write_text(json.dumps(config, indent=4))
-        repairs.append(f"genai_config.json: the decoder {source.model.name} kept as "
-                       f"{MODEL_FILE}")
+        repairs.append(f"genai_config.json: the decoder {named} kept as {MODEL_FILE}")
 
 
 def _save_model(model: onnx.ModelProto, tmp: Path, uri: str) -> None:

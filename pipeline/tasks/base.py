@@ -86,10 +86,9 @@ class Task(ABC):
         return self.output_schema
 
     explodes: str | None = None  # the row_schema column that becomes rows (chunks)
-    loops: bool = False  # runs a loop of model calls per batch (generation): run_model
-
     def run_model(self, session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs finish() reads for a batch's feeds: one call of the graph."""
+        """The outputs finish() reads for a batch's feeds: one call of the graph. A task that
+        overrides it (a generation loop, inputs fed beside every batch) runs unbound on GPUs."""
         return session.run(self.output_names, feeds)
 
     @property

@@ -46,7 +46,6 @@ KEYS, ROOM = "_row_keys", "_room"
 
 
 class GenerateTask(Task):
-    loops = True  # runs its own loop of model calls (run_model), not one call a batch
 
     def __init__(self, bundle, spec, batching, input_types, storage_options=None):
         super().__init__(bundle, spec, batching, input_types, storage_options)
@@ -104,11 +103,15 @@ class GenerateTask(Task):
             encodings = self.tokenizer.encode_batch(prompts) if prompts else []
         context = self.generation.max_context
         kept = []
+        pad = self.generation.pad_token_id
         for row, prompt, encoding in zip(rows, prompts, encodings, strict=True):
             length = len(encoding.ids)
             if length >= context:
                 bad[row] = f"prompt is {length} tokens; the model's context window is " \
                            f"{context}, with room for no new token"
+            elif self.genai and pad in encoding.ids:
+                bad[row] = f"prompt holds token {pad}, onnxruntime-genai's pad id, which it " \
+                           "masks out wherever it stands (the text would be read without it)"
             else:
                 kept.append((row, prompt, encoding.ids))
         kept.sort(key=lambda item: len(item[2]))

@@ -10,8 +10,6 @@ beside every batch of images; the image tower's pixels are the bundle's image se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pyarrow as pa
 
@@ -77,13 +75,12 @@ class ImageZeroShotTask(Task):
 
     def prepare(self, table: pa.Table) -> Prepared:
         column = self.spec.image_column
-        prepared = self.images.prepare(table[column], column, self.batching.max_rows)
-        prepared.batches = self._with_captions(prepared.batches)  # type: ignore[assignment]
-        return prepared
+        return self.images.prepare(table[column], column, self.batching.max_rows)
 
-    def _with_captions(self, batches) -> Iterator[Batch]:
-        for batch in batches:
-            yield Batch(rows=batch.rows, feeds={**batch.feeds, **self.captions})
+    def run_model(self, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The batch's images with every caption: the captions are not batch rows (a split
+        batch or the health probe keeps them whole)."""
+        return session.run(self.output_names, {**feeds, **self.captions})
 
     def finish(self, batch: Batch, outputs: list[np.ndarray]):
         logits = np.asarray(outputs[0], dtype=np.float32)

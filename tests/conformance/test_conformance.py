@@ -340,3 +340,21 @@ def test_clip_zero_shot_asks_for_labels_and_refuses_what_clip_cannot_score():
         with pytest.raises(ConfigError, match=words) as refused:
             OnnxPredictor(src, task)(table)
         assert "\n" not in str(refused.value)
+
+
+def test_a_split_clip_batch_keeps_every_caption():
+    """Halving a failing batch (or the one-row health probe) slices the feeds by row: the
+    captions are not rows, and each half still scores every label."""
+    from pipeline.scoring import LoadedModel
+    from pipeline.tasks.base import softmax
+
+    model = LoadedModel(str(CASES_DIR / "optimum_clip_zero_shot" / "src"),
+                        {"labels": ["box", "disc", "bar"]})
+    table = pq.read_table(CASES_DIR / "optimum_clip_zero_shot" / "sample.parquet")
+    batch = next(iter(model.task.prepare(table).batches))
+    session = model.session.session
+    [whole] = model.task.run_model(session, batch.feeds)
+    half = batch.subset(slice(1, None))
+    [part] = model.task.run_model(session, half.feeds)
+    assert whole.shape == (len(batch), 3) and part.shape == (len(batch) - 1, 3)
+    np.testing.assert_allclose(softmax(part), softmax(whole[1:]), atol=1e-5)

@@ -173,3 +173,13 @@ def test_json_schema_holds_every_text_to_it_or_dead_letters_the_row(model):
         "line 1 column 2 (char 1)"}
     with pytest.raises(ConfigError, match=r"task\.json_schema: not a valid JSON schema"):
         generated(table, json_schema={"type": "no-such-type"})
+
+
+def test_a_prompt_holding_genais_pad_id_is_a_row_error_there_only():
+    # The tokenizer reads "</s>" in a text as its special token, onnxruntime-genai's pad id.
+    table = pa.table({"id": [0, 1], "prompt": ["the cat </s> the dog", "the cat"]})
+    genai = generated(table, MODELS["genai"], max_new_tokens=4)
+    assert genai["_error"].to_pylist()[0].startswith("prompt holds token 2, onnxruntime-genai's")
+    assert genai["_error"].to_pylist()[1] is None
+    plain = generated(table, MODEL, max_new_tokens=4)
+    assert "_error" not in plain.column_names  # positions come from the mask, not the ids
