@@ -530,9 +530,25 @@ class JobSpec(Strict):
                                          ("filter", self.input.filter)) if v is not None})
         return {
             "input": source,
-            "task": self.task.model_dump(mode="json"),
+            "task": _fingerprint_task(self.task),
             "passthrough": list(self.passthrough),
         }
+
+
+# Task keys added after a kind first shipped, with the default that leaves outputs as they
+# were: left out of the fingerprint at that default, so outputs written before keep theirs.
+LATER_TASK_KEYS: dict[str, dict[str, Any]] = {
+    "embed": {"dimensions": None, "quantize": None, "chunking": None},
+    "zero-shot": {"image_column": "image"},
+}
+
+
+def _fingerprint_task(task: Any) -> dict[str, Any]:
+    fields = task.model_dump(mode="json")
+    for key, default in LATER_TASK_KEYS.get(fields.get("kind", ""), {}).items():
+        if key in fields and fields[key] == default:
+            fields.pop(key)
+    return fields
 
 
 def output_clash(task: Any,

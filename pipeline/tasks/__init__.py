@@ -27,8 +27,8 @@ from pipeline.tasks.rerank import RerankTask
 from pipeline.tasks.sparse_embed import SparseEmbedTask
 from pipeline.tasks.tensor import TensorTask
 from pipeline.tasks.token_classify import TokenClassifyTask
-from pipeline.tasks.zero_shot import ZeroShotTask
-from pipeline.tasks.zero_shot_image import ImageZeroShotTask
+from pipeline.tasks.zero_shot import NLI_TEMPLATE, ZeroShotTask
+from pipeline.tasks.zero_shot_image import CLIP_TEMPLATE, ImageZeroShotTask
 
 TASKS: dict[str, type[Task]] = {"embed": EmbedTask, "classify": ClassifyTask,
                                 "rerank": RerankTask, "token-classify": TokenClassifyTask,
@@ -60,6 +60,14 @@ def resolve_task(spec: AnyTaskSpec | None, bundle: LocalBundle) -> AnyTaskSpec:
     if isinstance(spec, ClassifyTaskSpec) and spec.text_column is None and \
             (bundle.spec.needs_tokenizer() or bundle.spec.takes_raw_text()):
         spec = spec.model_copy(update={"text_column": "text"})
+    # Defaults that depend on the model, made concrete: the job's fingerprint holds the value
+    # that runs (and the one jobs written before these defaults moved recorded).
+    if isinstance(spec, ZeroShotTaskSpec) and spec.template is None:
+        template = CLIP_TEMPLATE if bundle.spec.task == "zero-shot" else NLI_TEMPLATE
+        spec = spec.model_copy(update={"template": template})
+    if isinstance(spec, DetectTaskSpec) and spec.score_threshold is None:
+        detr = bundle.spec.detection is not None and bundle.spec.detection.layout == "detr"
+        spec = spec.model_copy(update={"score_threshold": 0.5 if detr else 0.25})
     return spec
 
 

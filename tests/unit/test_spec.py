@@ -104,3 +104,20 @@ def test_every_documented_index_option_is_set_from_a_job_file():
         job["output"]["index"] = bad
         with pytest.raises(ConfigError, match=message):
             load_spec(job)
+
+
+def test_task_keys_added_later_leave_earlier_fingerprints_alone():
+    """An embed output written before task.dimensions, quantize and chunking existed resumes:
+    those keys count only when set (what such a job recorded: the six keys below)."""
+    from pipeline.spec import JobSpec
+
+    base = {"name": "j", "input": {"uri": "/in"}, "model": {"uri": "/m"},
+            "output": {"uri": "/out"}}
+    plain = JobSpec.model_validate({**base, "task": {"kind": "embed"}}).fingerprint_fields()
+    assert plain["task"] == {"kind": "embed", "text_column": "text", "image_column": "image",
+                             "output_column": "embedding", "max_length": None,
+                             "empty_text": "dead_letter"}
+    cut = JobSpec.model_validate({**base, "task": {"kind": "embed", "dimensions": 64}})
+    assert cut.fingerprint_fields()["task"]["dimensions"] == 64
+    zero = JobSpec.model_validate({**base, "task": {"labels": ["a"], "template": "{}"}})
+    assert "image_column" not in zero.fingerprint_fields()["task"]
