@@ -106,32 +106,10 @@ def generate(session, layout: CacheLayout, input_ids: np.ndarray, attention_mask
         last = np.asarray(logits[:, -1, :], dtype=np.float32)
         keep, chosen = [], []
         for j, row in enumerate(active):
-            scores = last[j]
-            done = results[row]
-            constraint = constraints[row] if constraints else None
-            if constraint is not None:
-                allowed = constraint.allowed(len(scores))
-                if not allowed.any():
-                    done.reason, done.error = FAILED, "the schema's grammar allows no token"
-                    continue
-                scores = np.where(allowed, scores, -np.inf)
-            token = _choose(scores, sampling, rngs[row] if rngs else None)
-            done.ids.append(token)
-            complete = False
-            if constraint is not None and token not in eos:
-                try:
-                    complete = constraint.take(token)
-                except ValueError as exc:
-                    done.reason, done.error = FAILED, str(exc)
-                    continue
-            if token in eos or (stopped is not None and stopped(int(row), done.ids)):
-                # An end-of-sequence token the grammar allowed ends a complete text too.
-                done.reason = SCHEMA if constraint is not None and token in eos else STOP
-            elif complete:
-                done.reason = SCHEMA
-            elif len(done.ids) >= room[row]:
-                done.reason = LENGTH
-            else:
+            token = _next_token(last[j], results[row], int(row), sampling,
+                                rngs[row] if rngs else None, eos, room[row], stopped,
+                                constraints[row] if constraints else None)
+            if token is not None:
                 keep.append(j)
                 chosen.append(token)
         if not keep:
@@ -144,6 +122,39 @@ def generate(session, layout: CacheLayout, input_ids: np.ndarray, attention_mask
         past = {name: present[index] for name, present in
                 zip(layout.pasts, presents, strict=True)}
     return results
+
+
+def _next_token(scores: np.ndarray, done: Generated, row: int, sampling: Sampling,
+                rng: np.random.Generator | None, eos: set[int], room: int,
+                stopped: Callable[[int, list[int]], bool] | None,
+                constraint: Any | None) -> int | None:
+    """One row's next token, appended to ``done``; the token when the row goes on, None when
+    it ended (``done.reason`` says why)."""
+    if constraint is not None:
+        allowed = constraint.allowed(len(scores))
+        if not allowed.any():
+            done.reason, done.error = FAILED, "the schema's grammar allows no token"
+            return None
+        scores = np.where(allowed, scores, -np.inf)
+    token = _choose(scores, sampling, rng)
+    done.ids.append(token)
+    complete = False
+    if constraint is not None and token not in eos:
+        try:
+            complete = constraint.take(token)
+        except ValueError as exc:
+            done.reason, done.error = FAILED, str(exc)
+            return None
+    if token in eos or (stopped is not None and stopped(row, done.ids)):
+        # An end-of-sequence token the grammar allowed ends a complete text too.
+        done.reason = SCHEMA if constraint is not None and token in eos else STOP
+    elif complete:
+        done.reason = SCHEMA
+    elif len(done.ids) >= room:
+        done.reason = LENGTH
+    else:
+        return token
+    return None
 
 
 def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:

@@ -48,15 +48,7 @@ def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
     """The ``image`` fields for a graph input ``pixels`` and what ``config`` (the content of
     ``where``) says; ``note(key, value, source)`` records where each value came from.
     ``any_size``: a detector's graph that takes each image at its own resized size."""
-    for key, value in config.items():
-        if key in USED or key in IGNORED or (any_size and key in DETECTOR_IGNORED):
-            continue
-        if key in NO_OP and value in NO_OP[key]:
-            continue
-        raise ModelError(f"{where}: field {key} ({value!r}) changes the pixels in a way the "
-                         "pipeline does not express; export the model without it, or "
-                         "preprocess the images and use task kind tensor")
-    kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    _check_fields(config, where, any_size)
     image: dict[str, Any] = {}
 
     def take(key: str, value: Any, source: str | None = None) -> None:
@@ -65,19 +57,7 @@ def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
 
     take("do_resize", bool(config.get("do_resize", True)))
     take("resample", _resample(config.get("resample", 2), where))
-    size = _size(config.get("size"), "size", where, any_size)
-    crop = _size(config.get("crop_size"), "crop_size", where) if config.get("crop_size") else None
-    do_crop = bool(config.get("do_center_crop", False)) and crop is not None
-    if kind.startswith("ConvNext") and size and "shortest_edge" in size:
-        size, crop, do_crop = _convnext(size, config.get("crop_pct", 224 / 256))
-        note("image.size", size, f"{kind}: shortest_edge / crop_pct")
-    elif kind.startswith("Levit") and size and "shortest_edge" in size:
-        size = {"shortest_edge": int((256 / 224) * size["shortest_edge"])}
-        note("image.size", size, f"{kind}: shortest_edge x 256/224")
-    elif config.get("crop_pct") not in (None, 1, 1.0) and do_crop:
-        owner = kind or "this processor"
-        raise ModelError(f"{where}: field crop_pct ({config['crop_pct']!r}) of {owner} is not "
-                         "expressed; the pipeline crops crop_size exactly")
+    size, crop, do_crop = _sizes(config, where, any_size, note)
     if size is not None:
         take("size", size)
     if any_size:
@@ -103,6 +83,38 @@ def image_section(config: dict[str, Any], pixels: TensorInfo, where: str,
             if key in image:
                 image[key] = image[key][:1]
     return image
+
+
+def _check_fields(config: dict[str, Any], where: str, any_size: bool) -> None:
+    """Refuse, naming it, a field that changes pixels in a way the pipeline does not make."""
+    for key, value in config.items():
+        if key in USED or key in IGNORED or (any_size and key in DETECTOR_IGNORED):
+            continue
+        if key in NO_OP and value in NO_OP[key]:
+            continue
+        raise ModelError(f"{where}: field {key} ({value!r}) changes the pixels in a way the "
+                         "pipeline does not express; export the model without it, or "
+                         "preprocess the images and use task kind tensor")
+
+
+def _sizes(config: dict[str, Any], where: str, any_size: bool,
+           note: Any) -> tuple[dict[str, int] | None, dict[str, int] | None, bool]:
+    """``size``, ``crop_size`` and whether to crop, as the processor's type reads them."""
+    kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    size = _size(config.get("size"), "size", where, any_size)
+    crop = _size(config.get("crop_size"), "crop_size", where) if config.get("crop_size") else None
+    do_crop = bool(config.get("do_center_crop", False)) and crop is not None
+    if kind.startswith("ConvNext") and size and "shortest_edge" in size:
+        size, crop, do_crop = _convnext(size, config.get("crop_pct", 224 / 256))
+        note("image.size", size, f"{kind}: shortest_edge / crop_pct")
+    elif kind.startswith("Levit") and size and "shortest_edge" in size:
+        size = {"shortest_edge": int((256 / 224) * size["shortest_edge"])}
+        note("image.size", size, f"{kind}: shortest_edge x 256/224")
+    elif config.get("crop_pct") not in (None, 1, 1.0) and do_crop:
+        owner = kind or "this processor"
+        raise ModelError(f"{where}: field crop_pct ({config['crop_pct']!r}) of {owner} is not "
+                         "expressed; the pipeline crops crop_size exactly")
+    return size, crop, do_crop
 
 
 def layout_of(pixels: TensorInfo) -> tuple[str, int, str]:

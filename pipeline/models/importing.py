@@ -147,15 +147,7 @@ def _load(source: ModelSource) -> onnx.ModelProto:
 
 def _stage(source: ModelSource, model: onnx.ModelProto, reading: Reading, repairs: list[str],
            tmp: Path, options: ImportOptions) -> Imported:
-    for name in source.external:  # weights beside the model are part of the bundle
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source.folder / name, tmp / name)
-    if reading.text:
-        shutil.copy2(source.configs["tokenizer.json"], tmp / "tokenizer.json")
-    if source.layout == "genai":
-        _stage_genai(source, tmp, repairs)
-    else:
-        _save_model(model, tmp, source.uri)
+    _stage_files(source, model, reading, repairs, tmp)
     imported = Imported(_write(source, model, reading, repairs, tmp, reading.max_batch),
                         reading, repairs)
     if reading.max_batch is not None:  # the export says how many rows a call takes
@@ -248,6 +240,21 @@ def _same_outputs(original: onnx.ModelProto, source: ModelSource, bundle: LocalB
 
 def _outputs(bundle: LocalBundle) -> list[str]:
     return list(dict.fromkeys(bundle.spec.outputs.values()))
+
+
+def _stage_files(source: ModelSource, model: onnx.ModelProto, reading: Reading,
+                 repairs: list[str], tmp: Path) -> None:
+    """The bundle's files in the staging folder: the graph, the files beside it, the
+    tokenizer."""
+    for name in source.external:  # weights beside the model are part of the bundle
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source.folder / name, tmp / name)
+    if reading.text:
+        shutil.copy2(source.configs["tokenizer.json"], tmp / "tokenizer.json")
+    if source.layout == "genai":
+        _stage_genai(source, tmp, repairs)
+    else:
+        _save_model(model, tmp, source.uri)
 
 
 def _stage_genai(source: ModelSource, tmp: Path, repairs: list[str]) -> None:

@@ -116,20 +116,7 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
         _check_vocabulary(source, model)
     pixels = next((graph.input(n) for n, s in reading.inputs.items() if s == IMAGE_SOURCE), None)
     if pixels is not None:
-        config = source.json(PREPROCESSOR)
-        if config is None:
-            raise ModelError(f"{source.uri}: input {pixels.name} takes images and no "
-                             f"{PREPROCESSOR} says how to make its pixels; save the model's "
-                             "image processor beside it (processor.save_pretrained)")
-        if detr_outputs(graph) and choices.task in ("auto", "detect"):
-            task = _detr(source, graph, pixels, config, reading, choices.task)
-        elif tokens and any(o.name == "logits_per_image" for o in graph.outputs) and \
-                choices.task in ("auto", "zero-shot"):
-            task = _image_text(source, pixels, config, reading, choices.task)
-        else:
-            reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}",
-                                          reading.note)
-            task = _image_task(source, graph, choices, reading)
+        task = _pixel_task(source, graph, pixels, choices, reading, tokens)
     else:
         task = _task(source, model, graph, zipmap, choices, reading, tokens)
     reading.task = task
@@ -146,6 +133,24 @@ def interpret(source: ModelSource, model: onnx.ModelProto, graph: Signature,
     return reading
 
 
+def _pixel_task(source: ModelSource, graph: Signature, pixels: TensorInfo, choices: Choices,
+                reading: Reading, tokens: bool) -> str:
+    """A model fed images: a DETR detector, CLIP (images and captions), or an image
+    classifier or embedder, with pixels as its preprocessor_config.json says."""
+    config = source.json(PREPROCESSOR)
+    if config is None:
+        raise ModelError(f"{source.uri}: input {pixels.name} takes images and no "
+                         f"{PREPROCESSOR} says how to make its pixels; save the model's "
+                         "image processor beside it (processor.save_pretrained)")
+    if detr_outputs(graph) and choices.task in ("auto", "detect"):
+        return _detr(source, graph, pixels, config, reading, choices.task)
+    if tokens and any(o.name == "logits_per_image" for o in graph.outputs) and \
+            choices.task in ("auto", "zero-shot"):
+        return _image_text(source, pixels, config, reading, choices.task)
+    reading.image = image_section(config, pixels, f"{source.uri}/{PREPROCESSOR}", reading.note)
+    return _image_task(source, graph, choices, reading)
+
+
 GENERATION_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
@@ -157,48 +162,7 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
     architectures = config.get("architectures") or []
     lm = [a for a in architectures if isinstance(a, str) and a.endswith(GENERATION_ARCHITECTURES)]
     if (cache or source.layout == "genai") and wanted in ("auto", "generate"):
-        if "tokenizer.json" not in source.configs:
-            raise ModelError(f"{source.uri}: a text generation model (a causal LM with a KV "
-                             "cache) and no tokenizer.json lies beside it (save the tokenizer "
-                             "with the model)")
-        vocabulary = Tokenizer.from_file(str(source.configs["tokenizer.json"])).get_vocab()
-        tokenizer_config = {**(source.json("special_tokens_map.json") or {}),
-                            **(source.json("tokenizer_config.json") or {})}
-        if "chat_template.jinja" in source.configs:  # where transformers 4.5x saves it
-            tokenizer_config["chat_template"] = source.configs["chat_template.jinja"].read_text()
-        reading.generation = read_genai(source.json("genai_config.json") or {},
-                                        tokenizer_config, vocabulary, source.where) \
-            if source.layout == "genai" else \
-            read_causal(config, source.json("generation_config.json") or {},
-                        tokenizer_config, vocabulary, graph, source.where)
-        for info in graph.inputs:
-            role = TOKEN_INPUTS.get(info.name, GENERATION_SOURCE)
-            reading.inputs[info.name] = role
-        reading.outputs = {"logits": "logits"}
-        reading.text = {"tokenizer": "tokenizer.json",
-                        "max_length": reading.generation["max_context"]}
-        reading.task = "generate"
-        where = "genai_config.json" if source.layout == "genai" else \
-            "generation_config.json or config.json"
-        reading.note("inputs", f"input_ids, attention_mask; {len(cache)} cache inputs fed by "
-                     "the generation loop", "graph input names")
-        reading.note("generation.eos_token_ids", reading.generation["eos_token_ids"],
-                     f"{where} eos_token_id")
-        reading.note("generation.pad_token_id", reading.generation["pad_token_id"],
-                     f"{where} pad_token_id, else the tokenizer's pad_token, else eos")
-        reading.note("generation.max_context", reading.generation["max_context"],
-                     "config.json max_position_embeddings")
-        if reading.generation["chat_template"]:
-            reading.note("generation.chat_template", "a chat template",
-                         "chat_template.jinja" if "chat_template.jinja" in source.configs
-                         else "tokenizer_config.json chat_template")
-        reading.note("generation.runtime", reading.generation["runtime"],
-                     "genai_config.json beside the model (onnxruntime-genai runs it)"
-                     if source.layout == "genai" else
-                     "the graph's past_key_values inputs (the pipeline's loop runs it)")
-        reading.note("task", "generate", "--task" if wanted == "generate" else
-                     "an onnxruntime-genai model folder" if source.layout == "genai" else
-                     f"a causal LM with a KV cache ({cache[0]} and {len(cache) - 1} more)")
+        _generation_reading(source, graph, config, cache, reading, wanted)
         return True
     if cache:
         raise ModelError(f"{source.where}: a text generation model (a causal LM with a KV "
@@ -210,6 +174,54 @@ def _generation(source: ModelSource, graph: Signature, reading: Reading, wanted:
                          "exported without its KV cache; export it with one (Optimum: --task "
                          "text-generation-with-past) to run it as a generate model")
     return False
+
+
+def _generation_reading(source: ModelSource, graph: Signature, config: dict[str, Any],
+                        cache: list[str], reading: Reading, wanted: str) -> None:
+    """The generate reading: tokens in, the loop's state, the generation section and where
+    each value came from."""
+    if "tokenizer.json" not in source.configs:
+        raise ModelError(f"{source.uri}: a text generation model (a causal LM with a KV "
+                         "cache) and no tokenizer.json lies beside it (save the tokenizer "
+                         "with the model)")
+    vocabulary = Tokenizer.from_file(str(source.configs["tokenizer.json"])).get_vocab()
+    tokenizer_config = {**(source.json("special_tokens_map.json") or {}),
+                        **(source.json("tokenizer_config.json") or {})}
+    if "chat_template.jinja" in source.configs:  # where transformers 4.5x saves it
+        tokenizer_config["chat_template"] = source.configs["chat_template.jinja"].read_text()
+    reading.generation = read_genai(source.json("genai_config.json") or {},
+                                    tokenizer_config, vocabulary, source.where) \
+        if source.layout == "genai" else \
+        read_causal(config, source.json("generation_config.json") or {},
+                    tokenizer_config, vocabulary, graph, source.where)
+    for info in graph.inputs:
+        role = TOKEN_INPUTS.get(info.name, GENERATION_SOURCE)
+        reading.inputs[info.name] = role
+    reading.outputs = {"logits": "logits"}
+    reading.text = {"tokenizer": "tokenizer.json",
+                    "max_length": reading.generation["max_context"]}
+    reading.task = "generate"
+    where = "genai_config.json" if source.layout == "genai" else \
+        "generation_config.json or config.json"
+    reading.note("inputs", f"input_ids, attention_mask; {len(cache)} cache inputs fed by "
+                 "the generation loop", "graph input names")
+    reading.note("generation.eos_token_ids", reading.generation["eos_token_ids"],
+                 f"{where} eos_token_id")
+    reading.note("generation.pad_token_id", reading.generation["pad_token_id"],
+                 f"{where} pad_token_id, else the tokenizer's pad_token, else eos")
+    reading.note("generation.max_context", reading.generation["max_context"],
+                 "config.json max_position_embeddings")
+    if reading.generation["chat_template"]:
+        reading.note("generation.chat_template", "a chat template",
+                     "chat_template.jinja" if "chat_template.jinja" in source.configs
+                     else "tokenizer_config.json chat_template")
+    reading.note("generation.runtime", reading.generation["runtime"],
+                 "genai_config.json beside the model (onnxruntime-genai runs it)"
+                 if source.layout == "genai" else
+                 "the graph's past_key_values inputs (the pipeline's loop runs it)")
+    reading.note("task", "generate", "--task" if wanted == "generate" else
+                 "an onnxruntime-genai model folder" if source.layout == "genai" else
+                 f"a causal LM with a KV cache ({cache[0]} and {len(cache) - 1} more)")
 
 
 def _detector(source: ModelSource, graph: Signature, meta: dict[str, str], reading: Reading,

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError, ModelError
-from pipeline.tasks.base import Batch, Prepared, Task, softmax
+from pipeline.tasks.base import Batch, Prepared, softmax
 from pipeline.tasks.text import TextEncoder, task_tokenizer, truncation_note
-from pipeline.tasks.zero_shot_image import zero_shot_columns, zero_shot_schema
+from pipeline.tasks.zero_shot_image import ZeroShotOutputs, zero_shot_columns
 
 NLI_TEMPLATE = "This example is {}."  # the pipeline's hypothesis_template
 
@@ -26,7 +26,7 @@ def entailment_index(labels: list[str]) -> int | None:
     return next((i for i, name in enumerate(labels) if name.lower().startswith("entail")), None)
 
 
-class ZeroShotTask(Task):
+class ZeroShotTask(ZeroShotOutputs):
     def __init__(self, bundle, spec, batching, input_types, storage_options=None):
         super().__init__(bundle, spec, batching, input_types, storage_options)
         bspec = bundle.spec
@@ -49,14 +49,6 @@ class ZeroShotTask(Task):
     @property
     def input_columns(self) -> list[str]:
         return [self.spec.text_column]
-
-    @property
-    def output_schema(self) -> pa.Schema:
-        return zero_shot_schema(self.spec)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.bundle.spec.outputs["logits"]]
 
     def prepare(self, table: pa.Table) -> Prepared:
         column = self.spec.text_column

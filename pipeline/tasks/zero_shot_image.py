@@ -38,7 +38,19 @@ def zero_shot_columns(spec, scores: np.ndarray) -> dict[str, pa.Array]:
     return columns
 
 
-class ImageZeroShotTask(Task):
+class ZeroShotOutputs(Task):
+    """What both zero-shot tasks write, from the model's ``logits``."""
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        return zero_shot_schema(self.spec)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.bundle.spec.outputs["logits"]]
+
+
+class ImageZeroShotTask(ZeroShotOutputs):
     def __init__(self, bundle, spec, batching, input_types, storage_options=None):
         super().__init__(bundle, spec, batching, input_types, storage_options)
         bspec = bundle.spec
@@ -64,14 +76,6 @@ class ImageZeroShotTask(Task):
     @property
     def input_columns(self) -> list[str]:
         return [self.spec.image_column]
-
-    @property
-    def output_schema(self) -> pa.Schema:
-        return zero_shot_schema(self.spec)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.bundle.spec.outputs["logits"]]
 
     def prepare(self, table: pa.Table) -> Prepared:
         column = self.spec.image_column
